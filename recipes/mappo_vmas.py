@@ -1,0 +1,351 @@
+"""Multi-agent PPO (MAPPO / IPPO) on VMAS scenarios or any TorchRL multi-agent env.
+
+    python -m recipes.mappo_vmas --env navigation                 # MAPPO, seed settings
+    python -m recipes.mappo_vmas --env wheel model.centralised_critic=false   # IPPO
+    python -m recipes.mappo_vmas --resume runs/mappo_vmas/navigation/<stamp> collector.iterations=20
+
+Layers: ``configs/mappo_vmas/base.yaml`` <- ``configs/mappo_vmas/<env>.yaml`` <- CLI overrides.
+Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector`` -> GAE ->
+``ppo.epochs`` passes of minibatch PPO -> log -> (eval, checkpoint).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import torch
+from tensordict.nn import TensorDictModule
+from torchrl.collectors import Collector
+from torchrl.envs import EnvBase
+from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.cli import parse_recipe_args
+from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.envs import episode_reward_transform, make_env
+from torchrl_dreamer.guards import check_tensordict_finite
+from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.nets import MultiAgentMLP, TanhNormalHead
+from torchrl_dreamer.ppo import (
+    MultiAgentPPOLoss,
+    TanhNormalPolicy,
+    make_torchrl_clip_ppo_loss,
+    ppo_update,
+    torchrl_ppo_update,
+)
+from torchrl_dreamer.transforms import reward_keys
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "mappo_vmas"
+RECIPE = "mappo_vmas"
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EnvConfig:
+    scenario: str = doc("navigation", "VMAS scenario name (ignored when env.factory is set).")
+    factory: str = doc("", "Custom env 'package.module:function' returning a TorchRL EnvBase (see README).")
+    kwargs: Dict[str, Any] = doc({}, "Keyword arguments for the VMAS scenario or the factory (e.g. n_agents).")
+    max_steps: int = doc(100, "Episode horizon; envs in parallel = frames_per_batch // max_steps.")
+
+
+@dataclass
+class ModelConfig:
+    width: int = doc(256, "Hidden units per layer (policy and critic).")
+    depth: int = doc(2, "Hidden layers (policy and critic).")
+    activation: str = doc("tanh", "Activation: tanh, relu, silu or elu.")
+    share_policy_params: bool = doc(True, "One policy network for all agents (homogeneous agents).")
+    share_critic_params: bool = doc(True, "One critic network for all agents.")
+    centralised_critic: bool = doc(True, "Critic sees all agents' observations: MAPPO (true) or IPPO (false).")
+
+
+@dataclass
+class PPOConfig:
+    impl: str = doc("fused", "'fused' (plain-tensor minibatch loop) or 'torchrl' (ClipPPOLoss + ReplayBuffer).")
+    epochs: int = doc(30, "Passes over each collected batch.")
+    minibatch_size: int = doc(400, "Env steps per minibatch (each holds every agent of that step).")
+    lr: float = doc(3e-4, "Adam learning rate.")
+    max_grad_norm: float = doc(1.0, "Global gradient-norm clip.")
+    clip_epsilon: float = doc(0.2, "PPO ratio clip.")
+    gamma: float = doc(0.99, "Discount.")
+    lmbda: float = doc(0.9, "GAE lambda.")
+    entropy_coef: float = doc(1e-4, "Entropy bonus weight.")
+    critic_coef: float = doc(1.0, "Critic loss weight.")
+    critic_loss: str = doc("smooth_l1", "Critic loss: smooth_l1 or l2.")
+    normalize_advantage: bool = doc(False, "Standardise advantages per minibatch.")
+    compile: bool = doc(True, "torch.compile the fused loss (faster with 2+ threads; ~12 s warm-up).")
+
+
+@dataclass
+class CollectorConfig:
+    frames_per_batch: int = doc(6000, "Env frames (steps x parallel envs) collected per iteration.")
+    iterations: int = doc(10, "Training iterations (collect + update).")
+
+
+@dataclass
+class EvalConfig:
+    every: int = doc(5, "Evaluate every N iterations (0 = never); also after the last one.")
+    num_envs: int = doc(32, "Parallel evaluation episodes (deterministic actions, one full horizon).")
+
+
+@dataclass
+class RunConfig:
+    root: str = doc("runs", "Runs go to <root>/mappo_vmas/<env>/<timestamp>/.")
+    checkpoint_every: int = doc(5, "Write the checkpoint every N iterations (and at the end).")
+    tensorboard: bool = doc(True, "Write TensorBoard events.")
+    progress: bool = doc(True, "Show the tqdm progress bar.")
+
+
+@dataclass
+class MAPPOConfig:
+    seed: int = doc(0, "Seed for torch, numpy, python and the envs.")
+    device: str = doc("cpu", "Device for envs, networks and training (cpu, cuda, cuda:1, ...).")
+    threads: int = doc(0, "torch intra-op threads (0 = torch's default, all cores).")
+    env: EnvConfig = doc(EnvConfig(), "Environment.")
+    model: ModelConfig = doc(ModelConfig(), "Networks.")
+    ppo: PPOConfig = doc(PPOConfig(), "PPO loss and optimisation.")
+    collector: CollectorConfig = doc(CollectorConfig(), "Data collection.")
+    eval: EvalConfig = doc(EvalConfig(), "Evaluation.")
+    run: RunConfig = doc(RunConfig(), "Run directory, logging and checkpoints.")
+
+
+# --- factories ---------------------------------------------------------------------------------
+
+
+def agent_group(env: EnvBase) -> str:
+    """The single agent group of ``env`` (the prefix of its reward key)."""
+    groups = sorted({k[:-1] for k in reward_keys(env)})
+    if len(groups) != 1 or len(groups[0]) != 1:
+        raise ValueError(
+            f"the MAPPO recipe needs exactly one agent group with a ('<group>', 'reward') key; "
+            f"the env has reward keys {env.reward_keys}"
+        )
+    return groups[0][0]
+
+
+def make_env_from_config(cfg: MAPPOConfig, *, num_envs: int, seed: int) -> EnvBase:
+    return make_env(
+        scenario=cfg.env.scenario,
+        factory=cfg.env.factory,
+        kwargs=cfg.env.kwargs,
+        num_envs=num_envs,
+        max_steps=cfg.env.max_steps,
+        device=cfg.device,
+        seed=seed,
+    )
+
+
+def make_agent(env: EnvBase, cfg: ModelConfig, device: str) -> tuple[TensorDictModule, TanhNormalPolicy, MultiAgentMLP]:
+    """Policy (acting module + plain policy) and critic for the env's agent group."""
+    group = agent_group(env)
+    obs_spec = env.observation_spec[group, "observation"]
+    action_spec = env.full_action_spec_unbatched[group, "action"]
+    n_agents, obs_dim = obs_spec.shape[-2], obs_spec.shape[-1]
+    action_dim = action_spec.shape[-1]
+    backbone = MultiAgentMLP(
+        obs_dim, 2 * action_dim, n_agents, centralised=False, share_params=cfg.share_policy_params,
+        width=cfg.width, depth=cfg.depth, activation=cfg.activation,
+    )
+    low, high = action_spec.space.low, action_spec.space.high
+    policy = TanhNormalPolicy(backbone, TanhNormalHead(low, high)).to(device)
+    critic = MultiAgentMLP(
+        obs_dim, 1, n_agents, centralised=cfg.centralised_critic, share_params=cfg.share_critic_params,
+        width=cfg.width, depth=cfg.depth, activation=cfg.activation,
+    ).to(device)
+    policy_module = TensorDictModule(
+        policy,
+        in_keys=[(group, "observation")],
+        out_keys=[(group, "action"), (group, "action_pretanh"), (group, "action_log_prob")],
+    )
+    return policy_module, policy, critic
+
+
+def make_loss(policy: TanhNormalPolicy, critic: MultiAgentMLP, cfg: PPOConfig, group: str):
+    common = dict(
+        clip_epsilon=cfg.clip_epsilon, entropy_coef=cfg.entropy_coef, critic_coef=cfg.critic_coef,
+        critic_loss=cfg.critic_loss, normalize_advantage=cfg.normalize_advantage,
+    )
+    fused = MultiAgentPPOLoss(policy, critic, **common)
+    fused.set_keys(
+        observation=(group, "observation"), action_pretanh=(group, "action_pretanh"),
+        sample_log_prob=(group, "action_log_prob"), advantage=(group, "advantage"),
+        value_target=(group, "value_target"), value=(group, "state_value"),
+        reward=(group, "reward"), done=(group, "done"), terminated=(group, "terminated"),
+    )
+    fused.make_value_estimator(gamma=cfg.gamma, lmbda=cfg.lmbda)
+    if cfg.impl == "fused":
+        if cfg.compile:
+            fused.enable_compile()
+        return fused, fused
+    if cfg.impl == "torchrl":
+        return fused, make_torchrl_clip_ppo_loss(policy, critic, group=group, **common)
+    raise ConfigError(f"ppo.impl must be 'fused' or 'torchrl', got '{cfg.impl}'")
+
+
+def update(loss, batch, optimizer, cfg: PPOConfig, *, iteration: int, run_dir: str) -> dict[str, float]:
+    """One iteration's PPO epochs on a collected batch (advantages already in it)."""
+    kwargs = dict(
+        epochs=cfg.epochs, minibatch_size=cfg.minibatch_size, max_grad_norm=cfg.max_grad_norm,
+        iteration=iteration, run_dir=run_dir,
+    )
+    if isinstance(loss, MultiAgentPPOLoss):
+        return ppo_update(loss, batch, optimizer, **kwargs)
+    return torchrl_ppo_update(loss, batch, optimizer, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(policy_module: TensorDictModule, env: EnvBase, max_steps: int) -> dict[str, float]:
+    """One full-horizon rollout of every eval env with deterministic (mode) actions."""
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        rollout = env.rollout(max_steps, policy_module, break_when_any_done=False)
+    return episode_reward_transform(env).summarise(rollout, prefix="eval")
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: MAPPOConfig,
+    run_dir: Path,
+    resume_state: Optional[dict] = None,
+    on_iteration: Optional[Callable[[dict[str, float]], None]] = None,
+) -> dict[str, float]:
+    """Trains until ``cfg.collector.iterations``; returns the last logged metrics.
+
+    ``on_iteration(metrics)`` is called after each iteration's metrics are logged (benchmarks).
+    """
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    frames_per_batch, max_steps = cfg.collector.frames_per_batch, cfg.env.max_steps
+    if frames_per_batch % max_steps:
+        raise ConfigError(f"collector.frames_per_batch ({frames_per_batch}) must be a multiple of env.max_steps ({max_steps})")
+    num_envs = frames_per_batch // max_steps
+    env = make_env_from_config(cfg, num_envs=num_envs, seed=cfg.seed)
+    group = agent_group(env)
+    policy_module, policy, critic = make_agent(env, cfg.model, cfg.device)
+    fused_loss, loss = make_loss(policy, critic, cfg.ppo, group)
+    # fused Adam: one kernel for all parameters (~1.5 ms less per minibatch step on this CPU).
+    fused_adam = torch.device(cfg.device).type in ("cpu", "cuda")
+    optimizer = torch.optim.Adam(
+        list(policy.parameters()) + list(critic.parameters()), lr=cfg.ppo.lr, fused=fused_adam
+    )
+
+    start_iteration, frames = 0, 0
+    if resume_state is not None:
+        policy.load_state_dict(resume_state["policy"])
+        critic.load_state_dict(resume_state["critic"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_iteration, frames = resume_state["iteration"], resume_state["frames"]
+        set_rng_state(resume_state["rng"])
+    remaining = cfg.collector.iterations - start_iteration
+    if remaining <= 0:
+        raise ConfigError(
+            f"nothing to do: the run already has {start_iteration} iterations; raise collector.iterations"
+        )
+    eval_env = make_env_from_config(cfg, num_envs=cfg.eval.num_envs, seed=cfg.seed + 10_000) if cfg.eval.every else None
+    reward_sum = episode_reward_transform(env)
+    collector = Collector(
+        env, policy_module, frames_per_batch=frames_per_batch, total_frames=frames_per_batch * remaining,
+        device=cfg.device, storing_device=cfg.device,
+    )
+    collector.set_seed(cfg.seed + start_iteration)
+    rd = str(run_dir)
+
+    def save(iteration: int) -> None:
+        save_checkpoint(run_dir / "checkpoint.pt", {
+            "policy": policy.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
+            "iteration": iteration, "frames": frames, "rng": rng_state(),
+        })
+
+    finite_keys = [(group, "observation"), (group, "action"), ("next", group, "observation"), ("next", group, "reward")]
+    logger = RunLogger(
+        run_dir, total=cfg.collector.iterations, initial=start_iteration, unit="iter",
+        postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval",
+                      "loss/critic": "critic", "time/iteration_s": "s/it"},
+        tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+    )
+    metrics: dict[str, float] = {}
+    t_start = t_last = time.perf_counter()
+    callback_s = 0.0  # time spent in on_iteration, excluded from every time/* figure
+    try:
+        for iteration, batch in enumerate(collector, start=start_iteration + 1):
+            t_collected = time.perf_counter()
+            check_tensordict_finite(batch, finite_keys, iteration=iteration, run_dir=rd)
+            fused_loss.compute_advantage(batch)
+            check_tensordict_finite(batch, [(group, "advantage"), (group, "value_target")], iteration=iteration, run_dir=rd)
+            t_advantage = time.perf_counter()
+            metrics = update(loss, batch, optimizer, cfg.ppo, iteration=iteration, run_dir=rd)
+            collector.update_policy_weights_()
+            t_updated = time.perf_counter()
+            frames += batch.numel()
+            metrics.update(reward_sum.summarise(batch))
+            metrics.update({
+                "train/iteration": iteration,
+                "train/frames": frames,
+                "diag/value_target_mean": batch.get((group, "value_target")).mean().item(),
+                "diag/advantage_std": batch.get((group, "advantage")).std().item(),
+                "time/collect_s": t_collected - t_last,
+                "time/advantage_s": t_advantage - t_collected,
+                "time/update_s": t_updated - t_advantage,
+                "time/collect_frames_per_s": batch.numel() / max(t_collected - t_last, 1e-9),
+            })
+            last = iteration == cfg.collector.iterations
+            if eval_env is not None and (iteration % cfg.eval.every == 0 or last):
+                metrics.update(evaluate(policy_module, eval_env, max_steps))
+            if iteration % cfg.run.checkpoint_every == 0 or last:
+                save(iteration)
+            t_end = time.perf_counter()
+            metrics["time/iteration_s"] = t_end - t_last
+            metrics["time/total_s"] = t_end - t_start - callback_s
+            logger.log(metrics, step=frames)
+            logger.advance()
+            if on_iteration is not None:
+                on_iteration(dict(metrics))
+            t_last = time.perf_counter()  # the next collection starts here
+            callback_s += t_last - t_end
+    finally:
+        logger.close()
+        collector.shutdown()
+        env.close()
+        if eval_env is not None:
+            eval_env.close()
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_recipe_args(
+        argv, schema=MAPPOConfig, config_dir=CONFIG_DIR, description=__doc__, default_env="navigation"
+    )
+    cfg: MAPPOConfig = to_object(args.cfg)
+    # Fail before any work: unknown scenario / bad factory / bad impl are caught here.
+    if not cfg.env.factory:
+        from torchrl_dreamer.envs import vmas_scenarios
+
+        if cfg.env.scenario not in vmas_scenarios():
+            raise ConfigError(f"unknown VMAS scenario '{cfg.env.scenario}'. Available: {', '.join(sorted(vmas_scenarios()))}")
+    if cfg.ppo.impl not in ("fused", "torchrl"):
+        raise ConfigError(f"ppo.impl must be 'fused' or 'torchrl', got '{cfg.ppo.impl}'")
+    resume_state = None
+    if args.resume is not None:
+        run_dir = args.resume
+        resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+    else:
+        env_name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario
+        run_dir = make_run_dir(cfg.run.root, RECIPE, env_name)
+    save_config(args.cfg, run_dir / "config.yaml")
+    print(f"run directory: {run_dir}", flush=True)
+    train(cfg, run_dir, resume_state)
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,66 @@
+"""Command line shared by recipes: ``--env NAME`` picks an override YAML, ``key=value`` overrides,
+``--config FILE`` adds YAMLs, ``--resume RUN_DIR`` continues a run, ``--help`` lists every field."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+from .config import ConfigError, help_text, load_config
+
+__all__ = ["RecipeArgs", "parse_recipe_args"]
+
+
+@dataclass
+class RecipeArgs:
+    cfg: DictConfig
+    env_name: str
+    resume: Path | None
+    yaml_files: list[Path]
+
+
+def parse_recipe_args(
+    argv: Sequence[str] | None,
+    *,
+    schema: type,
+    config_dir: Path,
+    description: str,
+    default_env: str,
+) -> RecipeArgs:
+    """Parses the recipe command line and builds the layered config.
+
+    Order of layers: schema defaults <- ``config_dir/base.yaml`` <- ``config_dir/<env>.yaml`` <-
+    each ``--config`` file <- ``key=value`` overrides. With ``--resume RUN_DIR`` the run's saved
+    ``config.yaml`` replaces the YAML layers (overrides still apply, e.g. more iterations).
+    """
+    env_yamls = sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != "base")
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config fields (set with key=value, dotted for nested fields):\n" + help_text(schema),
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. ppo.lr=1e-3 collector.iterations=20")
+    parser.add_argument(
+        "--env",
+        default=default_env,
+        help=f"override YAML in {config_dir.name}/ (one of: {', '.join(env_yamls)}); default {default_env}",
+    )
+    parser.add_argument("--config", action="append", default=[], help="extra YAML merged after the env YAML")
+    parser.add_argument("--resume", type=Path, default=None, help="run directory to resume from")
+    args = parser.parse_args(argv)
+
+    if args.resume is not None:
+        saved = args.resume / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"cannot resume: {saved} does not exist")
+        yaml_files = [saved, *map(Path, args.config)]
+    else:
+        env_yaml = config_dir / f"{args.env}.yaml"
+        if not env_yaml.is_file():
+            raise ConfigError(f"no config for env '{args.env}' ({env_yaml} missing). Available: {', '.join(env_yamls)}")
+        yaml_files = [config_dir / "base.yaml", env_yaml, *map(Path, args.config)]
+    cfg = load_config(schema, yaml_files, args.overrides)
+    return RecipeArgs(cfg=cfg, env_name=args.env, resume=args.resume, yaml_files=yaml_files)

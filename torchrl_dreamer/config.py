@@ -1,0 +1,178 @@
+"""Layered, typed configuration: dataclass schema <- base YAML <- env YAML(s) <- CLI ``key=value``.
+
+Built on OmegaConf structured configs, which give YAML merging, dotted overrides and type checks.
+This module adds what OmegaConf leaves to the caller:
+
+* every error names the offending key, where it came from (which YAML or the command line) and
+  lists the valid keys at that level;
+* ``help_text`` renders every field with its type, default and one-line doc (``--help``);
+* ``save_config`` writes the resolved config to the run directory.
+
+Fields document themselves with :func:`doc`::
+
+    @dataclass
+    class PPOConfig:
+        lr: float = doc(3e-4, "Adam learning rate.")
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+__all__ = ["ConfigError", "doc", "load_config", "help_text", "save_config", "to_object", "valid_keys"]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid (unknown key, wrong type, bad syntax, missing file)."""
+
+
+def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites
+    """A dataclass field with a default and a one-line description shown by ``--help``.
+
+    Mutable defaults (dataclass instances, dicts, lists) are wrapped in a ``default_factory``.
+    """
+    metadata = {"help": help}
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default), metadata=metadata)
+    if isinstance(default, (dict, list)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _field_type(schema: type, name: str) -> Any:
+    return typing.get_type_hints(schema)[name]
+
+
+def valid_keys(schema: type, dotted_prefix: str = "") -> list[str]:
+    """Names of the fields at ``dotted_prefix`` ('' for the top level) of a dataclass schema."""
+    node = schema
+    if dotted_prefix:
+        for part in dotted_prefix.split("."):
+            hints = typing.get_type_hints(node)
+            if part not in hints or not dataclasses.is_dataclass(hints[part]):
+                return []
+            node = hints[part]
+    return [f.name for f in dataclasses.fields(node)]
+
+
+def _describe(exc: OmegaConfBaseException, schema: type, source: str) -> ConfigError:
+    full_key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError) or "Key '" in str(exc) and "not in" in str(exc):
+        parent, _, leaf = full_key.rpartition(".")
+        keys = valid_keys(schema, parent)
+        where = f"'{parent}'" if parent else "the top level"
+        return ConfigError(
+            f"unknown config key '{full_key}' in {source}. Valid keys at {where}: {', '.join(keys)}"
+        )
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return ConfigError(f"wrong type for config key '{full_key}' in {source}: {msg}")
+    return ConfigError(f"invalid config in {source}: {str(exc).splitlines()[0]}")
+
+
+def _merge(base: DictConfig, other: Any, schema: type, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as exc:
+        raise _describe(exc, schema, source) from None
+
+
+def load_config(
+    schema: type, yaml_files: Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()
+) -> DictConfig:
+    """Builds the config: dataclass defaults, then each YAML in order, then CLI overrides.
+
+    Args:
+        schema: the root dataclass type.
+        yaml_files: YAML files merged in order (base first, then env/scenario files); mappings
+            merge key by key.
+        overrides: ``dotted.key=value`` strings; values are parsed as YAML (``1e-3``, ``true``,
+            ``[1, 2]``, ``{a: 1}``) and *replace* the current value (``env.kwargs={}`` empties it).
+
+    Returns:
+        A read-only ``DictConfig`` that still enforces the schema.
+
+    Raises:
+        ConfigError: unknown key, wrong type, malformed override or missing/invalid YAML file.
+    """
+    cfg = OmegaConf.structured(schema)
+    for path in yaml_files:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml.YAMLError and friends
+            raise ConfigError(f"could not parse {path}: {exc}") from None
+        if loaded is None or not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{path} must hold a mapping of config keys")
+        cfg = _merge(cfg, loaded, schema, str(path))
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(
+                f"override '{item}' is not of the form key=value. Top-level keys: "
+                f"{', '.join(valid_keys(schema))}"
+            )
+        key, _, raw = item.partition("=")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={raw}"]))["v"]
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"could not parse override '{item}': {exc}") from None
+        # An override *replaces* the value (env.kwargs={} empties the dict); YAML layers merge.
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise _describe(exc, schema, f"command-line override '{item}'") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """The config as instances of the schema dataclasses (typed attribute access)."""
+    return OmegaConf.to_object(cfg)
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Writes the resolved config as YAML (atomically)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, path)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is None:
+        return getattr(tp, "__name__", str(tp))
+    args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+    name = getattr(origin, "__name__", str(origin))
+    return f"{name}[{args}]"
+
+
+def help_text(schema: type, prefix: str = "") -> str:
+    """One line per leaf field: ``dotted.key  (type, default)  doc``."""
+    lines = []
+    hints = typing.get_type_hints(schema)
+    for field in dataclasses.fields(schema):
+        tp = hints[field.name]
+        key = f"{prefix}{field.name}"
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"[{key}] {field.metadata.get('help', '')}".rstrip())
+            lines.append(help_text(tp, prefix=f"{key}."))
+            continue
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = field.default_factory()  # type: ignore[misc]
+        else:
+            default = "???"
+        lines.append(
+            f"  {key:<34} ({_type_name(tp)}, default {default!r})  {field.metadata.get('help', '')}"
+        )
+    return "\n".join(lines)

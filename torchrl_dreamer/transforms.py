@@ -1,0 +1,164 @@
+"""Transforms shared by every recipe.
+
+* :class:`DoneToAgents` copies the env-level ``done``/``terminated``/``truncated`` flags
+  (``[*B, 1]``) into every agent group (``[*B, n_agents, 1]``), at reset and at every step, so
+  GAE and the losses see flags with the reward's shape (SEEDS_DIGEST section 4). Groups are
+  discovered from the env's reward keys; any group name and several groups work.
+* :class:`EpisodeRewardSum` is TorchRL's :class:`~torchrl.envs.transforms.RewardSum` over every
+  reward key, plus :meth:`EpisodeRewardSum.summarise`, which turns a collected batch into the
+  numbers to log: the reward SUM of each *finished* episode (``train/episode_reward_sum``) and,
+  clearly apart, the per-step reward mean (``train/step_reward_mean``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+from torchrl.data import Binary, Composite
+from torchrl.envs import EnvBase, RewardSum, Transform
+
+__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name"]
+
+DONE_FLAGS = ("done", "terminated", "truncated")
+
+
+def _as_tuple(key: NestedKey) -> tuple[str, ...]:
+    return (key,) if isinstance(key, str) else tuple(key)
+
+
+def group_name(reward_key: NestedKey) -> str:
+    """``("agents", "reward") -> "agents"``; a root ``"reward"`` -> ``""``."""
+    return "/".join(_as_tuple(reward_key)[:-1])
+
+
+def reward_keys(env: EnvBase) -> list[tuple[str, ...]]:
+    """Every reward key of ``env`` as a tuple (``[("agents", "reward")]`` for VMAS)."""
+    return [_as_tuple(k) for k in env.reward_keys]
+
+
+class DoneToAgents(Transform):
+    """Expands root done flags into each agent group, in data and at reset.
+
+    Args:
+        env: the env to be transformed (used to discover groups, their shapes and which flags
+            exist). Every reward key with a prefix (``(group, "reward")``) defines a group; the
+            expanded flags take that reward's shape ``[*B, n_agents, 1]``.
+        flags: which root flags to copy; those the env does not have are skipped.
+
+    After the transform ``td[group, "done"]`` (and ``td["next", group, "done"]``) equals the root
+    flag broadcast to the group's reward shape, for every group. The new entries are declared as
+    observations (not done keys), so TorchRL's reset logic is unchanged.
+
+    (TorchRL's ``ExpandAs`` does the same for one key, but inside a nested ``Compose`` its reset
+    path looks up its parent and fails with ``IndexError`` in torchrl 0.14.1, so this transform
+    does the broadcast itself from shapes read once at construction.)
+    """
+
+    def __init__(self, env: EnvBase, flags: Sequence[str] = DONE_FLAGS) -> None:
+        root_done = {_as_tuple(k) for k in env.done_keys}
+        n_batch = len(env.batch_size)
+        self.expansions: list[tuple[str, tuple[str, ...], torch.Size]] = []
+        self.groups: list[tuple[str, ...]] = []
+        for reward_key in reward_keys(env):
+            group = reward_key[:-1]
+            if not group:
+                continue
+            self.groups.append(group)
+            group_shape = env.full_reward_spec[reward_key].shape[n_batch:]  # [n_agents, 1]
+            for flag in flags:
+                if (flag,) in root_done and (*group, flag) not in root_done:
+                    self.expansions.append((flag, (*group, flag), group_shape))
+        if not self.expansions:
+            raise ValueError(
+                "DoneToAgents found nothing to expand: the env has no reward key inside a group "
+                f"(reward keys: {env.reward_keys}) or no root done flags (done keys: {env.done_keys})"
+            )
+        super().__init__(
+            in_keys=[flag for flag, _, _ in self.expansions],
+            out_keys=[out for _, out, _ in self.expansions],
+        )
+
+    @staticmethod
+    def _expand(flag: torch.Tensor, group_shape: torch.Size) -> torch.Tensor:
+        # flag: [*B, 1] -> [*B, *group_shape]; every agent gets the env's value.
+        batch_shape = flag.shape[:-1]
+        view = flag.reshape(*batch_shape, *([1] * len(group_shape)))
+        return view.expand(*batch_shape, *group_shape)
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        for flag, out_key, group_shape in self.expansions:
+            value = next_tensordict.get(flag, None)
+            if value is not None:
+                next_tensordict.set(out_key, self._expand(value, group_shape).clone())
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return self._call(tensordict_reset)
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        parent_done = self.parent.full_done_spec if self.parent is not None else None
+        for flag, out_key, group_shape in self.expansions:
+            if parent_done is not None:
+                flag_spec = parent_done[flag]
+                batch_shape = flag_spec.shape[:-1]
+                spec = Binary(
+                    n=group_shape[-1],
+                    shape=(*batch_shape, *group_shape),
+                    dtype=flag_spec.dtype,
+                    device=flag_spec.device,
+                )
+            else:
+                spec = Binary(n=group_shape[-1], shape=group_shape, dtype=torch.bool)
+            observation_spec[out_key] = spec
+        return observation_spec
+
+
+class EpisodeRewardSum(RewardSum):
+    """``RewardSum`` over every reward key of an env, with a batch summary for logging.
+
+    ``env`` provides the reward keys; the running sums are written to ``(group, "episode_reward")``.
+    """
+
+    def __init__(self, env: EnvBase) -> None:
+        self.reward_keys_ = reward_keys(env)
+        out_keys = [(*k[:-1], "episode_reward") for k in self.reward_keys_]
+        super().__init__(in_keys=list(self.reward_keys_), out_keys=out_keys)
+
+    def summarise(self, batch: TensorDictBase, prefix: str = "train") -> dict[str, float]:
+        """Numbers to log from a collected batch ``[*B, T]``.
+
+        * ``{prefix}/episode_reward_sum``: mean over every finished episode (and agent) of the
+          reward summed over that episode. Only entries where ``("next", group, "done")`` is True
+          count, so unfinished episodes never dilute it. ``NaN`` if no episode finished.
+        * ``{prefix}/episode_reward_sum/<group>``: the same per group when there are several.
+        * ``{prefix}/episodes_finished``: number of finished (env) episodes in the batch.
+        * ``{prefix}/step_reward_mean``: reward per env step, averaged over steps and agents. This
+          is NOT a measure of performance; it is logged so nobody mistakes one for the other.
+        """
+        out: dict[str, float] = {}
+        sums, step_means = [], []
+        root_done = batch.get(("next", "done"))
+        for reward_key, out_key in zip(self.reward_keys_, self.out_keys):
+            group = reward_key[:-1]
+            reward = batch.get(("next", *reward_key))
+            done = batch.get(("next", *group, "done"), None)
+            if done is None:  # group without an expanded flag: broadcast the root flag
+                done = root_done
+                while done.ndim < reward.ndim:
+                    done = done.unsqueeze(-2)
+                done = done.expand_as(reward)
+            finished = batch.get(("next", *out_key))[done.expand_as(reward)]
+            sums.append(finished)
+            step_means.append(reward.float().mean())
+            if len(self.reward_keys_) > 1:
+                name = "/".join(group) or "root"
+                out[f"{prefix}/episode_reward_sum/{name}"] = (
+                    finished.float().mean().item() if finished.numel() else float("nan")
+                )
+        all_sums = torch.cat([s.float().reshape(-1) for s in sums])
+        out[f"{prefix}/episode_reward_sum"] = all_sums.mean().item() if all_sums.numel() else float("nan")
+        out[f"{prefix}/episodes_finished"] = float(root_done.sum().item())
+        out[f"{prefix}/step_reward_mean"] = torch.stack(step_means).mean().item()
+        return out
