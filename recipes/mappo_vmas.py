@@ -96,6 +96,7 @@ class EvalConfig:
 class RunConfig:
     root: str = doc("runs", "Runs go to <root>/mappo_vmas/<env>/<timestamp>/.")
     checkpoint_every: int = doc(5, "Write the checkpoint every N iterations (and at the end).")
+    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds of training (0 = no limit).")
     tensorboard: bool = doc(True, "Write TensorBoard events.")
     progress: bool = doc(True, "Show the tqdm progress bar.")
 
@@ -294,7 +295,8 @@ def train(
                 "time/update_s": t_updated - t_advantage,
                 "time/collect_frames_per_s": batch.numel() / max(t_collected - t_last, 1e-9),
             })
-            last = iteration == cfg.collector.iterations
+            out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start - callback_s
+            last = iteration == cfg.collector.iterations or out_of_time
             if eval_env is not None and (iteration % cfg.eval.every == 0 or last):
                 metrics.update(evaluate(policy_module, eval_env, max_steps))
             if iteration % cfg.run.checkpoint_every == 0 or last:
@@ -308,6 +310,9 @@ def train(
                 on_iteration(dict(metrics))
             t_last = time.perf_counter()  # the next collection starts here
             callback_s += t_last - t_end
+            if out_of_time:
+                logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
+                break
     finally:
         logger.close()
         collector.shutdown()

@@ -147,3 +147,12 @@ def test_atomic_checkpoint_leaves_no_partial_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "nope.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no stray temp file
+
+
+def test_time_budget_stops_after_the_iteration_that_spends_it(tmp_runs):
+    run_dir = main(["--env", "navigation", *_tiny(), "collector.iterations=5", "run.time_budget_s=0.001",
+                    "run.checkpoint_every=100", "eval.every=100", f"run.root={tmp_runs}"])
+    records = _records(run_dir)
+    assert [r["train/iteration"] for r in records] == [1]
+    assert "eval/episode_reward_sum" in records[-1]  # final eval and checkpoint still happen
+    assert load_checkpoint(run_dir)["iteration"] == 1

@@ -272,6 +272,26 @@ def _flat(batch: TensorDictBase, key: NestedKey) -> torch.Tensor:
     return value.reshape(-1, *value.shape[batch.ndim :]).contiguous()
 
 
+def _guarded_step(
+    terms, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
+    iteration: int | None, run_dir: str | None,
+) -> torch.Tensor:
+    """Backward of the summed ``loss_*`` terms, gradient clipping, then the optimizer step unless
+    the loss or the gradient norm is non-finite (then :class:`NonFiniteError`, step not taken).
+    Returns the (detached) gradient norm before clipping."""
+    total = terms["loss_objective"] + terms["loss_critic"] + terms["loss_entropy"]
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one sync per step
+        bad = next((k for k in terms.keys() if not bool(torch.isfinite(terms[k]).all())), "grad_norm")
+        name = f"loss/{bad.removeprefix('loss_')}" if bad.startswith("loss_") else f"diag/{bad}"
+        raise NonFiniteError(name, iteration=iteration, run_dir=run_dir,
+                             detail=" before the optimizer step (step not taken)")
+    optimizer.step()
+    return grad_norm.detach()
+
+
 def ppo_update(
     loss: MultiAgentPPOLoss,
     batch: TensorDictBase,
@@ -283,7 +303,6 @@ def ppo_update(
     iteration: int | None = None,
     run_dir: str | None = None,
     generator: torch.Generator | None = None,
-    step_fn: Callable | None = None,
 ) -> dict[str, float]:
     """``epochs`` passes over ``batch`` (advantages already computed) in shuffled minibatches.
 
@@ -314,17 +333,8 @@ def ppo_update(
         for i in range(n_minibatches):
             window = slice(i * minibatch_size, (i + 1) * minibatch_size)
             terms = losses_fn(*(t[window] for t in shuffled))
-            total = terms["loss_objective"] + terms["loss_critic"] + terms["loss_entropy"]
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
-                bad = next((k for k, v in terms.items() if not torch.isfinite(v)), "grad_norm")
-                name = f"loss/{bad.removeprefix('loss_')}" if bad.startswith("loss_") else f"diag/{bad}"
-                raise NonFiniteError(name, iteration=iteration, run_dir=run_dir,
-                                     detail=" before the optimizer step (step not taken)")
-            optimizer.step()
-            grad_norm_total += grad_norm.detach()
+            grad_norm = _guarded_step(terms, params, optimizer, max_grad_norm, iteration, run_dir)
+            grad_norm_total += grad_norm
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach()
     n_steps = max(1, epochs * n_minibatches)
@@ -418,14 +428,7 @@ def torchrl_ppo_update(
     for _ in range(epochs):
         for _ in range(flat.shape[0] // minibatch_size):
             out = loss(buffer.sample())
-            total = out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
-                raise NonFiniteError("loss/total", iteration=iteration, run_dir=run_dir,
-                                     detail=" before the optimizer step (step not taken)")
-            optimizer.step()
+            _guarded_step(out, params, optimizer, max_grad_norm, iteration, run_dir)
             n_steps += 1
             for name in ("loss_objective", "loss_critic", "loss_entropy", "entropy", "clip_fraction", "kl_approx"):
                 if name in out.keys():
