@@ -211,9 +211,24 @@ def iter_plain_mappo(
 
 if __name__ == "__main__":
     import argparse
+    import json
+    from pathlib import Path
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON file for the per-iteration records")
     args = parser.parse_args()
-    run_plain_mappo(n_iters=args.iters, threads=args.threads, on_iteration=print)
+    results = {}
+    for seed in args.seeds:
+        print(f"== plain reference, seed {seed}, {args.threads} thread(s) ==", flush=True)
+        results[seed] = run_plain_mappo(n_iters=args.iters, seed=seed, threads=args.threads, on_iteration=print)
+    for seed, records in results.items():
+        rewards = [r["episode_reward_sum"] for r in records]
+        print(f"seed {seed}: episode reward sum per iteration {[round(x, 3) for x in rewards]}")
+    if args.iters >= 10:
+        at10 = [records[9]["episode_reward_sum"] for records in results.values()]
+        print(f"reward sum at iteration 10: {[round(x, 3) for x in at10]}, mean {sum(at10) / len(at10):.3f}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=1))

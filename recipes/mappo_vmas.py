@@ -29,6 +29,7 @@ from torchrl_dreamer.envs import episode_reward_transform, make_env
 from torchrl_dreamer.guards import check_tensordict_finite
 from torchrl_dreamer.logging import RunLogger, make_run_dir
 from torchrl_dreamer.nets import MultiAgentMLP, TanhNormalHead
+from torchrl_dreamer.plots import plot_learning_curves
 from torchrl_dreamer.ppo import (
     MultiAgentPPOLoss,
     TanhNormalPolicy,
@@ -253,6 +254,7 @@ def train(
     collector = Collector(
         env, policy_module, frames_per_batch=frames_per_batch, total_frames=frames_per_batch * remaining,
         device=cfg.device, storing_device=cfg.device,
+        auto_register_policy_transforms=False,  # the policy is stateless: no InitTracker needed
     )
     collector.set_seed(cfg.seed + start_iteration)
     rd = str(run_dir)
@@ -315,6 +317,10 @@ def train(
                 break
     finally:
         logger.close()
+        try:
+            plot_learning_curves(run_dir)  # also after a failure: the curves show what led to it
+        except Exception as exc:  # plotting must never hide the real outcome
+            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
         collector.shutdown()
         env.close()
         if eval_env is not None:

@@ -36,6 +36,7 @@ def test_smoke_every_scenario_yaml(scenario, tmp_runs):
     expected_env = "envs.goal_reaching.make_env" if scenario == "custom" else scenario
     assert run_dir.parent.name == expected_env and run_dir.parent.parent.name == "mappo_vmas"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint.pt").is_file()
+    assert (run_dir / "curves.png").stat().st_size > 1000
     records = _records(run_dir)
     assert [r["train/iteration"] for r in records] == [1, 2]
     last = records[-1]
