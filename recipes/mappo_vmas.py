@@ -3,6 +3,7 @@
     python -m recipes.mappo_vmas --env navigation                 # MAPPO, seed settings
     python -m recipes.mappo_vmas --env wheel model.centralised_critic=false   # IPPO
     python -m recipes.mappo_vmas --resume runs/mappo_vmas/navigation/<stamp> collector.iterations=20
+    python -m recipes.mappo_vmas --evaluate runs/mappo_vmas/navigation/<stamp> eval.num_envs=100
 
 Layers: ``configs/mappo_vmas/base.yaml`` <- ``configs/mappo_vmas/<env>.yaml`` <- CLI overrides.
 Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector`` -> GAE ->
@@ -10,6 +11,7 @@ Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector``
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -328,19 +330,65 @@ def train(
     return metrics
 
 
+def evaluate_checkpoint(cfg: MAPPOConfig, run_dir: Path) -> dict[str, float]:
+    """Loads ``run_dir``'s checkpoint and evaluates it: ``eval.num_envs`` full-horizon episodes,
+    deterministic actions. Returns (and prints) the ``eval/*`` metrics."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    state = load_checkpoint(run_dir, map_location=cfg.device)
+    env = make_env_from_config(cfg, num_envs=cfg.eval.num_envs, seed=cfg.seed + 20_000)
+    policy_module, policy, _ = make_agent(env, cfg.model, cfg.device)
+    policy.load_state_dict(state["policy"])
+    t0 = time.perf_counter()
+    metrics = evaluate(policy_module, env, cfg.env.max_steps)
+    metrics["time/eval_s"] = time.perf_counter() - t0
+    env.close()
+    print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], "frames": state["frames"], **metrics}))
+    return metrics
+
+
+def validate(cfg: MAPPOConfig) -> None:
+    """Checks values the type system cannot, before any run directory or env is created."""
+    from torchrl_dreamer.envs import vmas_scenarios
+    from torchrl_dreamer.nets import ACTIVATIONS
+
+    choices = {
+        "ppo.impl": (cfg.ppo.impl, ("fused", "torchrl")),
+        "ppo.critic_loss": (cfg.ppo.critic_loss, ("smooth_l1", "l2")),
+        "model.activation": (cfg.model.activation, tuple(sorted(ACTIVATIONS))),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+    if not cfg.env.factory and cfg.env.scenario not in vmas_scenarios():
+        raise ConfigError(f"unknown VMAS scenario '{cfg.env.scenario}'. Available: {', '.join(sorted(vmas_scenarios()))}")
+    positive = {
+        "ppo.epochs": cfg.ppo.epochs, "ppo.minibatch_size": cfg.ppo.minibatch_size, "ppo.lr": cfg.ppo.lr,
+        "collector.frames_per_batch": cfg.collector.frames_per_batch, "collector.iterations": cfg.collector.iterations,
+        "env.max_steps": cfg.env.max_steps, "model.width": cfg.model.width, "run.checkpoint_every": cfg.run.checkpoint_every,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if cfg.collector.frames_per_batch % cfg.env.max_steps:
+        raise ConfigError(f"collector.frames_per_batch ({cfg.collector.frames_per_batch}) must be a multiple of "
+                          f"env.max_steps ({cfg.env.max_steps})")
+    if cfg.ppo.minibatch_size > cfg.collector.frames_per_batch:
+        raise ConfigError(f"ppo.minibatch_size ({cfg.ppo.minibatch_size}) exceeds collector.frames_per_batch "
+                          f"({cfg.collector.frames_per_batch})")
+    if cfg.eval.every < 0 or (cfg.eval.every and cfg.eval.num_envs <= 0):
+        raise ConfigError("eval.every must be >= 0 and eval.num_envs > 0 when evaluating")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_recipe_args(
         argv, schema=MAPPOConfig, config_dir=CONFIG_DIR, description=__doc__, default_env="navigation"
     )
     cfg: MAPPOConfig = to_object(args.cfg)
-    # Fail before any work: unknown scenario / bad factory / bad impl are caught here.
-    if not cfg.env.factory:
-        from torchrl_dreamer.envs import vmas_scenarios
-
-        if cfg.env.scenario not in vmas_scenarios():
-            raise ConfigError(f"unknown VMAS scenario '{cfg.env.scenario}'. Available: {', '.join(sorted(vmas_scenarios()))}")
-    if cfg.ppo.impl not in ("fused", "torchrl"):
-        raise ConfigError(f"ppo.impl must be 'fused' or 'torchrl', got '{cfg.ppo.impl}'")
+    validate(cfg)  # fail before any work: bad choices, unknown scenario, inconsistent sizes
+    if args.evaluate is not None:
+        evaluate_checkpoint(cfg, args.evaluate)
+        return args.evaluate
     resume_state = None
     if args.resume is not None:
         run_dir = args.resume

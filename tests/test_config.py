@@ -101,3 +101,17 @@ def test_override_replaces_mappings():
     assert dict(cfg.env.kwargs) == {}
     cfg = load_config(MAPPOConfig, BASE, ["env.kwargs={n_agents: 4, shared_rew: false}"])
     assert dict(cfg.env.kwargs) == {"n_agents": 4, "shared_rew": False}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.impl=fast", "ppo.impl must be one of fused, torchrl"),
+    ("model.activation=gelu", "model.activation must be one of"),
+    ("ppo.critic_loss=huber", "ppo.critic_loss must be one of"),
+    ("ppo.epochs=0", "ppo.epochs must be > 0"),
+    ("collector.frames_per_batch=6050", "must be a multiple of env.max_steps"),
+    ("ppo.minibatch_size=7000", "exceeds collector.frames_per_batch"),
+])
+def test_invalid_values_fail_before_any_work(override, message, tmp_runs):
+    with pytest.raises(ConfigError, match=message):
+        main(["--env", "navigation", override, f"run.root={tmp_runs}"])
+    assert not Path(tmp_runs).exists()

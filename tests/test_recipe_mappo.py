@@ -157,3 +157,14 @@ def test_time_budget_stops_after_the_iteration_that_spends_it(tmp_runs):
     assert [r["train/iteration"] for r in records] == [1]
     assert "eval/episode_reward_sum" in records[-1]  # final eval and checkpoint still happen
     assert load_checkpoint(run_dir)["iteration"] == 1
+
+
+def test_evaluate_entry_point(tmp_runs, capsys):
+    run_dir = main(["--env", "navigation", *_tiny(), f"run.root={tmp_runs}"])
+    capsys.readouterr()
+    assert main(["--evaluate", str(run_dir), "eval.num_envs=3"]) == run_dir
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["iteration"] == 2 and printed["eval/episodes_finished"] == 3
+    assert "eval/episode_reward_sum" in printed
+    with pytest.raises(Exception, match="exclude each other"):
+        main(["--evaluate", str(run_dir), "--resume", str(run_dir)])

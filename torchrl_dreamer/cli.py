@@ -20,6 +20,7 @@ class RecipeArgs:
     env_name: str
     resume: Path | None
     yaml_files: list[Path]
+    evaluate: Path | None = None
 
 
 def parse_recipe_args(
@@ -34,7 +35,8 @@ def parse_recipe_args(
 
     Order of layers: schema defaults <- ``config_dir/base.yaml`` <- ``config_dir/<env>.yaml`` <-
     each ``--config`` file <- ``key=value`` overrides. With ``--resume RUN_DIR`` the run's saved
-    ``config.yaml`` replaces the YAML layers (overrides still apply, e.g. more iterations).
+    ``config.yaml`` replaces the YAML layers (overrides still apply, e.g. more iterations);
+    ``--evaluate RUN_DIR`` does the same for evaluating that run's checkpoint.
     """
     env_yamls = sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != "base")
     parser = argparse.ArgumentParser(
@@ -50,12 +52,17 @@ def parse_recipe_args(
     )
     parser.add_argument("--config", action="append", default=[], help="extra YAML merged after the env YAML")
     parser.add_argument("--resume", type=Path, default=None, help="run directory to resume from")
+    parser.add_argument("--evaluate", type=Path, default=None,
+                        help="run directory whose checkpoint to evaluate (deterministic actions); no training")
     args = parser.parse_args(argv)
+    if args.resume is not None and args.evaluate is not None:
+        raise ConfigError("--resume and --evaluate exclude each other")
 
-    if args.resume is not None:
-        saved = args.resume / "config.yaml"
+    from_run = args.resume if args.resume is not None else args.evaluate
+    if from_run is not None:
+        saved = from_run / "config.yaml"
         if not saved.is_file():
-            raise ConfigError(f"cannot resume: {saved} does not exist")
+            raise ConfigError(f"cannot {'resume' if args.resume else 'evaluate'}: {saved} does not exist")
         yaml_files = [saved, *map(Path, args.config)]
     else:
         env_yaml = config_dir / f"{args.env}.yaml"
@@ -63,4 +70,4 @@ def parse_recipe_args(
             raise ConfigError(f"no config for env '{args.env}' ({env_yaml} missing). Available: {', '.join(env_yamls)}")
         yaml_files = [config_dir / "base.yaml", env_yaml, *map(Path, args.config)]
     cfg = load_config(schema, yaml_files, args.overrides)
-    return RecipeArgs(cfg=cfg, env_name=args.env, resume=args.resume, yaml_files=yaml_files)
+    return RecipeArgs(cfg=cfg, env_name=args.env, resume=args.resume, yaml_files=yaml_files, evaluate=args.evaluate)
