@@ -1,0 +1,255 @@
+"""PPO + pointer network on TSP / CVRP (the routing baseline).
+
+    python -m baselines.ppo_routing --env tsp20                     # train, greedy dev gap logged
+    python -m baselines.ppo_routing --env cvrp20 run.time_budget_s=1800
+    python -m baselines.ppo_routing --evaluate runs/ppo_routing/tsp20/<stamp> eval.multistart=true eval.augment=8
+
+Each iteration samples ``ppo.batch_instances`` fresh instances, decodes them all with the
+current policy (one batched env, one encoder pass per episode), computes per-step GAE on the
+dense rewards (minus each leg) and runs ``ppo.epochs`` passes over minibatches of episodes.
+Every ``eval.every`` iterations the greedy policy decodes the dev set and ``eval/gap_pct`` is
+logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- CLI overrides.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from baselines.routing import compute_advantage, evaluate_dev, ppo_routing_update, rollout
+from envs.routing import CVRPEnv, TSPEnv, load_npz
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.cli import parse_recipe_args
+from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.guards import check_finite
+from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.pointer import PointerActorCritic
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_routing"
+RECIPE = "ppo_routing"
+
+
+@dataclass
+class EnvConfig:
+    problem: str = doc("tsp", "tsp or cvrp.")
+    size: int = doc(20, "Nodes (TSP) or customers (CVRP) per instance.")
+    capacity: int = doc(0, "CVRP vehicle capacity (0 = Kool et al.: 20->30, 50->40, 100->50).")
+    dev_set: str = doc("", "Dev set .npz (shared/data format) for eval/gap_pct; '' = no dev eval.")
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = doc(128, "Node embedding size.")
+    n_layers: int = doc(3, "Transformer encoder layers.")
+    n_heads: int = doc(8, "Attention heads (encoder and decoder glimpse).")
+    ff_dim: int = doc(512, "Encoder feed-forward width.")
+    tanh_clip: float = doc(10.0, "Logit clipping C in C * tanh(logits).")
+
+
+@dataclass
+class PPOConfig:
+    batch_instances: int = doc(512, "Instances decoded per iteration.")
+    minibatch_instances: int = doc(128, "Episodes per minibatch (one encoder pass each).")
+    epochs: int = doc(3, "Passes over each batch.")
+    lr: float = doc(1e-4, "Adam learning rate.")
+    clip_epsilon: float = doc(0.2, "PPO ratio clip.")
+    gamma: float = doc(1.0, "Discount (1: the objective is the whole tour).")
+    lmbda: float = doc(0.95, "GAE lambda.")
+    entropy_coef: float = doc(0.0, "Entropy bonus weight.")
+    critic_coef: float = doc(0.5, "Critic loss weight.")
+    max_grad_norm: float = doc(1.0, "Global gradient-norm clip.")
+    normalize_advantage: bool = doc(True, "Standardise advantages per minibatch (over active steps).")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = doc(1000, "Training iterations.")
+
+
+@dataclass
+class EvalConfig:
+    every: int = doc(10, "Greedy dev-set evaluation every N iterations (0 = only at the end).")
+    multistart: bool = doc(False, "--evaluate: best of all first nodes (POMO-style multi-start).")
+    augment: int = doc(1, "--evaluate: best over this many (1-8) symmetric copies of each instance.")
+
+
+@dataclass
+class RunConfig:
+    root: str = doc("runs", "Runs go to <root>/ppo_routing/<env>/<timestamp>/.")
+    checkpoint_every: int = doc(20, "Checkpoint every N iterations (and at the end).")
+    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds (0 = no limit).")
+    tensorboard: bool = doc(True, "Write TensorBoard events.")
+    progress: bool = doc(True, "Show the tqdm progress bar.")
+
+
+@dataclass
+class PPORoutingConfig:
+    seed: int = doc(0, "Seed for torch and the instance generator.")
+    device: str = doc("cpu", "Device (cpu, cuda, ...).")
+    threads: int = doc(0, "torch intra-op threads (0 = torch default).")
+    env: EnvConfig = doc(EnvConfig(), "Problem.")
+    model: ModelConfig = doc(ModelConfig(), "Pointer network.")
+    ppo: PPOConfig = doc(PPOConfig(), "PPO.")
+    train: TrainConfig = doc(TrainConfig(), "Training length.")
+    eval: EvalConfig = doc(EvalConfig(), "Evaluation.")
+    run: RunConfig = doc(RunConfig(), "Run directory, logging, checkpoints.")
+
+
+def resolve_data_path(path: str) -> Path:
+    """A dev-set path as given, or relative to the repository root (``../shared/data/...``)."""
+    candidate = Path(path)
+    if not candidate.is_absolute() and not candidate.exists():
+        candidate = Path(__file__).resolve().parents[1] / path
+    return candidate
+
+
+def validate(cfg: PPORoutingConfig) -> None:
+    if cfg.env.problem not in ("tsp", "cvrp"):
+        raise ConfigError(f"env.problem must be tsp or cvrp, got '{cfg.env.problem}'")
+    if cfg.ppo.minibatch_instances > cfg.ppo.batch_instances:
+        raise ConfigError("ppo.minibatch_instances exceeds ppo.batch_instances")
+    if not 1 <= cfg.eval.augment <= 8:
+        raise ConfigError(f"eval.augment must be in 1..8, got {cfg.eval.augment}")
+    if cfg.env.dev_set and not resolve_data_path(cfg.env.dev_set).is_file():
+        raise ConfigError(f"env.dev_set not found: {cfg.env.dev_set} (also tried {resolve_data_path(cfg.env.dev_set)})")
+    for key in ("batch_instances", "minibatch_instances", "epochs"):
+        if getattr(cfg.ppo, key) <= 0:
+            raise ConfigError(f"ppo.{key} must be > 0")
+
+
+def make_model(cfg: PPORoutingConfig) -> PointerActorCritic:
+    m = cfg.model
+    return PointerActorCritic(cfg.env.problem, m.embed_dim, m.n_layers, m.n_heads, m.ff_dim, m.tanh_clip).to(cfg.device)
+
+
+def make_train_env(cfg: PPORoutingConfig, seed: int):
+    if cfg.env.problem == "tsp":
+        return TSPEnv(num_nodes=cfg.env.size, batch_size=cfg.ppo.batch_instances, device=cfg.device, seed=seed)
+    return CVRPEnv(num_customers=cfg.env.size, batch_size=cfg.ppo.batch_instances,
+                   capacity=cfg.env.capacity or None, device=cfg.device, seed=seed)
+
+
+def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = make_model(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ppo.lr)
+    start, instances = 0, 0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start, instances = resume_state["iteration"], resume_state["instances"]
+        set_rng_state(resume_state["rng"])
+    env = make_train_env(cfg, seed=cfg.seed + start)
+    dev = load_npz(resolve_data_path(cfg.env.dev_set)) if cfg.env.dev_set else None
+    rd = str(run_dir)
+    logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start, unit="iter",
+                       postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "time/instances_per_s": "inst/s"},
+                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+    metrics: dict[str, float] = {}
+    t_start = time.perf_counter()
+    try:
+        for iteration in range(start + 1, cfg.train.iterations + 1):
+            t0 = time.perf_counter()
+            model.eval()
+            batch = rollout(env, model)
+            compute_advantage(batch, cfg.ppo.gamma, cfg.ppo.lmbda)
+            for key in ("value", "advantage", "value_target", "log_prob"):
+                check_finite(key, batch[key], iteration=iteration, run_dir=rd)
+            t1 = time.perf_counter()
+            model.train()
+            metrics = ppo_routing_update(
+                model, batch, optimizer, epochs=cfg.ppo.epochs, minibatch_instances=cfg.ppo.minibatch_instances,
+                clip_epsilon=cfg.ppo.clip_epsilon, entropy_coef=cfg.ppo.entropy_coef, critic_coef=cfg.ppo.critic_coef,
+                max_grad_norm=cfg.ppo.max_grad_norm, normalize_advantage=cfg.ppo.normalize_advantage,
+                iteration=iteration, run_dir=rd,
+            )
+            t2 = time.perf_counter()
+            instances += cfg.ppo.batch_instances
+            lengths = batch["tour_length"][:, 0]
+            metrics.update({
+                "train/iteration": iteration, "train/instances": instances,
+                "train/tour_length": lengths.mean().item(),
+                "train/episode_reward_sum": batch["reward"].sum(1).mean().item(),
+                "diag/value_mean": batch["value"][batch["active"]].mean().item(),
+                "diag/value_target_min": batch["value_target"][batch["active"]].min().item(),
+                "diag/value_target_max": batch["value_target"][batch["active"]].max().item(),
+                "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                "time/instances_per_s": cfg.ppo.batch_instances / (t2 - t0),
+            })
+            out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start
+            last = iteration == cfg.train.iterations or out_of_time
+            if dev is not None and ((cfg.eval.every and iteration % cfg.eval.every == 0) or last):
+                ev = evaluate_dev(model, dev, problem=cfg.env.problem)
+                metrics.update({"eval/gap_pct": ev["gap_pct"], "eval/tour_length": ev["tour_length"],
+                                "time/eval_decode_s": ev["decode_s"]})
+            if iteration % cfg.run.checkpoint_every == 0 or last:
+                save_checkpoint(run_dir / "checkpoint.pt", {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                    "instances": instances, "rng": rng_state(),
+                })
+            metrics["time/iteration_s"] = time.perf_counter() - t0
+            metrics["time/total_s"] = time.perf_counter() - t_start
+            logger.log(metrics, step=instances)
+            logger.advance()
+            if out_of_time:
+                logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
+                break
+    finally:
+        logger.close()
+        try:
+            plot_learning_curves(run_dir, panels=(
+                ("dev gap (%)", ("eval/gap_pct",)), ("tour length", ("train/tour_length", "eval/tour_length")),
+                ("losses", ("loss/objective", "loss/critic")), ("seconds", ("time/iteration_s",)),
+            ))
+        except Exception as exc:
+            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict[str, float]:
+    if not cfg.env.dev_set:
+        raise ConfigError("--evaluate needs env.dev_set")
+    state = load_checkpoint(run_dir, map_location=cfg.device)
+    model = make_model(cfg)
+    model.load_state_dict(state["model"])
+    result = evaluate_dev(model, load_npz(resolve_data_path(cfg.env.dev_set)), problem=cfg.env.problem,
+                          multistart=cfg.eval.multistart, augment=cfg.eval.augment)
+    print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], "multistart": cfg.eval.multistart,
+                      "augment": cfg.eval.augment, **result}))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_recipe_args(argv, schema=PPORoutingConfig, config_dir=CONFIG_DIR, description=__doc__,
+                             default_env="tsp20")
+    cfg: PPORoutingConfig = to_object(args.cfg)
+    validate(cfg)
+    if args.evaluate is not None:
+        evaluate_checkpoint(cfg, args.evaluate)
+        return args.evaluate
+    resume_state = None
+    if args.resume is not None:
+        run_dir = args.resume
+        resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+    else:
+        run_dir = make_run_dir(cfg.run.root, RECIPE, f"{cfg.env.problem}{cfg.env.size}")
+    save_config(args.cfg, run_dir / "config.yaml")
+    print(f"run directory: {run_dir}", flush=True)
+    train(cfg, run_dir, resume_state)
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
