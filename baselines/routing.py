@@ -130,7 +130,7 @@ def ppo_routing_update(
             mb = batch[perm[start:start + minibatch_instances]]
             locs = mb["locs"][:, 0]
             demand = mb["demand"][:, 0] if problem == "cvrp" else None
-            cache = model.encode(locs, demand).expand_steps(T)
+            cache = model.encode(locs, demand)
             cap = mb["remaining_capacity"] if problem == "cvrp" else None
             log_probs, value = model.step(cache, mb["current_node"], mb["first_node"], cap, mb["action_mask"])
             new_lp = log_probs.gather(-1, mb["action"].unsqueeze(-1)).squeeze(-1)

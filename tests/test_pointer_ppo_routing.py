@@ -33,7 +33,7 @@ def test_sampled_rollouts_are_legal_and_teacher_forcing_matches(problem):
     B, T = batch.batch_size
     assert batch["done"][:, -1].all()
     # recompute every step at once from the stored contexts: same log-probs as during the rollout
-    cache = model.encode(batch["locs"][:, 0], batch["demand"][:, 0] if problem == "cvrp" else None).expand_steps(T)
+    cache = model.encode(batch["locs"][:, 0], batch["demand"][:, 0] if problem == "cvrp" else None)
     cap = batch["remaining_capacity"] if problem == "cvrp" else None
     lp, value = model.step(cache, batch["current_node"], batch["first_node"], cap, batch["action_mask"])
     recomputed = lp.gather(-1, batch["action"].unsqueeze(-1)).squeeze(-1)
