@@ -28,7 +28,7 @@ from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
 from torchrl_dreamer.guards import check_finite
 from torchrl_dreamer.logging import RunLogger, make_run_dir
-from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.plots import plot_learning_curves, plot_tours
 from torchrl_dreamer.pointer import PointerActorCritic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_routing"
@@ -214,14 +214,37 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
     return metrics
 
 
+def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Path, k: int = 4) -> Path:
+    """Greedy tours of the first ``k`` dev instances beside the reference solutions (PNG)."""
+    inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
+    env = TSPEnv(instances=inst) if problem == "tsp" else CVRPEnv(instances=inst)
+    was_training = model.training
+    model.eval()
+    out = rollout(env, model, greedy=True)
+    model.train(was_training)
+    actions = out["action"].tolist()
+    lengths = out["tour_length"][:, 0].tolist()
+    if problem == "tsp":
+        locs, tours, ref_tours = inst["locs"], actions, data["ref_tour"][:k].tolist()
+    else:
+        locs = torch.cat([inst["depot"].unsqueeze(1), inst["locs"]], dim=1)
+        tours = [a[: a.index(0, max(i for i, x in enumerate(a) if x != 0)) + 1] if 0 in a else a for a in actions]
+        ref_tours = data["ref_actions"][:k].tolist()
+    return plot_tours(path, locs, tours, lengths, problem=problem, ref_tours=ref_tours,
+                      ref_costs=data["ref_cost"][:k].tolist(), title=f"greedy decoding vs reference ({problem})")
+
+
 def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict[str, float]:
+    """Dev-set evaluation of a run's checkpoint; prints JSON, writes ``run_dir/tours.png``."""
     if not cfg.env.dev_set:
         raise ConfigError("--evaluate needs env.dev_set")
     state = load_checkpoint(run_dir, map_location=cfg.device)
     model = make_model(cfg)
     model.load_state_dict(state["model"])
-    result = evaluate_dev(model, load_npz(resolve_data_path(cfg.env.dev_set)), problem=cfg.env.problem,
+    data = load_npz(resolve_data_path(cfg.env.dev_set))
+    result = evaluate_dev(model, data, problem=cfg.env.problem,
                           multistart=cfg.eval.multistart, augment=cfg.eval.augment)
+    plot_dev_tours(model, data, cfg.env.problem, Path(run_dir) / "tours.png")
     print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], "multistart": cfg.eval.multistart,
                       "augment": cfg.eval.augment, **result}))
     return result

@@ -88,3 +88,16 @@ def test_ppo_routing_smoke(env_name, tmp_runs):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and "eval/gap_pct" in records[-1] and records[-1]["eval/gap_pct"] > 0
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "curves.png").is_file()
+
+
+@pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
+def test_evaluate_writes_tour_picture(env_name, tmp_runs, capsys):
+    run_dir = main(["--env", env_name, "train.iterations=1", "eval.every=0", "ppo.batch_instances=8",
+                    "ppo.minibatch_instances=8", "ppo.epochs=1", "model.embed_dim=16", "model.n_layers=1",
+                    "model.n_heads=2", "model.ff_dim=32", "run.progress=false", "run.tensorboard=false",
+                    f"run.root={tmp_runs}"])
+    capsys.readouterr()
+    main(["--evaluate", str(run_dir), "eval.augment=2"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["augment"] == 2 and printed["gap_pct"] > 0
+    assert (run_dir / "tours.png").stat().st_size > 5000

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["read_metrics", "plot_learning_curves"]
+__all__ = ["read_metrics", "plot_learning_curves", "plot_tours"]
 
 DEFAULT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("episode reward sum", ("train/episode_reward_sum", "eval/episode_reward_sum")),
@@ -53,6 +53,77 @@ def plot_learning_curves(
     fig.suptitle(str(Path(run_dir)), fontsize=8)
     fig.tight_layout()
     path = Path(run_dir) / filename
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _routes(tour: Sequence[int]) -> list[list[int]]:
+    """CVRP node sequence -> routes (customer lists between depot visits)."""
+    routes, route = [], []
+    for node in tour:
+        if node == 0:
+            if route:
+                routes.append(route)
+            route = []
+        else:
+            route.append(int(node))
+    if route:
+        routes.append(route)
+    return routes
+
+
+def plot_tours(
+    path: str | os.PathLike,
+    locs,
+    tours: Sequence[Sequence[int]],
+    costs: Sequence[float],
+    *,
+    problem: str = "tsp",
+    ref_tours: Sequence[Sequence[int]] | None = None,
+    ref_costs: Sequence[float] | None = None,
+    title: str = "",
+) -> Path:
+    """Side-by-side pictures of routing solutions: row 1 ours, row 2 the reference (if given).
+
+    ``locs [k, N, 2]`` node coordinates (CVRP: node 0 is the depot, drawn as a red square);
+    each tour is a node sequence (TSP: a permutation, closed back to its start; CVRP: routes
+    separated by visits to node 0, one colour per route). Costs go in the panel titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    locs = np.asarray(locs)
+    k = len(tours)
+    rows = 2 if ref_tours is not None else 1
+    fig, axes = plt.subplots(rows, k, figsize=(3.2 * k, 3.2 * rows), squeeze=False)
+
+    def draw(ax, pts, tour, cost, label):
+        tour = [int(t) for t in tour]
+        ax.scatter(pts[:, 0], pts[:, 1], s=10, c="k", zorder=3)
+        if problem == "cvrp":
+            for i, route in enumerate(_routes(tour)):
+                seq = [0, *route, 0]
+                ax.plot(pts[seq, 0], pts[seq, 1], "-", lw=1.2, color=plt.cm.tab10(i % 10))
+            ax.scatter(pts[0, 0], pts[0, 1], s=60, marker="s", c="red", zorder=4)
+        else:
+            seq = tour + tour[:1]
+            ax.plot(pts[seq, 0], pts[seq, 1], "-", lw=1.2, color="tab:blue")
+        ax.set_title(f"{label}: {cost:.3f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+
+    for j in range(k):
+        draw(axes[0, j], locs[j], tours[j], costs[j], "ours")
+        if ref_tours is not None:
+            draw(axes[1, j], locs[j], ref_tours[j], ref_costs[j], "reference")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
