@@ -270,7 +270,7 @@ def train(
     finite_keys = [(group, "observation"), (group, "action"), ("next", group, "observation"), ("next", group, "reward")]
     logger = RunLogger(
         run_dir, total=cfg.collector.iterations, initial=start_iteration, unit="iter",
-        postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval",
+        postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/objective": "obj",
                       "loss/critic": "critic", "time/iteration_s": "s/it"},
         tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
     )

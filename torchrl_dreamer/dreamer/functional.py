@@ -1,0 +1,207 @@
+"""DreamerV3 math on plain tensors, each piece tested against a naive reference.
+
+Every function here guards one of the bugs listed in SEEDS_DIGEST sections 1-2:
+
+* :func:`symlog` / :func:`symexp` and the two-hot codec (:class:`TwoHot`) for rewards and values;
+* :func:`lambda_returns`: R_t = r_{t+1} + gamma * c_{t+1} * ((1 - lambda) V_{t+1} + lambda R_{t+1}),
+  bootstrapping from V at the *next* state (the hand-rolled version used V(s_t) and did worse
+  than random);
+* :func:`kl_loss` with KL balancing (``dyn`` trains only the prior, ``rep`` only the posterior)
+  and free bits on the KL *summed over latents* per (batch, time), in the paper's ``clip`` form
+  (zero gradient below the threshold, on purpose) or a ``straight_through`` form (value clipped,
+  gradient of the raw KL kept);
+* :func:`unimix_masked_probs`: 1% uniform mixing done over the *allowed* actions only, so masked
+  actions have probability exactly 0 and every allowed action at least ``unimix / n_allowed``
+  (finite log-probs however peaked the policy is);
+* :class:`ReturnNormalizer`: EMA of the 5th-95th percentile range of lambda-returns; advantages
+  are divided by ``max(1, range)``.
+
+Notation: ``[B, T]`` batch and time; latents are ``G`` categoricals of ``C`` classes.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "symlog",
+    "symexp",
+    "TwoHot",
+    "lambda_returns",
+    "kl_loss",
+    "unimix_masked_probs",
+    "ReturnNormalizer",
+]
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """``sign(x) * log(1 + |x|)``."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`symlog`: ``sign(x) * (exp(|x|) - 1)``."""
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+class TwoHot(nn.Module):
+    """Symexp two-hot regression (DreamerV3): ``num_bins`` bins evenly spaced in symlog space.
+
+    A target ``y`` becomes weights on the two bins around ``symlog(y)`` (linear interpolation, so
+    the expected bin equals ``symlog(y)`` exactly inside the range; outside it all weight goes to
+    the edge bin). Predictions decode as ``symexp(sum(softmax(logits) * bins))``.
+    """
+
+    def __init__(self, num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> None:
+        super().__init__()
+        if num_bins < 2 or not high > low:
+            raise ValueError("TwoHot needs num_bins >= 2 and high > low")
+        self.register_buffer("bins", torch.linspace(low, high, num_bins))
+
+    def encode(self, target: torch.Tensor) -> torch.Tensor:
+        """``target [...]`` (raw units) -> two-hot weights ``[..., num_bins]``."""
+        x = symlog(target).clamp(self.bins[0], self.bins[-1])
+        upper = torch.bucketize(x, self.bins).clamp(1, len(self.bins) - 1)  # first bin >= x
+        lower = upper - 1
+        lo_v, up_v = self.bins[lower], self.bins[upper]
+        w_up = ((x - lo_v) / (up_v - lo_v)).clamp(0, 1)
+        weights = torch.zeros(*x.shape, len(self.bins), dtype=x.dtype, device=x.device)
+        weights.scatter_(-1, lower.unsqueeze(-1), (1 - w_up).unsqueeze(-1))
+        weights.scatter_add_(-1, upper.unsqueeze(-1), w_up.unsqueeze(-1))
+        return weights
+
+    def decode(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [..., num_bins]`` -> prediction ``[...]`` in raw units."""
+        return symexp((torch.softmax(logits, -1) * self.bins).sum(-1))
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy against the two-hot target; ``[...]`` (no reduction). The target is
+        treated as a constant."""
+        return -(self.encode(target.detach()) * torch.log_softmax(logits, -1)).sum(-1)
+
+
+def lambda_returns(
+    reward: torch.Tensor,
+    cont: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    discount: float = 0.997,
+    lmbda: float = 0.95,
+) -> torch.Tensor:
+    """Lambda-returns of an imagined trajectory, time on dim 1.
+
+    Args:
+        reward: ``[B, H]``: ``reward[:, t]`` is r_{t+1}, received on the transition s_t -> s_{t+1}.
+        cont: ``[B, H]``: ``cont[:, t]`` is c_{t+1}, 0 if s_{t+1} is terminal.
+        value: ``[B, H + 1]``: V(s_0) ... V(s_H).
+
+    Returns:
+        ``[B, H]``: R_t for t = 0..H-1, with
+        ``R_t = r_{t+1} + discount * c_{t+1} * ((1 - lmbda) * V(s_{t+1}) + lmbda * R_{t+1})`` and
+        ``R_H = V(s_H)``.
+    """
+    if value.shape[1] != reward.shape[1] + 1 or cont.shape != reward.shape:
+        raise ValueError(
+            f"expected reward/cont [B, H] and value [B, H+1]; got {tuple(reward.shape)}, "
+            f"{tuple(cont.shape)}, {tuple(value.shape)}"
+        )
+    horizon = reward.shape[1]
+    out = []
+    last = value[:, -1]
+    for t in reversed(range(horizon)):
+        last = reward[:, t] + discount * cont[:, t] * ((1 - lmbda) * value[:, t + 1] + lmbda * last)
+        out.append(last)
+    return torch.stack(out[::-1], dim=1)
+
+
+def _categorical_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per categorical, summed over the ``G`` latents: ``[..., G, C] -> [...]``."""
+    p_log = torch.log_softmax(p_logits, -1)
+    q_log = torch.log_softmax(q_logits, -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1).sum(-1)
+
+
+def kl_loss(
+    posterior_logits: torch.Tensor,
+    prior_logits: torch.Tensor,
+    *,
+    dyn_scale: float = 0.5,
+    rep_scale: float = 0.1,
+    free_bits: float = 1.0,
+    free_bits_grad: Literal["clip", "straight_through"] = "clip",
+) -> dict[str, torch.Tensor]:
+    """DreamerV3's balanced KL with free bits. Logits ``[B, T, G, C]``.
+
+    ``dyn = KL(sg(posterior) || prior)`` trains the prior; ``rep = KL(posterior || sg(prior))``
+    trains the posterior. Free bits act on the KL summed over latents, per (batch, time):
+    ``clip`` (paper) uses ``max(free_bits, kl)`` whose gradient is zero below the threshold;
+    ``straight_through`` reports the same value but keeps the gradient of the raw KL.
+
+    Returns ``loss`` (weighted, averaged over batch and time), ``dyn``, ``rep`` (after free bits,
+    averaged) and ``kl_raw`` (detached, averaged).
+    """
+    if free_bits_grad not in ("clip", "straight_through"):
+        raise ValueError(f"free_bits_grad must be 'clip' or 'straight_through', got '{free_bits_grad}'")
+    dyn_raw = _categorical_kl(posterior_logits.detach(), prior_logits)
+    rep_raw = _categorical_kl(posterior_logits, prior_logits.detach())
+
+    def free(kl: torch.Tensor) -> torch.Tensor:
+        clipped = torch.clamp_min(kl, free_bits)
+        if free_bits_grad == "clip":
+            return clipped
+        return kl + (clipped - kl).detach()
+
+    dyn, rep = free(dyn_raw), free(rep_raw)
+    return {
+        "loss": (dyn_scale * dyn + rep_scale * rep).mean(),
+        "dyn": dyn.mean(),
+        "rep": rep.mean(),
+        "kl_raw": dyn_raw.detach().mean(),
+    }
+
+
+def unimix_masked_probs(logits: torch.Tensor, mask: torch.Tensor | None = None, unimix: float = 0.01) -> torch.Tensor:
+    """Action probabilities with ``unimix`` uniform mixing *over allowed actions only*.
+
+    ``p = (1 - unimix) * softmax(logits over allowed) + unimix / n_allowed`` on allowed actions and
+    exactly 0 on masked ones. (Mixing before masking over *all* actions, then masking logits with
+    -inf afterwards, is the bug of SEEDS_DIGEST 1.1: the uniform part leaked onto masked nodes.)
+    Raises ``ValueError`` when a row has no allowed action.
+    """
+    if mask is None:
+        return (1 - unimix) * torch.softmax(logits, -1) + unimix / logits.shape[-1]
+    n_allowed = mask.sum(-1, keepdim=True)
+    if bool((n_allowed == 0).any()):
+        raise ValueError("unimix_masked_probs: a row has no allowed action")
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1)
+    mixed = (1 - unimix) * probs + unimix / n_allowed.to(probs.dtype)
+    return torch.where(mask, mixed, torch.zeros_like(mixed))
+
+
+class ReturnNormalizer(nn.Module):
+    """EMA of the 5th-95th percentile range of lambda-returns (DreamerV3).
+
+    ``update(returns)`` folds a batch in (``decay`` 0.99 per call); ``scale`` is
+    ``max(1, high - low)``; advantages are divided by it, so small returns are never blown up.
+    """
+
+    def __init__(self, decay: float = 0.99, low_q: float = 0.05, high_q: float = 0.95, limit: float = 1.0) -> None:
+        super().__init__()
+        self.decay, self.low_q, self.high_q, self.limit = decay, low_q, high_q, limit
+        # zero-initialised like the reference implementation: early scales are clamped to 1
+        self.register_buffer("low", torch.zeros(()))
+        self.register_buffer("high", torch.zeros(()))
+
+    @torch.no_grad()
+    def update(self, returns: torch.Tensor) -> torch.Tensor:
+        flat = returns.detach().float().reshape(-1)
+        self.low.lerp_(torch.quantile(flat, self.low_q), 1 - self.decay)
+        self.high.lerp_(torch.quantile(flat, self.high_q), 1 - self.decay)
+        return self.scale
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return torch.clamp_min(self.high - self.low, self.limit)
+
