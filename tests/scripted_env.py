@@ -89,3 +89,56 @@ class ScriptedEnv(EnvBase):
 def make_nan_env(*, num_envs, max_steps, device, seed, nan_obs_at_call=25):
     """Recipe factory: one group of 2 agents whose observations turn NaN after some steps."""
     return ScriptedEnv(episode_lengths=[max_steps] * num_envs, groups={"agents": 2}, nan_obs_at_call=nan_obs_at_call)
+
+
+class CountingEnv(EnvBase):
+    """Single-agent env for the Dreamer recipe: ``observation = [t / L, 1]``, two one-hot actions,
+    reward 1 per step, episodes of ``length`` steps (terminated). Observations turn NaN after
+    ``nan_obs_at_call`` steps when set."""
+
+    batch_locked = True
+
+    def __init__(self, num_envs: int = 1, length: int = 8, nan_obs_at_call: int | None = None):
+        super().__init__(batch_size=torch.Size([num_envs]))
+        from torchrl.data import OneHot
+
+        B = num_envs
+        self.length = length
+        self.nan_obs_at_call = nan_obs_at_call
+        self._calls = 0
+        self.observation_spec = Composite(observation=Unbounded(shape=(B, 2)), shape=(B,))
+        self.action_spec = OneHot(2, shape=(B, 2))
+        self.reward_spec = Unbounded(shape=(B, 1))
+        self.t = torch.zeros(B, 1)
+
+    def _set_seed(self, seed):
+        pass
+
+    def _obs(self):
+        obs = torch.cat([self.t / self.length, torch.ones_like(self.t)], -1)
+        if self.nan_obs_at_call is not None and self._calls >= self.nan_obs_at_call:
+            obs = obs * float("nan")
+        return obs
+
+    def _reset(self, tensordict=None, **kwargs):
+        B = self.batch_size[0]
+        mask = torch.ones(B, dtype=torch.bool)
+        if tensordict is not None and "_reset" in tensordict.keys():
+            mask = tensordict.get("_reset").reshape(B)
+        self.t[mask] = 0
+        zeros = torch.zeros(B, 1, dtype=torch.bool)
+        return TensorDict({"observation": self._obs(), "done": zeros, "terminated": zeros.clone(),
+                           "truncated": zeros.clone()}, batch_size=self.batch_size)
+
+    def _step(self, tensordict):
+        self._calls += 1
+        self.t = self.t + 1
+        terminated = self.t >= self.length
+        return TensorDict({"observation": self._obs(), "reward": torch.ones_like(self.t), "done": terminated.clone(),
+                           "terminated": terminated, "truncated": torch.zeros_like(terminated)},
+                          batch_size=self.batch_size)
+
+
+def make_counting_env(*, num_envs, max_steps, device, seed, length=8, nan_obs_at_call=None):
+    """Dreamer-recipe factory for :class:`CountingEnv`."""
+    return CountingEnv(num_envs=num_envs, length=length, nan_obs_at_call=nan_obs_at_call)

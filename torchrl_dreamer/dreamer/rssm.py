@@ -1,17 +1,23 @@
-"""DreamerV3 recurrent state-space model on plain tensors (groundwork for issue 3).
+"""DreamerV3 recurrent state-space model on plain tensors.
 
 Latent-state names used across the package:
 
 | name | symbol | shape | meaning |
 |---|---|---|---|
-| ``deter`` | h (belief) | ``[B, D]`` | deterministic GRU state |
+| ``deter`` | h (belief) | ``[B, D]`` | deterministic block-GRU state |
 | ``stoch`` | z (state) | ``[B, G, C]`` | one-hot sample of ``G`` categoricals with ``C`` classes |
 | ``posterior_logits`` | q(z | h, x) | ``[B, G, C]`` | from h and the observation embedding |
 | ``prior_logits`` | p(z | h) | ``[B, G, C]`` | from h alone (used in imagination) |
 
-Both distributions get 1% unimix before sampling; samples are straight-through one-hots.
-``is_first`` resets h, z and the previous action to zero (the learned initial state is h = tanh(W)
-as in DreamerV3, z from its prior mode).
+Both distributions get 1% unimix; samples are straight-through one-hots (value one-hot, gradient
+of the probabilities). ``is_first`` resets h, z and the previous action to the learned initial
+state (h = tanh(w), z = mode of the prior at that h, previous action 0).
+
+Speed (the scan over time is inherently sequential, SEEDS_DIGEST 3): everything that does not
+depend on the recurrent state is computed for all time steps *before* the loop (the observation
+part of the posterior input layer, the action part of the GRU input layer, the Gumbel noise of
+the samples, the reset masks), and the prior is computed for all steps *after* it, since nothing
+inside the loop needs it. Inside the loop only the recurrent matmuls remain.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "BlockLinear", "BlockGRU", "RSSM"]
+__all__ = ["RMSNorm", "BlockGRU", "RSSM", "gumbel_noise"]
 
 
 class RMSNorm(nn.Module):
@@ -32,50 +38,51 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.scale
 
 
-class BlockLinear(nn.Module):
-    """``blocks`` independent linear maps over equal slices of the features (block-diagonal
-    weight), as one batched matmul: ``[..., in] -> [..., out]``."""
-
-    def __init__(self, in_features: int, out_features: int, blocks: int) -> None:
-        super().__init__()
-        if in_features % blocks or out_features % blocks:
-            raise ValueError(f"features ({in_features}, {out_features}) must divide into {blocks} blocks")
-        self.blocks = blocks
-        self.weight = nn.Parameter(torch.empty(blocks, in_features // blocks, out_features // blocks))
-        self.bias = nn.Parameter(torch.zeros(out_features))
-        nn.init.normal_(self.weight, std=(in_features // blocks) ** -0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        xb = x.reshape(-1, self.blocks, x.shape[-1] // self.blocks).transpose(0, 1)  # [blocks, N, in/b]
-        out = torch.bmm(xb, self.weight).transpose(0, 1).reshape(*lead, -1)
-        return out + self.bias
+def gumbel_noise(shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise: ``argmax(logits + noise)`` is a sample of ``Categorical(logits)``."""
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
 
 
 class BlockGRU(nn.Module):
-    """DreamerV3's GRU cell: inputs and state go through Linear -> RMSNorm -> SiLU, then block-
-    diagonal gates (reset, candidate, update with the -1 update bias)."""
+    """DreamerV3's GRU: the input goes through ``Linear -> RMSNorm -> SiLU`` (``hidden`` units);
+    the state is split into ``blocks`` groups, each gated by a block-diagonal map of its own
+    slice of h plus the whole input; gates are normalised, the update gate has a -1 bias.
 
-    def __init__(self, input_dim: int, deter: int, hidden: int, blocks: int = 8) -> None:
+    The input layer is split in two (``z`` part and action part) so the action part can be
+    computed for a whole sequence at once (:meth:`action_input`)."""
+
+    def __init__(self, stoch_flat: int, action_dim: int, deter: int, hidden: int, blocks: int = 8) -> None:
         super().__init__()
-        self.deter, self.blocks = deter, blocks
-        self.inp = nn.Sequential(nn.Linear(input_dim, hidden, bias=False), RMSNorm(hidden), nn.SiLU())
-        self.gates = BlockLinear(deter + blocks * hidden, 3 * deter, blocks)
-        self.norm = RMSNorm(3 * deter)
-        self.hidden = hidden
+        if deter % blocks:
+            raise ValueError(f"deter ({deter}) must divide into {blocks} blocks")
+        self.deter, self.hidden, self.blocks = deter, hidden, blocks
+        self.z_in = nn.Linear(stoch_flat, hidden, bias=False)
+        self.a_in = nn.Linear(action_dim, hidden, bias=False)
+        self.in_norm = RMSNorm(hidden)
+        per = deter // blocks
+        # block-diagonal recurrent weights and a dense input weight, each block -> 3 gates x per
+        self.w_h = nn.Parameter(torch.randn(blocks, per, 3 * per) * per**-0.5)
+        self.w_x = nn.Parameter(torch.randn(hidden, blocks * 3 * per) * hidden**-0.5)
+        self.bias = nn.Parameter(torch.zeros(blocks * 3 * per))
+        self.gate_norm = RMSNorm(3 * per)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    def action_input(self, action: torch.Tensor) -> torch.Tensor:
+        return self.a_in(action)
+
+    def forward(self, h: torch.Tensor, z_flat: torch.Tensor, action_in: torch.Tensor) -> torch.Tensor:
+        """``h [B, D]``, ``z_flat [B, G*C]``, ``action_in [B, hidden]`` (from :meth:`action_input`)."""
         B = h.shape[0]
-        x = self.inp(x)  # [B, hidden]
-        # each block sees its slice of h and the whole input
-        hb = h.reshape(B, self.blocks, self.deter // self.blocks)
-        xb = x.unsqueeze(1).expand(B, self.blocks, self.hidden)
-        gates = self.norm(self.gates(torch.cat([hb, xb], -1).reshape(B, -1)))
-        reset, cand, update = gates.chunk(3, -1)
-        reset = torch.sigmoid(reset)
-        cand = torch.tanh(reset * cand)
+        per = self.deter // self.blocks
+        x = F.silu(self.in_norm(self.z_in(z_flat) + action_in))
+        rec = torch.bmm(h.reshape(B, self.blocks, per).transpose(0, 1), self.w_h).transpose(0, 1)  # [B, g, 3per]
+        gates = rec + (torch.addmm(self.bias, x, self.w_x)).reshape(B, self.blocks, 3 * per)
+        gates = self.gate_norm(gates)
+        reset, cand, update = gates.chunk(3, -1)  # per block: its own gates
+        cand = torch.tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)
-        return update * cand + (1 - update) * h
+        h_blocks = h.reshape(B, self.blocks, per)
+        return (h_blocks + update * (cand - h_blocks)).reshape(B, self.deter)
 
 
 class RSSM(nn.Module):
@@ -91,74 +98,123 @@ class RSSM(nn.Module):
     def __init__(self, action_dim: int, embed_dim: int, deter: int = 512, stoch: int = 32, classes: int = 16,
                  hidden: int = 256, blocks: int = 8, unimix: float = 0.01) -> None:
         super().__init__()
+        self.action_dim, self.embed_dim = action_dim, embed_dim
         self.deter, self.stoch, self.classes, self.unimix = deter, stoch, classes, unimix
-        self.gru = BlockGRU(stoch * classes + action_dim, deter, hidden, blocks)
+        self.gru = BlockGRU(stoch * classes, action_dim, deter, hidden, blocks)
         self.init_deter = nn.Parameter(torch.zeros(deter))
         self.prior_net = nn.Sequential(nn.Linear(deter, hidden, bias=False), RMSNorm(hidden), nn.SiLU(),
                                        nn.Linear(hidden, stoch * classes))
-        self.post_net = nn.Sequential(nn.Linear(deter + embed_dim, hidden, bias=False), RMSNorm(hidden), nn.SiLU(),
-                                      nn.Linear(hidden, stoch * classes))
+        # posterior input layer split into its h part and its embedding part (precomputed per sequence)
+        self.post_h = nn.Linear(deter, hidden, bias=False)
+        self.post_e = nn.Linear(embed_dim, hidden, bias=False)
+        self.post_out = nn.Sequential(RMSNorm(hidden), nn.SiLU(), nn.Linear(hidden, stoch * classes))
+
+    @property
+    def feat_dim(self) -> int:
+        return self.deter + self.stoch * self.classes
+
+    @staticmethod
+    def features(deter: torch.Tensor, stoch: torch.Tensor) -> torch.Tensor:
+        """``[..., D]``, ``[..., G, C]`` -> ``[..., D + G*C]`` (input of every head and the actor)."""
+        return torch.cat([deter, stoch.flatten(-2)], -1)
 
     def initial(self, batch: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Learned initial state: ``h = tanh(init)``, ``z`` = mode of the prior at that h."""
-        h = torch.tanh(self.init_deter).expand(batch, self.deter)
-        if device is not None:
-            h = h.to(device)
+        """Learned initial state: ``h = tanh(w)``, ``z`` = mode of the prior at that h."""
+        h = torch.tanh(self.init_deter).unsqueeze(0)
         z = F.one_hot(self.prior_logits(h).argmax(-1), self.classes).to(h.dtype)
+        h, z = h.expand(batch, self.deter), z.expand(batch, self.stoch, self.classes)
+        if device is not None:
+            h, z = h.to(device), z.to(device)
         return h, z
 
     def _logits(self, raw: torch.Tensor) -> torch.Tensor:
-        """Raw net output -> unimixed logits ``[B, G, C]``."""
+        """Raw net output ``[..., G*C]`` -> unimixed log-probabilities ``[..., G, C]``."""
         probs = torch.softmax(raw.reshape(*raw.shape[:-1], self.stoch, self.classes), -1)
-        probs = (1 - self.unimix) * probs + self.unimix / self.classes
-        return probs.log()
+        return ((1 - self.unimix) * probs + self.unimix / self.classes).log()
 
     def prior_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._logits(self.prior_net(h))
 
     def posterior_logits(self, h: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
-        return self._logits(self.post_net(torch.cat([h, embed], -1)))
+        return self._logits(self.post_out(self.post_h(h) + self.post_e(embed)))
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """Straight-through one-hot sample ``[B, G, C]``."""
-        index = torch.distributions.Categorical(logits=logits).sample()
+    def sample(self, logits: torch.Tensor, noise: torch.Tensor | None = None, deterministic: bool = False) -> torch.Tensor:
+        """Straight-through one-hot sample ``[..., G, C]`` (Gumbel-max; ``noise`` may be
+        precomputed with :func:`gumbel_noise`). ``deterministic`` takes the mode."""
+        if deterministic:
+            index = logits.argmax(-1)
+        else:
+            if noise is None:
+                noise = gumbel_noise(logits.shape, logits.device, logits.dtype)
+            index = (logits.detach() + noise).argmax(-1)
         hard = F.one_hot(index, self.classes).to(logits.dtype)
         probs = logits.exp()
         return hard + probs - probs.detach()
 
     def reset_where_first(self, h, z, prev_action, is_first):
-        """Zero-state reset (to the learned initial state) where ``is_first [B]`` is True."""
+        """Replaces the state by the initial one where ``is_first [B]`` is True."""
         if not bool(is_first.any()):
             return h, z, prev_action
         h0, z0 = self.initial(h.shape[0], h.device)
         m = is_first.reshape(-1, 1).to(h.dtype)
-        h = m * h0 + (1 - m) * h
-        z = m.unsqueeze(-1) * z0 + (1 - m.unsqueeze(-1)) * z
+        h = h + m * (h0 - h)
+        z = z + m.unsqueeze(-1) * (z0 - z)
         prev_action = (1 - m) * prev_action
         return h, z, prev_action
 
     def img_step(self, h: torch.Tensor, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Next deterministic state from (h, z, action)."""
-        return self.gru(torch.cat([z.reshape(z.shape[0], -1), action], -1), h)
+        """Next deterministic state from ``(h [B, D], z [B, G, C], action [B, A])``."""
+        return self.gru(h, z.flatten(-2), self.gru.action_input(action))
 
-    def observe(self, embed: torch.Tensor, action: torch.Tensor, is_first: torch.Tensor,
-                state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        """Posterior scan over time. ``embed [B, T, E]``, ``action [B, T, A]`` (the action taken
-        *before* step t, i.e. the previous action), ``is_first [B, T]``.
-        Returns ``deter [B, T, D]``, ``stoch``/``posterior_logits``/``prior_logits`` ``[B, T, G, C]``."""
+    def obs_step(self, h, z, prev_action, embed, is_first, deterministic: bool = False):
+        """One filtering step (acting): reset where ``is_first``, advance h, sample z from the
+        posterior. Returns ``(h, z, posterior_logits)``."""
+        h, z, prev_action = self.reset_where_first(h, z, prev_action, is_first)
+        h = self.img_step(h, z, prev_action)
+        post = self.posterior_logits(h, embed)
+        return h, self.sample(post, deterministic=deterministic), post
+
+    def observe(self, embed: torch.Tensor, prev_action: torch.Tensor, is_first: torch.Tensor,
+                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Posterior scan over time.
+
+        Args:
+            embed: ``[B, T, E]`` observation embeddings.
+            prev_action: ``[B, T, A]``: the action taken *before* step t (zeroed where is_first).
+            is_first: ``[B, T]`` bool: step t starts an episode (state and previous action reset).
+            state: ``(h, z)`` before step 0, or ``None`` for the initial state.
+
+        Returns ``deter [B, T, D]``, ``stoch``/``posterior_logits``/``prior_logits`` ``[B, T, G, C]``.
+        """
         B, T = embed.shape[:2]
         if state is None:
             h, z = self.initial(B, embed.device)
-            prev_action = torch.zeros_like(action[:, 0])
         else:
-            h, z, prev_action = state
-        outs = {"deter": [], "stoch": [], "posterior_logits": [], "prior_logits": []}
+            h, z = state
+        first = is_first.to(embed.dtype).unsqueeze(-1)  # [B, T, 1]
+        action_in = self.gru.action_input(prev_action) * (1 - first)  # previous action reset at is_first
+        post_embed = self.post_e(embed)
+        noise = gumbel_noise((B, T, self.stoch, self.classes), embed.device, embed.dtype)
+        resets = is_first.any(0).tolist()  # one host sync for the whole sequence
+        h0 = z0 = None
+        deters, stochs, posts = [], [], []
         for t in range(T):
-            h, z, prev = self.reset_where_first(h, z, action[:, t], is_first[:, t])
-            h = self.img_step(h, z, prev)
-            prior = self.prior_logits(h)
-            post = self.posterior_logits(h, embed[:, t])
-            z = self.sample(post)
-            for k, v in zip(outs, (h, z, post, prior)):
-                outs[k].append(v)
-        return {k: torch.stack(v, 1) for k, v in outs.items()}
+            if resets[t]:
+                if h0 is None:
+                    h0, z0 = self.initial(B, embed.device)
+                m = first[:, t]
+                h = h + m * (h0 - h)
+                z = z + m.unsqueeze(-1) * (z0 - z)
+            h = self.gru(h, z.flatten(-2), action_in[:, t])
+            post = self._logits(self.post_out(self.post_h(h) + post_embed[:, t]))
+            z = self.sample(post, noise[:, t])
+            deters.append(h)
+            stochs.append(z)
+            posts.append(post)
+        deter = torch.stack(deters, 1)
+        return {
+            "deter": deter,
+            "stoch": torch.stack(stochs, 1),
+            "posterior_logits": torch.stack(posts, 1),
+            "prior_logits": self.prior_logits(deter),
+        }

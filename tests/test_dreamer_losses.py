@@ -1,0 +1,304 @@
+"""Dreamer world model, imagination and losses: contracts, gradient routing and exact values."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+from torchrl_dreamer.dreamer.agent import make_agent, preset
+from torchrl_dreamer.dreamer.functional import lambda_returns
+from torchrl_dreamer.dreamer.imagination import ImaginationHooks, ImaginationModule, imagine
+from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss, imagination_weight
+from torchrl_dreamer.dreamer.nets import DiscreteActor, OneHotDist
+from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
+from torchrl_dreamer.guards import NonFiniteError
+
+SIZES = preset("tiny", deter=32, hidden=16, units=16, stoch=4, classes=4, blocks=2, bins=31)
+B, T, H = 3, 7, 4
+
+
+def _agent(discrete=True, obs_dim=5, action_dim=3):
+    torch.manual_seed(0)
+    return make_agent({"observation": (obs_dim,)}, action_dim, discrete, SIZES)
+
+
+def _batch(obs_dim=5, action_dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    action = F.one_hot(torch.randint(0, action_dim, (B, T), generator=g), action_dim).float()
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    is_first[1, 4] = True
+    is_terminal = torch.zeros(B, T, dtype=torch.bool)
+    is_terminal[1, 3] = True
+    return TensorDict({
+        "observation": torch.randn(B, T, obs_dim, generator=g), "action": action,
+        "reward": torch.randn(B, T, generator=g), "is_first": is_first, "is_terminal": is_terminal,
+    }, [B, T])
+
+
+def _losses(agent):
+    wm = WorldModelLoss(agent.world_model)
+    critic = CriticLoss(agent.critic)
+    actor = ActorLoss(agent.actor)
+    for loss in (critic, actor):
+        loss.make_value_estimator(gamma=0.99, lmbda=0.9)
+    return wm, critic, actor
+
+
+def _snapshot(td):
+    return {k: v.clone() for k, v in td.items(include_nested=True, leaves_only=True)}
+
+
+def test_world_model_loss_contract_and_weights():
+    agent = _agent()
+    wm, _, _ = _losses(agent)
+    batch = _batch()
+    before = _snapshot(batch)
+    loss_td, states = wm(batch)
+    # no mutation of the input
+    assert set(batch.keys()) == set(before) and all(torch.equal(batch[k], v) for k, v in before.items())
+    # the named weights are the ones actually applied (danijar's check)
+    wm2 = WorldModelLoss(agent.world_model, dyn_scale=1.0, rep_scale=1.0)
+    torch.manual_seed(1)
+    l1, _ = wm(batch)
+    torch.manual_seed(1)
+    l2, _ = wm2(batch)
+    assert l1["loss_dyn"].item() == pytest.approx(0.5 * l2["loss_dyn"].item(), rel=1e-5)
+    assert l1["loss_rep"].item() == pytest.approx(0.1 * l2["loss_rep"].item(), rel=1e-5)
+    trainable = {k for k in loss_td.keys() if k.startswith("loss_")}
+    assert trainable == {"loss_reconstruction", "loss_reward", "loss_continue", "loss_dyn", "loss_rep"}
+    assert all(not loss_td[k].requires_grad for k in loss_td.keys() if not k.startswith("loss_"))
+    assert states.batch_size == (B, T) and not states["deter"].requires_grad
+    # set_keys renames what is read
+    renamed = batch.clone().rename_key_("observation", "obs").rename_key_("is_first", "first")
+    wm.set_keys(observation="obs", is_first="first")
+    torch.manual_seed(1)
+    l3, _ = wm(renamed)
+    assert l3["loss_reconstruction"].item() == pytest.approx(l1["loss_reconstruction"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="not an accepted tensordict key"):
+        wm.set_keys(nonsense="x")
+    with pytest.raises(KeyError):
+        wm(batch)  # still looking for "obs"
+
+
+def test_world_model_loss_shape_errors():
+    agent = _agent()
+    wm, _, _ = _losses(agent)
+    batch = _batch()
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        wm(batch.reshape(-1))
+    bad = batch.clone()
+    bad["is_first"] = torch.zeros(B, T, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="is_first"):
+        wm(bad)
+    bad = batch.clone()
+    bad["observation"] = torch.randn(B, T, 4)
+    with pytest.raises(ValueError, match="VectorEncoder expects"):
+        wm(bad)
+
+
+def test_continue_target_and_terminal_row():
+    agent = _agent()
+    wm, _, _ = _losses(agent)
+    batch = _batch()
+    loss_td, states = wm(batch)
+    # continue loss is BCE against 1 - is_terminal: recompute by hand
+    feat = states["feat"]
+    logit = agent.world_model.continue_head(feat)
+    target = 1.0 - batch["is_terminal"].float()
+    naive = F.binary_cross_entropy_with_logits(logit, target)
+    assert loss_td["loss_continue"].item() == pytest.approx(naive.item(), rel=1e-5)
+
+
+def _imagined(agent, critic_loss, n=6, horizon=H):
+    torch.manual_seed(3)
+    rssm = agent.world_model.rssm
+    h = torch.randn(n, rssm.deter)
+    z = F.one_hot(torch.randint(0, rssm.classes, (n, rssm.stoch)), rssm.classes).float()
+    traj = imagine(agent.world_model, agent.actor, h, z, torch.ones(n), horizon)
+    return TensorDict(traj, [n, horizon + 1])
+
+
+def test_imagination_layout_and_no_grad():
+    agent = _agent()
+    traj = _imagined(agent, None)
+    assert traj["feat"].shape == (6, H + 1, agent.world_model.feat_dim)
+    assert traj["action"].shape == (6, H + 1, 3) and (traj["action"][:, -1] == 0).all()
+    assert (traj["reward"][:, 0] == 0).all() and (traj["cont"][:, 0] == 1).all()
+    assert not traj["feat"].requires_grad
+    # module form: starts from [B, T] states, optional subset
+    module = ImaginationModule(agent.world_model, agent.actor, H, start_fraction=0.5)
+    states = TensorDict({"deter": torch.randn(B, T, 32), "stoch": traj["stoch"][:1, 0].expand(B * T, 4, 4).reshape(B, T, 4, 4),
+                         "is_terminal": torch.zeros(B, T, dtype=torch.bool)}, [B, T])
+    out = module(states)
+    assert out.batch_size == (round(B * T * 0.5), H + 1)
+
+
+def test_critic_loss_targets_match_naive_lambda_returns():
+    agent = _agent()
+    _, critic, actor = _losses(agent)
+    traj = _imagined(agent, critic)
+    traj["cont"][2, 2] = 0.0  # a terminal state mid-trajectory
+    before = _snapshot(traj)
+    loss_td, targets = critic(traj)
+    assert all(torch.equal(traj[k], v) for k, v in before.items())  # no mutation
+    value = agent.critic.mean(agent.critic(traj["feat"])).detach()
+    naive = lambda_returns(traj["reward"][:, 1:], traj["cont"][:, 1:], value, discount=0.99, lmbda=0.9)
+    assert torch.allclose(targets["lambda_return"][:, :-1], naive, atol=1e-6)
+    w = targets["weight"]
+    assert w[2, 2] == 0 and w[2, 3] == 0 and w[2, 1] == pytest.approx(0.99)  # nothing past a terminal counts
+    assert torch.allclose(w, imagination_weight(traj["cont"], 0.99))
+    # gradient only into the online critic
+    loss_td["loss_critic"].backward()
+    assert agent.critic.net.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in critic.slow_critic.parameters())
+    assert all(p.grad is None for p in agent.world_model.parameters())
+
+
+def test_lambda_returns_equal_torchrl_td_lambda():
+    from torchrl.objectives.value.functional import td_lambda_return_estimate
+
+    g = torch.Generator().manual_seed(0)
+    n, h = 4, 9
+    reward = torch.randn(n, h, generator=g, dtype=torch.float64)
+    cont = torch.ones(n, h, dtype=torch.float64)
+    cont[0, 4] = 0
+    value = torch.randn(n, h + 1, generator=g, dtype=torch.float64)
+    ours = lambda_returns(reward, cont, value, discount=0.97, lmbda=0.8)
+    # TorchRL convention: reward/next_value/terminated at each transition, last step truncated
+    done = (cont == 0).clone()
+    done[:, -1] = True
+    theirs = td_lambda_return_estimate(0.97, 0.8, value[:, 1:].unsqueeze(-1), reward.unsqueeze(-1),
+                                       done.unsqueeze(-1), terminated=(cont == 0).unsqueeze(-1), time_dim=-2)
+    assert torch.allclose(ours, theirs.squeeze(-1), atol=1e-10)
+
+
+def test_actor_loss_reinforce_uses_normalised_stopgrad_advantage():
+    agent = _agent()
+    _, critic, actor = _losses(agent)
+    traj = _imagined(agent, critic)
+    _, targets = critic(traj)
+    full = traj.clone().update(targets)
+    before = _snapshot(full)
+    out = actor(full)
+    assert all(torch.equal(full[k], v) for k, v in before.items())
+    # naive recomputation
+    dist = agent.actor(full["feat"][:, :-1])
+    logp = dist.log_prob(full["action"][:, :-1])
+    ret, val = full["lambda_return"][:, :-1], full["value"][:, :-1]
+    scale = out["return_scale"]
+    adv = (ret - val) / scale
+    naive = -((logp * adv + 3e-4 * dist.entropy()) * full["weight"][:, :-1]).mean()
+    assert out["loss_actor"].item() == pytest.approx(naive.item(), rel=1e-5, abs=1e-7)
+    out["loss_actor"].backward()
+    assert agent.actor.net.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in agent.critic.parameters())  # stop-gradient advantage
+    assert all(p.grad is None for p in agent.world_model.parameters())  # actor input is detached
+
+
+def test_actor_loss_dynamics_backprop_for_continuous_actions():
+    agent = _agent(discrete=False, action_dim=2)
+    critic = CriticLoss(agent.critic)
+    actor = ActorLoss(agent.actor, actor_grad="dynamics", critic=agent.critic)
+    for loss in (critic, actor):
+        loss.make_value_estimator(gamma=0.99, lmbda=0.9)
+    rssm = agent.world_model.rssm
+    torch.manual_seed(0)
+    h = torch.randn(5, rssm.deter)
+    z = F.one_hot(torch.randint(0, rssm.classes, (5, rssm.stoch)), rssm.classes).float()
+    traj = TensorDict(imagine(agent.world_model, agent.actor, h, z, torch.ones(5), H, grad=True), [5, H + 1])
+    _, targets = critic(traj)
+    out = actor(traj.update(targets))
+    grads = torch.autograd.grad(out["loss_actor"], list(agent.actor.parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    with pytest.raises(ValueError, match="continuous"):
+        ActorLoss(_agent().actor, actor_grad="dynamics", critic=agent.critic)
+
+
+def test_loss_state_dict_round_trip():
+    agent = _agent()
+    _, critic, actor = _losses(agent)
+    traj = _imagined(agent, critic)
+    _, targets = critic(traj)
+    actor(traj.clone().update(targets))  # moves the return normaliser
+    critic.update_slow_critic()
+    agent2 = copy.deepcopy(agent)
+    critic2, actor2 = CriticLoss(agent2.critic), ActorLoss(agent2.actor)
+    critic2.load_state_dict(critic.state_dict())
+    actor2.load_state_dict(actor.state_dict())
+    assert torch.equal(actor2.return_normalizer.high, actor.return_normalizer.high)
+    for p, q in zip(critic2.slow_critic.parameters(), critic.slow_critic.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_slow_critic_is_an_ema():
+    agent = _agent()
+    critic = CriticLoss(agent.critic, slow_fraction=0.25)
+    with torch.no_grad():
+        for p in agent.critic.parameters():
+            p.add_(1.0)
+    old = [p.clone() for p in critic.slow_critic.parameters()]
+    critic.update_slow_critic()
+    for s, o, f in zip(critic.slow_critic.parameters(), old, agent.critic.parameters()):
+        assert torch.allclose(s, 0.75 * o + 0.25 * f)
+
+
+def test_masked_actor_never_samples_masked_action_and_log_probs_are_finite():
+    torch.manual_seed(0)
+    actor = DiscreteActor(8, 6, 16, 1)
+    with torch.no_grad():
+        actor.net.head.weight.mul_(1000)  # near-deterministic policy
+    feat = torch.randn(10_000, 8)
+    mask = torch.rand(10_000, 6) > 0.5
+    mask[:, 0] = True
+    dist = actor(feat, action_mask=mask)
+    a = dist.sample()
+    assert mask[a.bool()].all()
+    assert (dist.probs[~mask] == 0).all()
+    assert torch.isfinite(dist.log_prob(a)).all()
+    ent = dist.entropy()
+    ent.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in actor.parameters())
+
+
+def test_update_guard_stops_before_optimizer_step():
+    agent = _agent()
+    wm, critic, actor = _losses(agent)
+    opt = make_optimizer(agent, warmup_steps=0)
+    update = DreamerUpdate(agent, wm, critic, actor, ImaginationModule(agent.world_model, agent.actor, H), opt)
+    batch = _batch()
+    update(batch)  # a good step
+    params = [p.detach().clone() for p in agent.parameters()]
+    moments = copy.deepcopy(opt.state_dict())
+    bad = batch.clone()
+    bad["reward"][0, 2] = float("nan")
+    with pytest.raises(NonFiniteError, match="loss/reward"):
+        update(bad, iteration=7, run_dir="/tmp/x")
+    assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), params))
+    assert str(opt.state_dict()["state"]) == str(moments["state"])
+
+
+def test_optimizer_is_laprop_with_agc():
+    """TorchRL's DreamerV3Optimizer against a direct transcription of the reference chain:
+    AGC (0.3 of max(||p||, 1e-3) per tensor) -> RMS scaling (0.999, eps 1e-20, debiased) ->
+    momentum 0.9 on the normalised gradient (debiased) -> -lr."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 4))
+    q = p.detach().clone()
+    from torchrl.trainers.algorithms.dreamer_v3 import DreamerV3Optimizer
+
+    opt = DreamerV3Optimizer([p], lr=0.01, warmup_steps=0)
+    nu = torch.zeros_like(q)
+    mu = torch.zeros_like(q)
+    for step in range(1, 6):
+        g = torch.randn(5, 4) * (10.0 if step % 2 else 0.01)
+        p.grad = g.clone()
+        opt.step()
+        limit = 0.3 * q.norm().clamp_min(1e-3)
+        g = g * (limit / torch.maximum(g.norm(), limit))
+        nu = 0.999 * nu + 0.001 * g * g
+        u = g / ((nu / (1 - 0.999**step)).sqrt() + 1e-20)
+        mu = 0.9 * mu + 0.1 * u
+        q = q - 0.01 * mu / (1 - 0.9**step)
+        assert torch.allclose(p.detach(), q, atol=1e-5)

@@ -1,0 +1,114 @@
+"""Smoke runs of the Dreamer recipe (every env YAML), resume, NaN guard, evaluate, config errors."""
+import json
+
+import pytest
+import torch
+
+from recipes import dreamer
+from torchrl_dreamer.checkpoint import load_checkpoint
+from torchrl_dreamer.config import ConfigError
+from torchrl_dreamer.guards import NonFiniteError
+
+TINY = [
+    "model.size=tiny", "model.deter=32", "model.hidden=16", "model.units=16", "model.stoch=4", "model.classes=4",
+    "model.blocks=2", "model.cnn_depth=4", "replay.batch_size=2", "replay.seq_len=8", "replay.train_ratio=16",
+    "replay.prefill=40", "env.num_envs=2", "train.steps_per_collect=8", "eval.episodes=2", "run.progress=false",
+    "run.tensorboard=false", "run.log_every=16", "ac.horizon=3", "threads=1", "optim.warmup_steps=0",
+]
+
+
+def _records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("env_name", ["cartpole", "cartpole_pixels", "lunarlander", "pendulum"])
+def test_smoke_every_env_yaml(env_name, tmp_runs):
+    run_dir = dreamer.main(["--env", env_name, *TINY, f"run.root={tmp_runs}", "train.env_steps=96",
+                            "eval.every=64", "env.max_episode_steps=30"])
+    records = _records(run_dir)
+    last = records[-1]
+    assert last["train/env_steps"] >= 96 and last["train/updates"] > 0
+    assert "eval/episode_reward_sum" in last and "loss/world_model" in last
+    assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "curves.png").is_file()
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_custom_factory_env_and_terminal_rows(tmp_runs):
+    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+                            "env.factory=scripted_env:make_counting_env", "eval.every=0"])
+    state = load_checkpoint(run_dir)
+    storage = state["replay"]["_storage"]["_storage"]
+    n = int(state["replay"]["_storage"]["_len"]) if "_len" in state["replay"]["_storage"] else None
+    is_last = storage["is_last"][:n] if n else storage["is_last"]
+    obs = storage["observation"][:n] if n else storage["observation"]
+    # every episode of the counting env ends at t = 8: the final row is stored with its observation
+    assert is_last.any()
+    assert torch.allclose(obs[is_last][:, 0], torch.ones(int(is_last.sum())))
+    assert storage["is_terminal"][is_last.nonzero().squeeze(-1)].all()
+    assert _records(run_dir)[-1]["train/episode_reward_sum"] == 8.0
+
+
+def test_resume_continues_counters_parameters_and_replay(tmp_runs):
+    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+            "eval.every=0", "run.checkpoint_every=64"]
+    run_dir = dreamer.main([*args, "train.env_steps=64"])
+    first = load_checkpoint(run_dir)
+    assert first["env_steps"] == 64 and first["updates"] > 0
+    dreamer.main(["--resume", str(run_dir), "train.env_steps=128"])
+    second = load_checkpoint(run_dir)
+    assert second["env_steps"] == 128 and second["updates"] > first["updates"]
+    # parameters continued from the checkpoint (not re-initialised): the optimizer step count grew
+    steps = [g["step"] for g in second["optimizer"]["param_groups"]]
+    assert all(s == second["updates"] for s in steps)
+    assert second["replay"]["_storage"]["_storage"]["observation"].shape[0] >= 128
+    # streams after the resume are new ones: no replay window joins the old and new episodes
+    streams = second["replay"]["_storage"]["_storage"]["stream"]
+    assert int(streams.max()) >= 2
+    records = _records(run_dir)
+    assert records[-1]["train/env_steps"] == 128
+
+
+def test_resume_restores_exact_parameters(tmp_runs):
+    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+            "eval.every=0", "train.env_steps=48"]
+    run_dir = dreamer.main(args)
+    saved = load_checkpoint(run_dir)
+    # resume for 32 more env steps with a train ratio too small to owe an update: whatever the
+    # resumed run holds must be exactly what was saved
+    dreamer.main(["--resume", str(run_dir), "train.env_steps=80", "replay.train_ratio=0.001"])
+    again = load_checkpoint(run_dir)
+    assert again["env_steps"] == 80 and again["updates"] == saved["updates"]
+    for name, value in saved["agent"].items():
+        assert torch.equal(value, again["agent"][name]), name
+    assert str(again["optimizer"]["state"]) == str(saved["optimizer"]["state"])
+
+
+def test_nan_observation_stops_with_message_and_keeps_checkpoint(tmp_runs):
+    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+            "env.kwargs={nan_obs_at_call: 40}", "eval.every=0", "run.checkpoint_every=16", "train.env_steps=200"]
+    with pytest.raises(NonFiniteError, match="non-finite values in 'next/observation'.*last good checkpoint") as info:
+        dreamer.main(args)
+    run_dir = info.value.run_dir
+    state = load_checkpoint(run_dir)
+    assert state["env_steps"] < 96  # written before the NaN batch, untouched by it
+    assert all(torch.isfinite(v).all() for v in state["agent"].values() if v.is_floating_point())
+
+
+def test_evaluate_entry_point(tmp_runs, capsys):
+    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=48", "eval.every=0"])
+    dreamer.main(["--evaluate", str(run_dir), "eval.episodes=2"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["eval/episodes"] == 2 and out["eval/episode_reward_sum"] > 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.size=huge", "model.size must be one of"),
+    ("env.name=NoSuchEnv-v0", "unknown Gymnasium env id"),
+    ("ac.start_fraction=0", "ac.start_fraction"),
+    ("replay.learning_rate=1", "unknown config key 'replay.learning_rate'"),
+    ("replay.batch_size=abc", "wrong type"),
+])
+def test_config_errors_before_any_work(override, message, tmp_runs):
+    with pytest.raises(ConfigError, match=message):
+        dreamer.main(["--env", "cartpole", f"run.root={tmp_runs}", override])
+    assert not tmp_runs.exists()

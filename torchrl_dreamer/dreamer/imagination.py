@@ -1,0 +1,166 @@
+"""Imagination: roll the actor through the prior for H steps from posterior states.
+
+The inner loop (:func:`imagine`) runs on plain tensors; :class:`ImaginationModule` is the TensorDict
+boundary the training step uses (``deter``/``stoch``/``is_terminal`` in, a ``[N, H+1]`` trajectory
+out). Reward and continue heads run once on all imagined states after the loop, not per step.
+
+Trajectory layout (``[N, H+1]``, index t = imagined state s_t, s_0 = the posterior start state):
+
+| key | meaning |
+|---|---|
+| ``deter``, ``stoch``, ``feat`` | state s_t (``feat = [deter, flatten(stoch)]``) |
+| ``action`` | a_t sampled at s_t (zeros at t = H: no action is taken there) |
+| ``log_prob``, ``entropy`` | of a_t under the policy at rollout time (no gradient; diagnostics) |
+| ``reward`` | r_t predicted for arriving at s_t (0 at t = 0, unused) |
+| ``cont`` | continue flag of s_t: the data's ``1 - is_terminal`` at t = 0, the continue head's mode after |
+| extra actor inputs | whatever :class:`ImaginationHooks` provide, e.g. ``action_mask`` |
+
+Environment knowledge that need not be learned (SEEDS_DIGEST 1.2: for routing, the visited set is
+a deterministic function of the actions) enters through :class:`ImaginationHooks`: exact action
+masks, known rewards and known termination, updated from each imagined action.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import nn
+
+from .world_model import WorldModel
+
+__all__ = ["ImaginationHooks", "imagine", "ImaginationModule"]
+
+
+class ImaginationHooks:
+    """Deterministic env logic carried through imagination (default: none).
+
+    Subclasses keep an ``aux`` state per imagined trajectory (any pytree of ``[N, ...]`` tensors),
+    e.g. the visited set of a routing problem.
+    """
+
+    def start(self, start: TensorDictBase) -> Any:
+        """aux state at the start states (``start`` holds the replayed rows, flattened to ``[N]``)."""
+        return None
+
+    def actor_inputs(self, aux: Any) -> dict[str, torch.Tensor]:
+        """Extra keyword inputs of the actor at this state, e.g. ``{"action_mask": [N, A]}``."""
+        return {}
+
+    def step(self, aux: Any, action: torch.Tensor) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
+        """Advance ``aux`` with ``action [N, A]``. Returns ``(aux, known_reward [N] or None,
+        known_terminal [N] bool or None)``; ``None`` means "use the world model's head"."""
+        return aux, None, None
+
+    def actor_context(self, start: TensorDictBase) -> dict[str, torch.Tensor]:
+        """Per-trajectory constant actor inputs (e.g. encoded node embeddings); default none."""
+        return {}
+
+
+def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
+            start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
+            context: dict[str, torch.Tensor] | None = None, grad: bool = False) -> dict[str, torch.Tensor]:
+    """Rolls ``actor`` through the prior of ``world_model`` for ``horizon`` steps.
+
+    Args:
+        deter, stoch: start states ``[N, D]``, ``[N, G, C]`` (detached by the caller).
+        start_cont: ``[N]`` continue flag of the start states (``1 - is_terminal``).
+        hooks, aux: exact env logic and its state at the starts (see :class:`ImaginationHooks`).
+        context: constant actor inputs per trajectory (passed to the actor every step).
+        grad: keep the graph through the dynamics (actor gradients by backprop, continuous
+            actions); otherwise everything runs under ``no_grad`` and the losses recompute what
+            needs gradients from the stored features.
+
+    Returns the ``[N, H+1]`` trajectory described in the module docstring.
+    """
+    rssm = world_model.rssm
+    hooks = hooks or ImaginationHooks()
+    context = context or {}
+    with torch.set_grad_enabled(grad):
+        feats, deters, stochs, actions, log_probs, entropies = [], [deter], [stoch], [], [], []
+        extras: dict[str, list[torch.Tensor]] = {}
+        known_rewards, known_terms = [], []
+        h, z = deter, stoch
+        feat = rssm.features(h, z)
+        feats.append(feat)
+        for _ in range(horizon):
+            inputs = hooks.actor_inputs(aux)
+            for k, v in inputs.items():
+                extras.setdefault(k, []).append(v)
+            dist = actor(feat.detach() if not grad else feat, **inputs, **context)
+            action = dist.rsample() if grad else dist.sample()
+            actions.append(action)
+            log_probs.append(dist.log_prob(action.detach()))
+            entropies.append(dist.entropy())
+            aux, k_rew, k_term = hooks.step(aux, action)
+            known_rewards.append(k_rew)
+            known_terms.append(k_term)
+            h = rssm.img_step(h, z, action)
+            z = rssm.sample(rssm.prior_logits(h))
+            feat = rssm.features(h, z)
+            deters.append(h)
+            stochs.append(z)
+            feats.append(feat)
+        # the actor's inputs at the last state (not acted on, kept for a uniform [N, H+1] layout)
+        for k, v in hooks.actor_inputs(aux).items():
+            extras.setdefault(k, []).append(v)
+        feat_all = torch.stack(feats, 1)
+        future = feat_all[:, 1:]
+        reward = world_model.reward_head.mean(world_model.reward_head(future))
+        cont = (world_model.continue_head(future) > 0).to(feat_all.dtype)  # mode of the Bernoulli
+        if any(r is not None for r in known_rewards):
+            reward = torch.stack([r if r is not None else reward[:, i] for i, r in enumerate(known_rewards)], 1)
+        if any(t is not None for t in known_terms):
+            cont = torch.stack([(~t).to(cont.dtype) if t is not None else cont[:, i]
+                                for i, t in enumerate(known_terms)], 1)
+        n = deter.shape[0]
+        zeros = torch.zeros(n, 1, dtype=feat_all.dtype, device=feat_all.device)
+        action_all = torch.stack(actions, 1)
+        out = {
+            "deter": torch.stack(deters, 1),
+            "stoch": torch.stack(stochs, 1),
+            "feat": feat_all,
+            "action": torch.cat([action_all, torch.zeros_like(action_all[:, :1])], 1),
+            "log_prob": torch.cat([torch.stack(log_probs, 1), zeros], 1).detach(),
+            "entropy": torch.cat([torch.stack(entropies, 1), zeros], 1).detach(),
+            "reward": torch.cat([zeros, reward], 1),
+            "cont": torch.cat([start_cont.reshape(n, 1).to(feat_all.dtype), cont], 1),
+        }
+        for k, v in extras.items():
+            out[k] = torch.stack(v, 1)
+    return out
+
+
+class ImaginationModule(TensorDictModuleBase):
+    """TensorDict boundary of :func:`imagine`.
+
+    Reads ``deter [*B, D]``, ``stoch [*B, G, C]`` and ``is_terminal [*B]`` (any batch shape, e.g. the
+    ``[B, T]`` posterior states of a replayed slice, flattened to ``N`` starts) and returns a new
+    TensorDict ``[N, H+1]`` with the trajectory (see the module docstring). ``start_fraction < 1``
+    imagines from a random subset of the starts (a CPU budget knob; DreamerV3 uses all).
+    """
+
+    def __init__(self, world_model: WorldModel, actor: nn.Module, horizon: int = 15, *,
+                 hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False) -> None:
+        super().__init__()
+        if horizon < 1:
+            raise ValueError(f"imagination horizon must be >= 1, got {horizon}")
+        if not 0 < start_fraction <= 1:
+            raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction}")
+        self.world_model, self.actor = world_model, actor
+        self.horizon, self.hooks, self.start_fraction, self.grad = horizon, hooks, start_fraction, grad
+        self.in_keys = ["deter", "stoch", "is_terminal"]
+        self.out_keys = ["deter", "stoch", "feat", "action", "log_prob", "entropy", "reward", "cont"]
+
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        start = tensordict.reshape(-1)
+        if self.start_fraction < 1.0:
+            n = max(1, int(round(start.shape[0] * self.start_fraction)))
+            start = start[torch.randperm(start.shape[0], device=start.device)[:n]]
+        deter, stoch = start["deter"].detach(), start["stoch"].detach()
+        start_cont = 1.0 - start["is_terminal"].to(deter.dtype)
+        hooks = self.hooks or ImaginationHooks()
+        out = imagine(self.world_model, self.actor, deter, stoch, start_cont, self.horizon, hooks=hooks,
+                      aux=hooks.start(start), context=hooks.actor_context(start), grad=self.grad)
+        return TensorDict(out, batch_size=[deter.shape[0], self.horizon + 1], device=deter.device)

@@ -1,0 +1,390 @@
+"""DreamerV3 losses as TorchRL ``LossModule``s.
+
+* :class:`WorldModelLoss`: reconstruction (symlog MSE / pixel MSE), reward (two-hot), continue
+  (Bernoulli) and the balanced KL with free bits (``dyn`` 0.5, ``rep`` 0.1, 1 nat on the KL summed
+  over latents per (batch, time); ``free_bits_grad`` ``"clip"`` as in the paper or
+  ``"straight_through"``). Returns ``(loss_td, states_td)``: the losses and the detached posterior
+  states that imagination starts from.
+* :class:`CriticLoss`: two-hot regression of the critic on lambda-returns of the imagined
+  trajectory, plus the slow-critic regulariser (the slow critic is an EMA copy, fraction 0.02 per
+  update) and an optional replay-value loss. Returns ``(loss_td, targets_td)`` with
+  ``value``/``lambda_return``/``weight`` for the actor loss.
+* :class:`ActorLoss`: REINFORCE with the stop-gradient advantage divided by
+  ``max(1, EMA of P95 - P5 of the lambda-returns)`` plus entropy 3e-4 (``actor_grad="reinforce"``),
+  or backpropagation of the normalised return through the dynamics (``"dynamics"``, continuous
+  actions).
+
+Discount and lambda are set with ``make_value_estimator(ValueEstimators.TDLambda, gamma=...,
+lmbda=...)`` (defaults 0.997 and 0.95): lambda-returns use r_{t+1}, c_{t+1} and V(s_{t+1})
+(:func:`~torchrl_dreamer.dreamer.functional.lambda_returns`, tested against a naive loop and
+against TorchRL's ``td_lambda_return_estimate``).
+
+Every loss reads its inputs through ``self.tensor_keys`` (rename them with ``set_keys``), never
+writes into its input, and returns trainable entries named ``loss_*`` plus detached diagnostics.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.objectives import LossModule, ValueEstimators
+
+from .functional import ReturnNormalizer, kl_loss, lambda_returns
+from .nets import TwoHotHead
+from .world_model import WorldModel
+
+__all__ = ["LambdaReturn", "WorldModelLoss", "CriticLoss", "ActorLoss", "imagination_weight"]
+
+
+class LambdaReturn:
+    """The value estimator of the Dreamer losses: ``R_t = r_{t+1} + gamma c_{t+1} ((1 - lmbda)
+    V_{t+1} + lmbda R_{t+1})``, ``R_H = V_H``, on ``[N, H+1]`` imagined trajectories."""
+
+    def __init__(self, gamma: float = 0.997, lmbda: float = 0.95) -> None:
+        if not 0 < gamma <= 1 or not 0 <= lmbda <= 1:
+            raise ValueError(f"need 0 < gamma <= 1 and 0 <= lmbda <= 1; got {gamma}, {lmbda}")
+        self.gamma, self.lmbda = float(gamma), float(lmbda)
+
+    def __call__(self, reward: torch.Tensor, cont: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``reward``, ``cont``, ``value``: ``[N, H+1]`` (index 0 of reward unused) -> ``[N, H]``."""
+        return lambda_returns(reward[:, 1:], cont[:, 1:], value, discount=self.gamma, lmbda=self.lmbda)
+
+
+def imagination_weight(cont: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``[N, H+1]`` loss weights: the discounted probability that s_t is reached and not past a
+    terminal state, ``cont_0 * prod_{k=1..t} gamma * cont_k`` (DreamerV3's ``cumprod(disc * cont) / disc``)."""
+    return torch.cumprod(gamma * cont, 1) / gamma
+
+
+def _require(td: TensorDictBase, key: NestedKey, loss: str) -> torch.Tensor:
+    value = td.get(key, None)
+    if value is None:
+        raise KeyError(f"{loss} needs '{key}' in its input (rename with set_keys); got keys {list(td.keys(True, True))}")
+    return value
+
+
+class _DreamerLoss(LossModule):
+    default_value_estimator = ValueEstimators.TDLambda
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:
+        pass  # the estimator works on tensors, not keys
+
+    def make_value_estimator(self, value_type: ValueEstimators | None = None, **hyperparams):
+        """Only ``ValueEstimators.TDLambda`` (lambda-returns); ``gamma`` and ``lmbda`` keywords."""
+        value_type = value_type or self.default_value_estimator
+        if value_type is not ValueEstimators.TDLambda:
+            raise NotImplementedError(f"Dreamer losses use lambda-returns (ValueEstimators.TDLambda), got {value_type}")
+        self.value_type = value_type
+        self._value_estimator = LambdaReturn(**{"gamma": 0.997, "lmbda": 0.95, **hyperparams})
+        return self
+
+    @property
+    def value_estimator(self) -> LambdaReturn:
+        if self._value_estimator is None:
+            self.make_value_estimator()
+        return self._value_estimator
+
+    @value_estimator.setter
+    def value_estimator(self, value) -> None:
+        self._value_estimator = value
+
+
+class WorldModelLoss(_DreamerLoss):
+    """World-model loss on replayed ``[B, T]`` slices (layout in :mod:`.world_model`).
+
+    Args:
+        world_model: the :class:`WorldModel`.
+        dyn_scale, rep_scale: KL balancing weights (paper: 0.5 and 0.1).
+        free_bits: nats, on the KL summed over latents per (batch, time).
+        free_bits_grad: ``"clip"`` (paper: no gradient below the threshold, on purpose) or
+            ``"straight_through"`` (value clipped, raw KL gradient kept).
+        reconstruction_scale, reward_scale, continue_scale: weights of the other terms (1.0).
+
+    ``forward(td)`` returns ``(loss_td, states_td)``: ``loss_td`` holds ``loss_reconstruction``,
+    ``loss_reward``, ``loss_continue``, ``loss_dyn``, ``loss_rep`` (already weighted; their sum is
+    the world-model loss) and detached diagnostics; ``states_td`` (``[B, T]``) holds the detached
+    ``deter``, ``stoch``, ``feat`` and the ``is_terminal``/``reward`` rows for imagination.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Input keys. ``observation``/``pixels`` name the vector and image observations; other
+        observation names of the world model are read under their own name.
+
+        action: one-hot or continuous action taken at each row ``[B, T, A]``.
+        reward: reward received on arriving at the row ``[B, T]`` (or ``[B, T, 1]``).
+        is_first / is_terminal: episode start / terminal state flags ``[B, T]`` (or ``[B, T, 1]``).
+        """
+
+        observation: NestedKey = "observation"
+        pixels: NestedKey = "pixels"
+        action: NestedKey = "action"
+        reward: NestedKey = "reward"
+        is_first: NestedKey = "is_first"
+        is_terminal: NestedKey = "is_terminal"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def __init__(self, world_model: WorldModel, *, dyn_scale: float = 0.5, rep_scale: float = 0.1,
+                 free_bits: float = 1.0, free_bits_grad: Literal["clip", "straight_through"] = "clip",
+                 reconstruction_scale: float = 1.0, reward_scale: float = 1.0, continue_scale: float = 1.0) -> None:
+        super().__init__()
+        if free_bits_grad not in ("clip", "straight_through"):
+            raise ValueError(f"free_bits_grad must be 'clip' or 'straight_through', got '{free_bits_grad}'")
+        self.world_model = world_model
+        self.dyn_scale, self.rep_scale, self.free_bits = float(dyn_scale), float(rep_scale), float(free_bits)
+        self.free_bits_grad = free_bits_grad
+        self.reconstruction_scale = float(reconstruction_scale)
+        self.reward_scale, self.continue_scale = float(reward_scale), float(continue_scale)
+
+    def _obs_key(self, name: str) -> NestedKey:
+        return getattr(self.tensor_keys, name) if name in ("observation", "pixels") else name
+
+    @property
+    def in_keys(self) -> list[NestedKey]:
+        k = self.tensor_keys
+        return [*(self._obs_key(n) for n in self.world_model.obs_names), k.action, k.reward, k.is_first, k.is_terminal]
+
+    @staticmethod
+    def _flag(td: TensorDictBase, key: NestedKey, shape: torch.Size) -> torch.Tensor:
+        value = _require(td, key, "WorldModelLoss")
+        if value.shape != shape:
+            if value.shape == (*shape, 1):
+                value = value.squeeze(-1)
+            else:
+                raise ValueError(f"'{key}' must be {tuple(shape)} or {tuple(shape)}+(1,), got {tuple(value.shape)}")
+        return value
+
+    def forward(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
+        if tensordict.batch_dims != 2:
+            raise ValueError(f"WorldModelLoss expects a [B, T] tensordict, got batch size {tuple(tensordict.batch_size)}")
+        k = self.tensor_keys
+        bt = tensordict.batch_size
+        wm = self.world_model
+        obs = {n: _require(tensordict, self._obs_key(n), "WorldModelLoss") for n in wm.obs_names}
+        action = _require(tensordict, k.action, "WorldModelLoss")
+        if action.shape[:2] != bt or action.ndim != 3:
+            raise ValueError(f"'{k.action}' must be [B, T, A] = {tuple(bt)} + (A,), got {tuple(action.shape)}")
+        action = action.to(wm.rssm.init_deter.dtype)
+        reward = self._flag(tensordict, k.reward, bt).to(action.dtype)
+        is_first = self._flag(tensordict, k.is_first, bt).bool()
+        is_terminal = self._flag(tensordict, k.is_terminal, bt).bool()
+
+        out = wm.observe(obs, action, is_first)
+        feat = out["feat"]
+        recon = wm.reconstruction_losses(feat, obs)
+        reward_logits = wm.reward_head(feat)
+        loss_reward = wm.reward_head.loss(reward_logits, reward)
+        cont_target = (~is_terminal).to(feat.dtype)
+        cont_logit = wm.continue_head(feat)
+        loss_continue = wm.continue_head.loss(cont_logit, cont_target)
+        kl = kl_loss(out["posterior_logits"], out["prior_logits"], dyn_scale=self.dyn_scale, rep_scale=self.rep_scale,
+                     free_bits=self.free_bits, free_bits_grad=self.free_bits_grad)
+        loss_reconstruction = sum(v.mean() for v in recon.values())
+
+        with torch.no_grad():
+            post_p = out["posterior_logits"].exp()
+            prior_p = out["prior_logits"].exp()
+            diag = {
+                "kl_raw": kl["kl_raw"],
+                "posterior_entropy": -(post_p * out["posterior_logits"]).sum((-2, -1)).mean(),
+                "prior_entropy": -(prior_p * out["prior_logits"]).sum((-2, -1)).mean(),
+                "reward_pred_mean": wm.reward_head.mean(reward_logits).mean(),
+                "continue_accuracy": ((cont_logit > 0).to(feat.dtype) == cont_target).float().mean(),
+                **{f"reconstruction_{n}": v.mean() for n, v in recon.items()},
+            }
+        loss_td = TensorDict({
+            "loss_reconstruction": self.reconstruction_scale * loss_reconstruction,
+            "loss_reward": self.reward_scale * loss_reward.mean(),
+            "loss_continue": self.continue_scale * loss_continue.mean(),
+            "loss_dyn": self.dyn_scale * kl["dyn"],
+            "loss_rep": self.rep_scale * kl["rep"],
+            **{name: value.detach() for name, value in diag.items()},
+        }, batch_size=[])
+        states_td = TensorDict({
+            "deter": out["deter"].detach(), "stoch": out["stoch"].detach(), "feat": feat.detach(),
+            "is_terminal": is_terminal, "is_first": is_first, "reward": reward,
+        }, batch_size=bt, device=feat.device)
+        return loss_td, states_td
+
+
+class CriticLoss(_DreamerLoss):
+    """Two-hot critic on lambda-returns of imagined trajectories, with a slow EMA critic.
+
+    Args:
+        critic: :class:`TwoHotHead` ``feat -> value logits``.
+        slow_fraction: EMA fraction of :meth:`update_slow_critic` (paper 0.02, every update).
+        slow_reg_scale: weight of the two-hot loss towards the slow critic's prediction (1.0).
+        replay_scale: weight of the optional replay-value loss (:meth:`replay_loss`; 0 = off).
+
+    ``forward(traj)`` (``[N, H+1]``: ``feat``, ``reward``, ``cont``) returns ``(loss_td,
+    targets_td)`` with ``loss_critic`` and ``targets_td`` = ``value [N, H+1]`` (online critic,
+    detached), ``lambda_return [N, H]`` and ``weight [N, H+1]`` for :class:`ActorLoss`.
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """feat: imagined features ``[N, H+1, F]``; reward: predicted r_t ``[N, H+1]``;
+        cont: continue flags ``[N, H+1]``."""
+
+        feat: NestedKey = "feat"
+        reward: NestedKey = "reward"
+        cont: NestedKey = "cont"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def __init__(self, critic: TwoHotHead, *, slow_fraction: float = 0.02, slow_reg_scale: float = 1.0,
+                 replay_scale: float = 0.0) -> None:
+        super().__init__()
+        self.critic = critic
+        self.slow_critic = copy.deepcopy(critic).requires_grad_(False)
+        self.slow_fraction, self.slow_reg_scale = float(slow_fraction), float(slow_reg_scale)
+        self.replay_scale = float(replay_scale)
+
+    @torch.no_grad()
+    def update_slow_critic(self) -> None:
+        """``slow <- (1 - fraction) * slow + fraction * critic`` (call after each optimizer step)."""
+        for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+            slow.lerp_(fast, self.slow_fraction)
+
+    def forward(self, traj: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
+        k = self.tensor_keys
+        feat = _require(traj, k.feat, "CriticLoss").detach()
+        reward, cont = _require(traj, k.reward, "CriticLoss").detach(), _require(traj, k.cont, "CriticLoss").detach()
+        logits = self.critic(feat)  # [N, H+1, bins]
+        value = self.critic.mean(logits).detach()
+        estimator = self.value_estimator
+        ret = estimator(reward, cont, value)  # [N, H]
+        weight = imagination_weight(cont, estimator.gamma)
+        with torch.no_grad():
+            slow_value = self.slow_critic.mean(self.slow_critic(feat[:, :-1]))
+        head = logits[:, :-1]
+        per_step = self.critic.loss(head, ret) + self.slow_reg_scale * self.critic.loss(head, slow_value)
+        loss_critic = (per_step * weight[:, :-1]).mean()
+        loss_td = TensorDict({
+            "loss_critic": loss_critic,
+            "value_min": value.min(), "value_max": value.max(), "value_mean": value.mean(),
+            "lambda_return_min": ret.min(), "lambda_return_max": ret.max(), "lambda_return_mean": ret.mean(),
+            "imagined_reward_mean": reward[:, 1:].mean(), "imagined_cont_mean": cont[:, 1:].mean(),
+        }, batch_size=[])
+        targets_td = TensorDict({"value": value, "weight": weight}, batch_size=traj.batch_size, device=feat.device)
+        targets_td["lambda_return"] = torch.cat([ret, value[:, -1:]], 1)  # padded to [N, H+1] (R_H = V_H)
+        return loss_td, targets_td
+
+    def replay_loss(self, states: TensorDictBase, imagined_return: torch.Tensor) -> torch.Tensor:
+        """Optional replay-value loss (DreamerV3 2024): lambda-returns along the *replayed* slice
+        ``[B, T]`` with the data's rewards and terminals, bootstrapped from the imagined return of
+        each state (``imagined_return [B, T]``), regress the critic at the replayed states.
+        Episode boundaries are respected: a return never bootstraps across an ``is_first`` row.
+        Returns the weighted loss (``replay_scale`` applied)."""
+        feat = states["feat"].detach()
+        reward = states["reward"].to(feat.dtype)
+        cont = (~states["is_terminal"]).to(feat.dtype)
+        boot = imagined_return.detach()
+        # row t+1 starts a new episode: R_t = boot_t (no reward or value from the next episode)
+        next_first = states["is_first"][:, 1:]
+        reward_next = torch.where(next_first, torch.zeros_like(reward[:, 1:]), reward[:, 1:])
+        cont_next = torch.where(next_first, torch.zeros_like(cont[:, 1:]), cont[:, 1:])
+        est = self.value_estimator
+        ret = lambda_returns(reward_next, cont_next, boot, discount=est.gamma, lmbda=est.lmbda)
+        ret = torch.where(next_first, boot[:, :-1], ret)
+        valid = cont[:, :-1]  # terminal rows have no future to regress on
+        logits = self.critic(feat[:, :-1])
+        return self.replay_scale * (self.critic.loss(logits, ret) * valid).mean()
+
+
+class ActorLoss(_DreamerLoss):
+    """Actor loss on imagined trajectories.
+
+    Args:
+        actor: :class:`~.nets.DiscreteActor` / :class:`~.nets.ContinuousActor` (or any module
+            ``actor(feat, **actor_inputs) -> dist`` with ``log_prob``/``entropy``).
+        entropy_coef: entropy bonus (paper 3e-4).
+        actor_grad: ``"reinforce"`` (score function, stop-gradient advantage; any action space) or
+            ``"dynamics"`` (backprop of the normalised return through the imagined dynamics;
+            continuous actions, needs the trajectory imagined with ``grad=True`` and ``critic``).
+        critic: the critic head, only for ``actor_grad="dynamics"``.
+        return_decay, return_low_q, return_high_q: return normalisation (EMA 0.99, P5, P95).
+        actor_input_keys: extra trajectory entries passed to the actor by name (e.g.
+            ``("action_mask",)``), as imagination recorded them.
+
+    ``forward(traj)`` needs ``feat``, ``action`` and, from :class:`CriticLoss`, ``value``,
+    ``lambda_return`` and ``weight`` (``[N, H+1]``). Returns ``loss_actor`` and diagnostics
+    (``entropy``, ``return_scale``, ``advantage_*``, ``log_prob_min``).
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """feat / action: imagined ``[N, H+1, .]``; value / lambda_return / weight: ``[N, H+1]``."""
+
+        feat: NestedKey = "feat"
+        action: NestedKey = "action"
+        value: NestedKey = "value"
+        lambda_return: NestedKey = "lambda_return"
+        weight: NestedKey = "weight"
+        reward: NestedKey = "reward"
+        cont: NestedKey = "cont"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def __init__(self, actor: nn.Module, *, entropy_coef: float = 3e-4,
+                 actor_grad: Literal["reinforce", "dynamics"] = "reinforce", critic: TwoHotHead | None = None,
+                 return_decay: float = 0.99, return_low_q: float = 0.05, return_high_q: float = 0.95,
+                 actor_input_keys: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        if actor_grad not in ("reinforce", "dynamics"):
+            raise ValueError(f"actor_grad must be 'reinforce' or 'dynamics', got '{actor_grad}'")
+        if actor_grad == "dynamics":
+            if getattr(actor, "discrete", False):
+                raise ValueError("actor_grad='dynamics' needs continuous actions; use 'reinforce' for discrete ones")
+            if critic is None:
+                raise ValueError("actor_grad='dynamics' needs the critic to bootstrap the returns")
+        self.actor = actor
+        self.entropy_coef = float(entropy_coef)
+        self.actor_grad = actor_grad
+        # not a submodule: the critic belongs to the CriticLoss and must not be trained from here
+        self._critic = [critic]
+        self.return_normalizer = ReturnNormalizer(return_decay, return_low_q, return_high_q)
+        self.actor_input_keys = tuple(actor_input_keys)
+
+    def forward(self, traj: TensorDictBase) -> TensorDictBase:
+        k = self.tensor_keys
+        weight = _require(traj, k.weight, "ActorLoss").detach()[:, :-1]
+        feat = _require(traj, k.feat, "ActorLoss")
+        inputs = {name: traj.get(name)[:, :-1] for name in self.actor_input_keys}
+        dist = self.actor(feat[:, :-1].detach(), **inputs)
+        action = traj.get(k.action)[:, :-1]
+        entropy = dist.entropy()
+        if self.actor_grad == "reinforce":
+            ret = traj.get(k.lambda_return)[:, :-1].detach()
+            value = traj.get(k.value)[:, :-1].detach()
+            scale = self.return_normalizer.update(ret) if self.training else self.return_normalizer.scale
+            advantage = (ret - value) / scale
+            log_prob = dist.log_prob(action.detach())
+            objective = log_prob * advantage.detach()
+        else:
+            critic = self._critic[0]
+            value_all = critic.mean(critic(feat))  # gradient flows into feat, not used for critic params
+            ret = self.value_estimator(traj.get(k.reward), traj.get(k.cont).detach(), value_all)
+            scale = self.return_normalizer.update(ret) if self.training else self.return_normalizer.scale
+            advantage = ret / scale
+            objective = advantage
+            log_prob = dist.log_prob(action.detach())
+        loss_actor = -((objective + self.entropy_coef * entropy) * weight).mean()
+        with torch.no_grad():
+            diag = {
+                "entropy": entropy.mean(),
+                "return_scale": scale.detach().clone() if torch.is_tensor(scale) else torch.tensor(float(scale)),
+                "advantage_mean": advantage.detach().mean(),
+                "advantage_std": advantage.detach().std(),
+                "log_prob_min": log_prob.detach().min(),
+            }
+        return TensorDict({"loss_actor": loss_actor, **diag}, batch_size=[])

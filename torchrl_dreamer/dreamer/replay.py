@@ -1,0 +1,116 @@
+"""Replay for DreamerV3: collected transitions -> one row per env state -> fixed-length slices.
+
+TorchRL collectors return *transitions* (x_t, a_t, next: r_{t+1}, x_{t+1}, done). Dreamer trains on
+*states* (x_t, a_t, r_t, is_first, is_terminal; layout in :mod:`.world_model`), which differ in
+one place that matters: the last observation of an episode (terminal or truncated) exists only
+under ``("next", ...)`` and would otherwise never be seen by the world model, so the continue
+head could not learn termination. :class:`SequenceWriter` converts a ``[E, T]`` batch into rows,
+adding that final row after every ``done`` (vectorised, no Python loop over steps).
+
+Each env is one *stream* of rows (episodes one after another, ``is_first`` at each start).
+Rows carry ``stream`` (env id) and ``step`` (position in the stream), and
+:func:`make_replay_buffer` samples fixed-length windows with TorchRL's ``SliceSampler`` in
+``fragmented`` mode, which rebuilds each stream from ``(stream, step)`` however the rows of several
+envs interleave in storage. A window may cross an episode boundary; the ``is_first`` marker on
+the new episode's first row makes the world model reset there (DreamerV3 samples its replay the
+same way), so no padding is needed and no step is wasted. A window never spans a gap in a
+stream (e.g. rows overwritten by the ring buffer).
+"""
+from __future__ import annotations
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyTensorStorage, ReplayBuffer, SliceSampler
+
+__all__ = ["SequenceWriter", "make_replay_buffer", "ROW_KEYS"]
+
+ROW_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "stream", "step")
+
+
+class SequenceWriter:
+    """Turns collector batches into Dreamer rows, carrying per-env state across batches.
+
+    Args:
+        obs_keys: ``{row name: env key}`` of the observations to store.
+        action_transform: env action -> actor units (one-hot float, or ``[-1, 1]``).
+        num_envs: envs in the collector batch (the batch is ``[num_envs, T]`` or ``[T]`` for one).
+        stream_offset: added to the env index to form the ``stream`` id.
+    """
+
+    def __init__(self, obs_keys: dict[str, object], action_transform, num_envs: int, stream_offset: int = 0) -> None:
+        self.obs_keys = dict(obs_keys)
+        self.action_transform = action_transform
+        self.num_envs = num_envs
+        self.stream_offset = stream_offset
+        self.carry_reward = torch.zeros(num_envs)
+        self.next_step = torch.zeros(num_envs, dtype=torch.long)
+
+    def state_dict(self) -> dict:
+        return {"carry_reward": self.carry_reward.clone(), "next_step": self.next_step.clone(),
+                "stream_offset": self.stream_offset}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.carry_reward = state["carry_reward"].clone()
+        self.next_step = state["next_step"].clone()
+        self.stream_offset = state["stream_offset"]
+
+    def __call__(self, batch: TensorDictBase) -> TensorDictBase:
+        """``batch [E, T]`` (or ``[T]``) of transitions -> rows ``[N]`` (env-major, in time order)."""
+        if batch.batch_dims == 1:
+            batch = batch.unsqueeze(0)
+        E, T = batch.batch_size
+        if E != self.num_envs:
+            raise ValueError(f"SequenceWriter was built for {self.num_envs} envs, got a batch of {E}")
+        flag = lambda key: batch.get(key).reshape(E, T).bool()  # noqa: E731
+        done, terminated, is_first = flag(("next", "done")), flag(("next", "terminated")), flag("is_first")
+        reward = batch.get(("next", "reward")).reshape(E, T).float()
+        prev_reward = torch.cat([self.carry_reward.to(reward.device).unsqueeze(1), reward[:, :-1]], 1)
+        prev_reward = torch.where(is_first, torch.zeros_like(prev_reward), prev_reward)
+
+        counts = 1 + done.long().reshape(-1)  # one row per transition, two after a done
+        pos = torch.cumsum(counts, 0) - counts  # row of each transition's state
+        n_rows = int(counts.sum())
+        extra = pos[done.reshape(-1)] + 1  # rows of the final states
+        base = pos
+
+        def scatter(base_values: torch.Tensor, extra_values: torch.Tensor | None, fill=0) -> torch.Tensor:
+            out = torch.full((n_rows, *base_values.shape[2:]), fill, dtype=base_values.dtype, device=base_values.device)
+            out[base] = base_values.reshape(E * T, *base_values.shape[2:])
+            if extra_values is not None and extra.numel():
+                out[extra] = extra_values.to(out.dtype)
+            return out
+
+        rows = {}
+        for name, key in self.obs_keys.items():
+            rows[name] = scatter(batch.get(key), batch.get(("next", key))[done])
+        action = self.action_transform(batch.get("action"))
+        action = action.reshape(E, T, -1).float()
+        rows["action"] = scatter(action, torch.zeros(int(extra.numel()), action.shape[-1]))
+        rows["reward"] = scatter(prev_reward, reward[done])
+        rows["is_first"] = scatter(is_first, None, False)
+        is_last = torch.zeros(n_rows, dtype=torch.bool)
+        is_last[extra] = True
+        rows["is_last"] = is_last
+        is_terminal = torch.zeros(n_rows, dtype=torch.bool)
+        is_terminal[extra] = terminated[done]
+        rows["is_terminal"] = is_terminal
+        env_of_row = torch.repeat_interleave(torch.arange(E).repeat_interleave(T), counts)
+        rows_per_env = counts.reshape(E, T).sum(1)
+        env_start = torch.cumsum(rows_per_env, 0) - rows_per_env
+        rows["stream"] = env_of_row + self.stream_offset
+        rows["step"] = self.next_step[env_of_row] + torch.arange(n_rows) - env_start[env_of_row]
+        self.next_step += rows_per_env
+        self.carry_reward = torch.where(done[:, -1], torch.zeros(E), reward[:, -1].cpu())
+        return TensorDict(rows, batch_size=[n_rows])
+
+
+def make_replay_buffer(capacity: int, batch_size: int, seq_len: int, *, device: str | torch.device = "cpu") -> ReplayBuffer:
+    """Ring buffer of rows; :meth:`sample` returns ``batch_size * seq_len`` rows, ``seq_len``
+    consecutive rows of one stream after another (reshape to ``[batch_size, seq_len]``)."""
+    sampler = SliceSampler(
+        slice_len=seq_len, traj_key="stream", step_key="step", fragmented=True, strict_length=True,
+        init_key=None,  # is_first is data here: a window starting mid-episode is not an episode start
+        truncated_key=None,
+    )
+    return ReplayBuffer(storage=LazyTensorStorage(capacity, device=device), sampler=sampler,
+                        batch_size=batch_size * seq_len)
