@@ -32,6 +32,7 @@ from torchrl_dreamer.plots import plot_learning_curves, plot_tours
 from torchrl_dreamer.pointer import PointerActorCritic
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_routing"
+ENV_CONFIG_DIR = CONFIG_DIR.parent / "routing"  # env YAMLs shared with the Dreamer routing recipe
 RECIPE = "ppo_routing"
 
 
@@ -252,7 +253,7 @@ def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict[str, float
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_recipe_args(argv, schema=PPORoutingConfig, config_dir=CONFIG_DIR, description=__doc__,
-                             default_env="tsp20")
+                             default_env="tsp20", env_config_dir=ENV_CONFIG_DIR)
     cfg: PPORoutingConfig = to_object(args.cfg)
     validate(cfg)
     if args.evaluate is not None:

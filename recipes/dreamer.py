@@ -30,6 +30,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.cpu import tune_malloc
 from torchrl_dreamer.dreamer.agent import PRESETS, DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
 from torchrl_dreamer.dreamer.imagination import ImaginationModule
@@ -70,6 +71,7 @@ class ModelConfig:
     blocks: int = doc(0, "Override: GRU blocks (0 = preset).")
     cnn_depth: int = doc(0, "Override: channels of the first conv layer (0 = preset).")
     unimix: float = doc(0.01, "Uniform mix of latent and (discrete) policy distributions.")
+    compile: bool = doc(False, "torch.compile the RSSM scan step and the imagination step (optional; measure first).")
 
 
 @dataclass
@@ -145,6 +147,7 @@ class DreamerConfig:
     seed: int = doc(0, "Seed for torch, numpy, python and the envs.")
     device: str = doc("cpu", "Device of the networks and updates (cpu, cuda, ...); envs and replay stay on CPU.")
     threads: int = doc(0, "torch intra-op threads (0 = torch's default).")
+    tune_malloc: bool = doc(True, "Keep freed memory in the process (glibc mallopt; faster large tensors, see torchrl_dreamer/cpu.py).")
     env: EnvConfig = doc(EnvConfig(), "Environment.")
     model: ModelConfig = doc(ModelConfig(), "Network sizes.")
     loss: WorldModelLossConfig = doc(WorldModelLossConfig(), "World-model loss.")
@@ -252,6 +255,9 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(agent.world_model, agent.actor, ac.horizon, start_fraction=ac.start_fraction,
                                     grad=ac.actor_grad == "dynamics")
+    if cfg.model.compile:
+        agent.world_model.rssm.enable_compile()
+        imagination.enable_compile()
     oc = cfg.optim
     optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
                                agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps)
@@ -319,6 +325,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     last logged metrics. ``on_eval(metrics)`` is called after each evaluation (benchmarks)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    if cfg.tune_malloc:
+        tune_malloc()
     torch.manual_seed(cfg.seed)
     env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed)
     agent, policy = build_agent(cfg, env)

@@ -30,15 +30,19 @@ def parse_recipe_args(
     config_dir: Path,
     description: str,
     default_env: str,
+    env_config_dir: Path | None = None,
 ) -> RecipeArgs:
     """Parses the recipe command line and builds the layered config.
 
     Order of layers: schema defaults <- ``config_dir/base.yaml`` <- ``config_dir/<env>.yaml`` <-
-    each ``--config`` file <- ``key=value`` overrides. With ``--resume RUN_DIR`` the run's saved
+    each ``--config`` file <- ``key=value`` overrides. With ``env_config_dir`` (env YAMLs shared by
+    several algorithms, e.g. routing), the env layer is ``env_config_dir/<env>.yaml`` followed by
+    ``config_dir/<env>.yaml`` when that algorithm-specific override exists. With ``--resume RUN_DIR`` the run's saved
     ``config.yaml`` replaces the YAML layers (overrides still apply, e.g. more iterations);
     ``--evaluate RUN_DIR`` does the same for evaluating that run's checkpoint.
     """
-    env_yamls = sorted(p.stem for p in config_dir.glob("*.yaml") if p.stem != "base")
+    env_dir = env_config_dir or config_dir
+    env_yamls = sorted(p.stem for p in env_dir.glob("*.yaml") if p.stem != "base")
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -48,7 +52,7 @@ def parse_recipe_args(
     parser.add_argument(
         "--env",
         default=default_env,
-        help=f"override YAML in {config_dir.name}/ (one of: {', '.join(env_yamls)}); default {default_env}",
+        help=f"env YAML in {env_dir.name}/ (one of: {', '.join(env_yamls)}); default {default_env}",
     )
     parser.add_argument("--config", action="append", default=[], help="extra YAML merged after the env YAML")
     parser.add_argument("--resume", type=Path, default=None, help="run directory to resume from")
@@ -65,9 +69,11 @@ def parse_recipe_args(
             raise ConfigError(f"cannot {'resume' if args.resume else 'evaluate'}: {saved} does not exist")
         yaml_files = [saved, *map(Path, args.config)]
     else:
-        env_yaml = config_dir / f"{args.env}.yaml"
+        env_yaml = env_dir / f"{args.env}.yaml"
         if not env_yaml.is_file():
             raise ConfigError(f"no config for env '{args.env}' ({env_yaml} missing). Available: {', '.join(env_yamls)}")
-        yaml_files = [config_dir / "base.yaml", env_yaml, *map(Path, args.config)]
+        algo_env = [config_dir / f"{args.env}.yaml"] if env_config_dir is not None else []
+        algo_env = [p for p in algo_env if p.is_file()]
+        yaml_files = [config_dir / "base.yaml", env_yaml, *algo_env, *map(Path, args.config)]
     cfg = load_config(schema, yaml_files, args.overrides)
     return RecipeArgs(cfg=cfg, env_name=args.env, resume=args.resume, yaml_files=yaml_files, evaluate=args.evaluate)

@@ -116,14 +116,15 @@ class PointerDecoder(nn.Module):
     """
 
     def __init__(self, problem: Literal["tsp", "cvrp"], embed_dim: int = 128, n_heads: int = 8,
-                 tanh_clip: float = 10.0) -> None:
+                 tanh_clip: float = 10.0, extra_dim: int = 0) -> None:
         super().__init__()
         if embed_dim % n_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by n_heads {n_heads}")
         self.problem = problem
         self.d, self.h = embed_dim, n_heads
         self.tanh_clip = tanh_clip
-        context_dim = 3 * embed_dim if problem == "tsp" else 2 * embed_dim + 1
+        self.extra_dim = extra_dim  # extra query inputs appended to the context (e.g. a Dreamer latent)
+        context_dim = (3 * embed_dim if problem == "tsp" else 2 * embed_dim + 1) + extra_dim
         self.project_context = nn.Linear(context_dim, embed_dim, bias=False)
         self.project_nodes = nn.Linear(embed_dim, 3 * embed_dim, bias=False)
         self.project_out = nn.Linear(embed_dim, embed_dim, bias=False)
@@ -157,6 +158,13 @@ class PointerDecoder(nn.Module):
     def forward(self, cache: DecoderCache, context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``context [B, T, context_dim]``, ``mask [B, T, N]`` -> (masked log-probs ``[B, T, N]``,
         glimpse ``[B, T, d]``)."""
+        logits, glimpse = self.logits(cache, context, mask)
+        return masked_log_softmax(logits, mask), glimpse
+
+    def logits(self, cache: DecoderCache, context: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clipped pointer logits ``[B, T, N]`` *before* masking (masked nodes still only enter
+        the glimpse's attention as ``-inf``), and the glimpse. Callers mask the logits themselves,
+        e.g. with unimix over the allowed nodes."""
         B, T, _ = context.shape
         dh = self.d // self.h
         q = self.project_context(context).view(B, T, self.h, dh).transpose(1, 2)  # [B, H, T, dh]
@@ -165,8 +173,7 @@ class PointerDecoder(nn.Module):
         glimpse = torch.softmax(scores, dim=-1) @ cache.glimpse_v  # [B, H, T, dh]
         glimpse = self.project_out(glimpse.transpose(1, 2).reshape(B, T, self.d))
         logits = (glimpse @ cache.logit_k.transpose(-1, -2)) / math.sqrt(self.d)  # [B, T, N]
-        logits = self.tanh_clip * torch.tanh(logits)
-        return masked_log_softmax(logits, mask), glimpse
+        return self.tanh_clip * torch.tanh(logits), glimpse
 
 
 class PointerActorCritic(nn.Module):

@@ -37,8 +37,11 @@ class ImaginationHooks:
     """Deterministic env logic carried through imagination (default: none).
 
     Subclasses keep an ``aux`` state per imagined trajectory (any pytree of ``[N, ...]`` tensors),
-    e.g. the visited set of a routing problem.
+    e.g. the visited set of a routing problem. ``start_keys`` names the replayed entries
+    :meth:`start` and :meth:`actor_context` read (they travel with the start states).
     """
+
+    start_keys: tuple[str, ...] = ()
 
     def start(self, start: TensorDictBase) -> Any:
         """aux state at the start states (``start`` holds the replayed rows, flattened to ``[N]``)."""
@@ -57,10 +60,31 @@ class ImaginationHooks:
         """Per-trajectory constant actor inputs (e.g. encoded node embeddings); default none."""
         return {}
 
+    def features(self, world_model: WorldModel, deter: torch.Tensor, stoch: torch.Tensor, aux: Any,
+                 context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Features of an imagined state for the heads, critic and actor (default ``[h, z]``)."""
+        return world_model.rssm.features(deter, stoch)
+
+    def model_action(self, action: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The actor's action -> the RSSM's action input (default: unchanged)."""
+        return action
+
+
+def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bool, model_action=None):
+    """One imagined step: act at ``(h, z)``, advance the prior. Plain tensors in and out, so it can
+    be compiled (:meth:`ImaginationModule.enable_compile`)."""
+    dist = actor(feat if grad else feat.detach(), **inputs, **context)
+    action = dist.rsample() if grad else dist.sample()
+    log_prob, entropy = dist.log_prob(action.detach()), dist.entropy()
+    h = rssm.img_step(h, z, action if model_action is None else model_action(action, context))
+    z = rssm.sample(rssm.prior_logits(h))
+    return action, log_prob, entropy, h, z
+
 
 def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
             start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
-            context: dict[str, torch.Tensor] | None = None, grad: bool = False) -> dict[str, torch.Tensor]:
+            context: dict[str, torch.Tensor] | None = None, grad: bool = False,
+            step_fn=None) -> dict[str, torch.Tensor]:
     """Rolls ``actor`` through the prior of ``world_model`` for ``horizon`` steps.
 
     Args:
@@ -71,34 +95,34 @@ def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoc
         grad: keep the graph through the dynamics (actor gradients by backprop, continuous
             actions); otherwise everything runs under ``no_grad`` and the losses recompute what
             needs gradients from the stored features.
+        step_fn: replacement for the per-step function (e.g. a compiled one; no-grad mode only).
 
     Returns the ``[N, H+1]`` trajectory described in the module docstring.
     """
     rssm = world_model.rssm
     hooks = hooks or ImaginationHooks()
     context = context or {}
+    step = step_fn if (step_fn is not None and not grad) else _policy_and_dynamics_step
     with torch.set_grad_enabled(grad):
         feats, deters, stochs, actions, log_probs, entropies = [], [deter], [stoch], [], [], []
         extras: dict[str, list[torch.Tensor]] = {}
         known_rewards, known_terms = [], []
         h, z = deter, stoch
-        feat = rssm.features(h, z)
+        model_action = None if type(hooks).model_action is ImaginationHooks.model_action else hooks.model_action
+        feat = hooks.features(world_model, h, z, aux, context)
         feats.append(feat)
         for _ in range(horizon):
             inputs = hooks.actor_inputs(aux)
             for k, v in inputs.items():
                 extras.setdefault(k, []).append(v)
-            dist = actor(feat.detach() if not grad else feat, **inputs, **context)
-            action = dist.rsample() if grad else dist.sample()
+            action, log_prob, entropy, h, z = step(rssm, actor, h, z, feat, inputs, context, grad, model_action)
             actions.append(action)
-            log_probs.append(dist.log_prob(action.detach()))
-            entropies.append(dist.entropy())
+            log_probs.append(log_prob)
+            entropies.append(entropy)
             aux, k_rew, k_term = hooks.step(aux, action)
             known_rewards.append(k_rew)
             known_terms.append(k_term)
-            h = rssm.img_step(h, z, action)
-            z = rssm.sample(rssm.prior_logits(h))
-            feat = rssm.features(h, z)
+            feat = hooks.features(world_model, h, z, aux, context)
             deters.append(h)
             stochs.append(z)
             feats.append(feat)
@@ -150,17 +174,26 @@ class ImaginationModule(TensorDictModuleBase):
             raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction}")
         self.world_model, self.actor = world_model, actor
         self.horizon, self.hooks, self.start_fraction, self.grad = horizon, hooks, start_fraction, grad
+        self.step_fn = None
         self.in_keys = ["deter", "stoch", "is_terminal"]
         self.out_keys = ["deter", "stoch", "feat", "action", "log_prob", "entropy", "reward", "cont"]
 
+    def enable_compile(self, **kwargs) -> None:
+        """``torch.compile`` the per-step function (policy + prior step); optional, measure first."""
+        self.step_fn = torch.compile(_policy_and_dynamics_step, dynamic=False, **kwargs)
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        start = tensordict.reshape(-1)
+        hooks = self.hooks or ImaginationHooks()
+        start = tensordict.select(*self.in_keys, *hooks.start_keys).reshape(-1)
         if self.start_fraction < 1.0:
             n = max(1, int(round(start.shape[0] * self.start_fraction)))
             start = start[torch.randperm(start.shape[0], device=start.device)[:n]]
         deter, stoch = start["deter"].detach(), start["stoch"].detach()
         start_cont = 1.0 - start["is_terminal"].to(deter.dtype)
-        hooks = self.hooks or ImaginationHooks()
+        context = hooks.actor_context(start)
         out = imagine(self.world_model, self.actor, deter, stoch, start_cont, self.horizon, hooks=hooks,
-                      aux=hooks.start(start), context=hooks.actor_context(start), grad=self.grad)
-        return TensorDict(out, batch_size=[deter.shape[0], self.horizon + 1], device=deter.device)
+                      aux=hooks.start(start), context=context, grad=self.grad, step_fn=self.step_fn)
+        n, length = deter.shape[0], self.horizon + 1
+        for key, value in context.items():  # per-trajectory constants, as [N, H+1] views (no copy)
+            out[key] = value.unsqueeze(1).expand(n, length, *value.shape[1:])
+        return TensorDict(out, batch_size=[n, length], device=deter.device)

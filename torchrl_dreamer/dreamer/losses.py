@@ -119,6 +119,7 @@ class WorldModelLoss(_DreamerLoss):
         action: one-hot or continuous action taken at each row ``[B, T, A]``.
         reward: reward received on arriving at the row ``[B, T]`` (or ``[B, T, 1]``).
         is_first / is_terminal: episode start / terminal state flags ``[B, T]`` (or ``[B, T, 1]``).
+        valid: optional ``[B, T]`` mask of real rows in padded sequences (absent = all real).
         """
 
         observation: NestedKey = "observation"
@@ -127,6 +128,7 @@ class WorldModelLoss(_DreamerLoss):
         reward: NestedKey = "reward"
         is_first: NestedKey = "is_first"
         is_terminal: NestedKey = "is_terminal"
+        valid: NestedKey = "valid"
 
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
@@ -175,41 +177,52 @@ class WorldModelLoss(_DreamerLoss):
         reward = self._flag(tensordict, k.reward, bt).to(action.dtype)
         is_first = self._flag(tensordict, k.is_first, bt).bool()
         is_terminal = self._flag(tensordict, k.is_terminal, bt).bool()
+        valid = tensordict.get(k.valid, None)
+        if valid is None:
+            mean = torch.mean
+        else:
+            valid = self._flag(tensordict, k.valid, bt).to(action.dtype)
+            n_valid = valid.sum().clamp_min(1.0)
+            mean = lambda x: (x * valid).sum() / n_valid  # noqa: E731
 
         out = wm.observe(obs, action, is_first)
         feat = out["feat"]
-        recon = wm.reconstruction_losses(feat, obs)
+        recon = wm.reconstruction_losses(feat, obs, out)
         reward_logits = wm.reward_head(feat)
         loss_reward = wm.reward_head.loss(reward_logits, reward)
         cont_target = (~is_terminal).to(feat.dtype)
         cont_logit = wm.continue_head(feat)
         loss_continue = wm.continue_head.loss(cont_logit, cont_target)
         kl = kl_loss(out["posterior_logits"], out["prior_logits"], dyn_scale=self.dyn_scale, rep_scale=self.rep_scale,
-                     free_bits=self.free_bits, free_bits_grad=self.free_bits_grad)
-        loss_reconstruction = sum(v.mean() for v in recon.values())
+                     free_bits=self.free_bits, free_bits_grad=self.free_bits_grad, weight=valid)
+        loss_reconstruction = sum(mean(v) for v in recon.values())
 
         with torch.no_grad():
             post_p = out["posterior_logits"].exp()
             prior_p = out["prior_logits"].exp()
             diag = {
                 "kl_raw": kl["kl_raw"],
-                "posterior_entropy": -(post_p * out["posterior_logits"]).sum((-2, -1)).mean(),
-                "prior_entropy": -(prior_p * out["prior_logits"]).sum((-2, -1)).mean(),
-                "reward_pred_mean": wm.reward_head.mean(reward_logits).mean(),
-                "continue_accuracy": ((cont_logit > 0).to(feat.dtype) == cont_target).float().mean(),
-                **{f"reconstruction_{n}": v.mean() for n, v in recon.items()},
+                "posterior_entropy": mean(-(post_p * out["posterior_logits"]).sum((-2, -1))),
+                "prior_entropy": mean(-(prior_p * out["prior_logits"]).sum((-2, -1))),
+                "reward_pred_mean": mean(wm.reward_head.mean(reward_logits)),
+                "continue_accuracy": mean(((cont_logit > 0).to(feat.dtype) == cont_target).float()),
+                **{f"reconstruction_{n}": mean(v) for n, v in recon.items()},
             }
         loss_td = TensorDict({
             "loss_reconstruction": self.reconstruction_scale * loss_reconstruction,
-            "loss_reward": self.reward_scale * loss_reward.mean(),
-            "loss_continue": self.continue_scale * loss_continue.mean(),
+            "loss_reward": self.reward_scale * mean(loss_reward),
+            "loss_continue": self.continue_scale * mean(loss_continue),
             "loss_dyn": self.dyn_scale * kl["dyn"],
             "loss_rep": self.rep_scale * kl["rep"],
             **{name: value.detach() for name, value in diag.items()},
         }, batch_size=[])
         states_td = TensorDict({
             "deter": out["deter"].detach(), "stoch": out["stoch"].detach(), "feat": feat.detach(),
-            "is_terminal": is_terminal, "is_first": is_first, "reward": reward,
+            # padded rows start nothing: imagination weights them like terminal states
+            "is_terminal": is_terminal if valid is None else is_terminal | (valid == 0),
+            "is_first": is_first, "reward": reward,
+            **obs,  # references (no copy): exact-state hooks of imagination read them
+            **{k: v.detach() for k, v in out.get("carry", {}).items()},
         }, batch_size=bt, device=feat.device)
         return loss_td, states_td
 
@@ -312,8 +325,10 @@ class ActorLoss(_DreamerLoss):
             continuous actions, needs the trajectory imagined with ``grad=True`` and ``critic``).
         critic: the critic head, only for ``actor_grad="dynamics"``.
         return_decay, return_low_q, return_high_q: return normalisation (EMA 0.99, P5, P95).
-        actor_input_keys: extra trajectory entries passed to the actor by name (e.g.
+        actor_input_keys: extra per-step trajectory entries passed to the actor by name (e.g.
             ``("action_mask",)``), as imagination recorded them.
+        actor_context_keys: per-trajectory constants passed to the actor as ``[N, ...]`` (e.g.
+            encoded node embeddings).
 
     ``forward(traj)`` needs ``feat``, ``action`` and, from :class:`CriticLoss`, ``value``,
     ``lambda_return`` and ``weight`` (``[N, H+1]``). Returns ``loss_actor`` and diagnostics
@@ -338,7 +353,7 @@ class ActorLoss(_DreamerLoss):
     def __init__(self, actor: nn.Module, *, entropy_coef: float = 3e-4,
                  actor_grad: Literal["reinforce", "dynamics"] = "reinforce", critic: TwoHotHead | None = None,
                  return_decay: float = 0.99, return_low_q: float = 0.05, return_high_q: float = 0.95,
-                 actor_input_keys: tuple[str, ...] = ()) -> None:
+                 actor_input_keys: tuple[str, ...] = (), actor_context_keys: tuple[str, ...] = ()) -> None:
         super().__init__()
         if actor_grad not in ("reinforce", "dynamics"):
             raise ValueError(f"actor_grad must be 'reinforce' or 'dynamics', got '{actor_grad}'")
@@ -354,12 +369,15 @@ class ActorLoss(_DreamerLoss):
         self._critic = [critic]
         self.return_normalizer = ReturnNormalizer(return_decay, return_low_q, return_high_q)
         self.actor_input_keys = tuple(actor_input_keys)
+        self.actor_context_keys = tuple(actor_context_keys)
 
     def forward(self, traj: TensorDictBase) -> TensorDictBase:
         k = self.tensor_keys
         weight = _require(traj, k.weight, "ActorLoss").detach()[:, :-1]
         feat = _require(traj, k.feat, "ActorLoss")
-        inputs = {name: traj.get(name)[:, :-1] for name in self.actor_input_keys}
+        inputs = {name: _require(traj, name, "ActorLoss")[:, :-1] for name in self.actor_input_keys}
+        # per-trajectory constants (stored as [N, H+1] views by imagination): the actor gets [N, ...]
+        inputs.update({name: _require(traj, name, "ActorLoss")[:, 0] for name in self.actor_context_keys})
         dist = self.actor(feat[:, :-1].detach(), **inputs)
         action = traj.get(k.action)[:, :-1]
         entropy = dist.entropy()

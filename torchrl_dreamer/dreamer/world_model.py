@@ -87,6 +87,8 @@ class WorldModel(nn.Module):
         out["feat"] = self.rssm.features(out["deter"], out["stoch"])
         return out
 
-    def reconstruction_losses(self, feat: torch.Tensor, obs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-observation reconstruction loss ``[B, T]`` (sum over the observation's dims)."""
+    def reconstruction_losses(self, feat: torch.Tensor, obs: Mapping[str, torch.Tensor],
+                              out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Per-observation reconstruction loss ``[B, T]`` (sum over the observation's dims).
+        ``out`` is what :meth:`observe` returned (subclasses may need more than ``feat``)."""
         return {k: self.decoders[k].loss(self.decoders[k](feat), obs[k]) for k in self.obs_names}

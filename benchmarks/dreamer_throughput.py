@@ -1,0 +1,156 @@
+"""Gradient updates per second: our full DreamerV3 update vs TorchRL 0.14's built-in one, same sizes.
+
+    python benchmarks/dreamer_throughput.py                      # 137k-parameter sizes, 8x16, H=15, 1 thread
+    python benchmarks/dreamer_throughput.py --rounds 7 --per-round 10
+    python benchmarks/dreamer_throughput.py --ours-only --batch 16 --seq-len 64 --size tiny
+
+One "update" is the whole thing on a fixed ``[batch, seq_len]`` CartPole-shaped batch: world-model
+loss forward + backward, imagination for ``horizon`` steps from every posterior state, critic
+(imagined lambda-returns + slow-critic regulariser + the 0.3-weighted replay-value loss, which
+TorchRL's ``DreamerV3Loss`` includes by default) and actor losses, backward, optimizer step
+(TorchRL's ``DreamerV3Optimizer`` in both), slow-critic EMA.
+
+TorchRL's side is ``benchmarks/torchrl_reference_dreamer.py`` (its modules and losses, run by its
+own ``DreamerV3OptimizationStepper``, with the options that differ from the DreamerV3 reference set
+to the reference values; see that file). Ours is ``torchrl_dreamer.dreamer.update.DreamerUpdate``
+with the same widths, depths, latent sizes, bins, batch and horizon.
+
+The machine is shared and drifts, so the two are *interleaved*: each round times ``--per-round``
+updates of ours, then of TorchRL's; the ratio reported is the median of the per-round ratios.
+Prints figures and writes ``benchmarks/results/dreamer_throughput.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+sys.path.insert(0, str(Path(__file__).parent))
+from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
+
+from torchrl_dreamer.dreamer.agent import make_agent, preset  # noqa: E402
+from torchrl_dreamer.dreamer.imagination import ImaginationModule  # noqa: E402
+from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss  # noqa: E402
+from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer  # noqa: E402
+
+
+def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
+               compile_scan: bool = False):
+    """Our update at the sizes of ``s`` (or a named preset). Returns (fn, param counts)."""
+    torch.manual_seed(seed)
+    sizes = preset(size) if size else preset("tiny", deter=s.deter, hidden=s.hidden, units=s.hidden,
+                                               layers=s.mlp_layers, stoch=s.stoch, classes=s.classes,
+                                               blocks=s.blocks, bins=s.bins)
+    agent = make_agent({"observation": (s.obs_dim,)}, s.action_dim, True, sizes)
+    imagination = ImaginationModule(agent.world_model, agent.actor, s.horizon)
+    if compile_scan:
+        agent.world_model.rssm.enable_compile()
+        imagination.enable_compile()
+    critic = CriticLoss(agent.critic, replay_scale=replay_value)
+    actor = ActorLoss(agent.actor)
+    for loss in (critic, actor):
+        loss.make_value_estimator(gamma=0.997, lmbda=0.95)
+    update = DreamerUpdate(agent, WorldModelLoss(agent.world_model), critic, actor,
+                           imagination,
+                           make_optimizer(agent, warmup_steps=0))
+    g = torch.Generator().manual_seed(seed)
+    B, T = s.batch, s.seq_len
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    is_first[:, 0] = True
+    is_terminal = torch.zeros(B, T, dtype=torch.bool)
+    is_terminal[0, T // 2] = True
+    is_first[0, T // 2 + 1] = True
+    batch = TensorDict({
+        "observation": torch.randn(B, T, s.obs_dim, generator=g),
+        "action": F.one_hot(torch.randint(0, s.action_dim, (B, T), generator=g), s.action_dim).float(),
+        "reward": torch.rand(B, T, generator=g), "is_first": is_first, "is_terminal": is_terminal,
+    }, [B, T])
+
+    def fn() -> dict[str, float]:
+        m = update(batch)
+        return {"world_model": float(m["time/update_world_model_s"]),
+                "imagination": float(m["time/update_imagination_s"]),
+                "actor_critic": float(m["time/update_actor_critic_s"])}
+
+    counts = agent.parameter_counts()
+    counts["total"] = sum(counts.values())
+    return fn, counts
+
+
+def timed(fn, n: int) -> tuple[float, dict[str, float]]:
+    phases: dict[str, float] = {}
+    t = time.perf_counter()
+    for _ in range(n):
+        for k, v in fn().items():
+            phases[k] = phases.get(k, 0.0) + v / n
+    return n / (time.perf_counter() - t), phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--horizon", type=int, default=15)
+    parser.add_argument("--size", default=None, help="ours-only: a named preset instead of the 137k sizes")
+    parser.add_argument("--ours-only", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our RSSM scan and imagination steps")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)
+    ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch}x{args.seq_len}, "
+          f"horizon {args.horizon}")
+    print("ours     parameters: " + ", ".join(f"{k} {v:,}" for k, v in our_counts.items()))
+    theirs = None
+    if not args.ours_only:
+        theirs, _ = build_torchrl_update(sizes, mode="stepper")
+        print("TorchRL  parameters: " + ", ".join(f"{k} {v:,}" for k, v in theirs.param_counts.items()))
+    for _ in range(args.warmup):
+        ours()
+        if theirs is not None:
+            theirs()
+    rounds = []
+    for r in range(args.rounds):
+        ours_rate, ours_phases = timed(ours, args.per_round)
+        row = {"ours": ours_rate, "ours_phases": ours_phases}
+        if theirs is not None:
+            row["torchrl"], row["torchrl_phases"] = timed(theirs, args.per_round)
+            row["ratio"] = ours_rate / row["torchrl"]
+        rounds.append(row)
+        print(f"round {r + 1}: ours {ours_rate:6.2f} updates/s" + (
+            f" | TorchRL {row['torchrl']:5.2f} updates/s | ratio {row['ratio']:.2f}x" if theirs else ""), flush=True)
+    med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    phases = {k: statistics.median(r["ours_phases"][k] for r in rounds) for k in rounds[0]["ours_phases"]}
+    total = sum(phases.values())
+    result = {"threads": args.threads, "batch": args.batch, "seq_len": args.seq_len, "horizon": args.horizon,
+              "ours_params": our_counts, "ours_updates_per_s": med("ours"), "ours_phase_s": phases,
+              "rounds": rounds}
+    print(f"\nours: {med('ours'):.2f} updates/s (median of {args.rounds} rounds x {args.per_round}); breakdown "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in phases.items()))
+    if theirs is not None:
+        result.update({"torchrl_params": theirs.param_counts, "torchrl_updates_per_s": med("torchrl"),
+                       "ratio_median": med("ratio"), "ratio_min": min(r["ratio"] for r in rounds),
+                       "ratio_max": max(r["ratio"] for r in rounds)})
+        print(f"TorchRL built-in: {med('torchrl'):.2f} updates/s")
+        print(f"ratio ours / TorchRL: {med('ratio'):.2f}x (median of per-round ratios; "
+              f"min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.ours_only:
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

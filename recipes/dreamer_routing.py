@@ -1,0 +1,376 @@
+"""DreamerV3 on TSP / CVRP with a pointer actor, exact imagined masks and carried static context.
+
+    python -m recipes.routing --algo dreamer --env tsp20                 # same env YAMLs as PPO
+    python -m recipes.routing --algo dreamer --env tsp20 ac.known_reward=true
+    python -m recipes.routing --algo dreamer --env cvrp20 run.time_budget_s=3600
+    python -m recipes.routing --algo dreamer --evaluate runs/dreamer_routing/tsp20/<stamp>
+
+Layers: ``configs/dreamer_routing/base.yaml`` <- ``configs/routing/<env>.yaml`` (shared with PPO)
+<- ``configs/dreamer_routing/<env>.yaml`` if present <- CLI overrides. Each iteration decodes
+``train.episodes_per_iter`` fresh instances with the current policy (uniformly random moves during
+prefill), stores the episodes (one instance per replay sequence) and runs as many updates as
+``replay.train_ratio`` asks; the greedy policy decodes the dev set every ``eval.every`` iterations.
+Design notes: :mod:`torchrl_dreamer.dreamer.routing`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tensordict import TensorDict
+from torchrl.data import LazyTensorStorage, ReplayBuffer
+
+from baselines.ppo_routing import EnvConfig, resolve_data_path
+from envs.routing import CVRPEnv, TSPEnv, load_npz
+from recipes.dreamer import OptimConfig, WorldModelLossConfig
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.cli import parse_recipe_args
+from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.cpu import tune_malloc
+from torchrl_dreamer.dreamer.agent import DreamerAgent
+from torchrl_dreamer.dreamer.imagination import ImaginationModule, imagine
+from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss
+from torchrl_dreamer.dreamer.routing import (
+    RoutingHooks,
+    RoutingSizes,
+    dreamer_rollout,
+    episode_length_bound,
+    make_routing_agent,
+)
+from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
+from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.plots import plot_learning_curves
+
+CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
+ENV_CONFIG_DIR = Path(__file__).parent / "configs" / "routing"
+RECIPE = "dreamer_routing"
+
+
+@dataclass
+class RoutingModelConfig:
+    embed_dim: int = doc(128, "Node embedding size (pointer encoder).")
+    encoder_layers: int = doc(3, "Transformer encoder layers.")
+    heads: int = doc(8, "Attention heads.")
+    ff_dim: int = doc(512, "Encoder feed-forward width.")
+    deter: int = doc(256, "GRU state size.")
+    hidden: int = doc(128, "GRU input size.")
+    units: int = doc(128, "MLP width (heads, critic, step embedding).")
+    layers: int = doc(1, "MLP layers.")
+    stoch: int = doc(16, "Categorical latents G.")
+    classes: int = doc(16, "Classes per latent C.")
+    blocks: int = doc(4, "GRU blocks.")
+    action_dim: int = doc(32, "RSSM action input: projection of the chosen node's embedding.")
+    tanh_clip: float = doc(10.0, "Pointer logit clipping C * tanh(.).")
+    unimix: float = doc(0.01, "Uniform mix (latents; policy over allowed nodes only).")
+
+
+@dataclass
+class RoutingACConfig:
+    horizon: int = doc(15, "Imagination horizon H.")
+    discount: float = doc(0.997, "Discount gamma.")
+    lmbda: float = doc(0.95, "Lambda of the lambda-returns.")
+    entropy_coef: float = doc(3e-4, "Actor entropy bonus.")
+    known_reward: bool = doc(False, "Imagined reward = exact leg length from the coordinates (else the reward head).")
+    start_fraction: float = doc(0.25, "Imagine from this fraction of the replayed states.")
+    slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic.")
+    slow_reg_scale: float = doc(1.0, "Critic regulariser towards the slow critic.")
+    return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
+
+
+@dataclass
+class RoutingReplayConfig:
+    capacity: int = doc(20_000, "Episodes kept.")
+    batch_size: int = doc(16, "Episodes per update (each a sequence of states).")
+    train_ratio: float = doc(32.0, "Replayed states per collected state.")
+    prefill: int = doc(512, "Episodes decoded with uniformly random legal moves before the first update.")
+
+
+@dataclass
+class RoutingTrainConfig:
+    iterations: int = doc(100_000, "Training iterations (collect + updates).")
+    episodes_per_iter: int = doc(64, "Instances decoded per iteration (one batched env).")
+
+
+@dataclass
+class RoutingEvalConfig:
+    every: int = doc(20, "Greedy dev-set decoding every N iterations (and at the end).")
+    diag_starts: int = doc(64, "Episodes imagined from their start for the imagined-vs-real tour diagnostic.")
+
+
+@dataclass
+class RoutingRunConfig:
+    root: str = doc("runs", "Runs go to <root>/dreamer_routing/<env>/<timestamp>/.")
+    checkpoint_every: int = doc(50, "Checkpoint every N iterations (and at the end).")
+    time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit).")
+    tensorboard: bool = doc(True, "Write TensorBoard events.")
+    progress: bool = doc(True, "Show the tqdm progress bar.")
+
+
+@dataclass
+class DreamerRoutingConfig:
+    seed: int = doc(0, "Seed for torch and the instance generator.")
+    device: str = doc("cpu", "Device of networks, envs and replay.")
+    threads: int = doc(0, "torch intra-op threads (0 = torch default).")
+    tune_malloc: bool = doc(True, "glibc mallopt tuning (see torchrl_dreamer/cpu.py).")
+    env: EnvConfig = doc(EnvConfig(), "Problem (shared with the PPO recipe).")
+    model: RoutingModelConfig = doc(RoutingModelConfig(), "Networks.")
+    loss: WorldModelLossConfig = doc(WorldModelLossConfig(), "World-model loss.")
+    ac: RoutingACConfig = doc(RoutingACConfig(), "Imagination, actor, critic.")
+    optim: OptimConfig = doc(OptimConfig(), "Optimiser (LaProp + AGC).")
+    replay: RoutingReplayConfig = doc(RoutingReplayConfig(), "Replay.")
+    train: RoutingTrainConfig = doc(RoutingTrainConfig(), "Training length.")
+    eval: RoutingEvalConfig = doc(RoutingEvalConfig(), "Evaluation and diagnostics.")
+    run: RoutingRunConfig = doc(RoutingRunConfig(), "Run directory, logging, checkpoints.")
+
+
+def validate(cfg: DreamerRoutingConfig) -> None:
+    if cfg.env.problem not in ("tsp", "cvrp"):
+        raise ConfigError(f"env.problem must be tsp or cvrp, got '{cfg.env.problem}'")
+    if cfg.env.dev_set and not resolve_data_path(cfg.env.dev_set).is_file():
+        raise ConfigError(f"env.dev_set not found: {cfg.env.dev_set} (also tried {resolve_data_path(cfg.env.dev_set)})")
+    if cfg.loss.free_bits_grad not in ("clip", "straight_through"):
+        raise ConfigError("loss.free_bits_grad must be clip or straight_through")
+    for key, value in {"replay.batch_size": cfg.replay.batch_size, "train.episodes_per_iter": cfg.train.episodes_per_iter,
+                       "ac.horizon": cfg.ac.horizon, "replay.capacity": cfg.replay.capacity,
+                       "replay.train_ratio": cfg.replay.train_ratio}.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if not 0 < cfg.ac.start_fraction <= 1:
+        raise ConfigError("ac.start_fraction must be in (0, 1]")
+    if cfg.model.embed_dim % cfg.model.heads:
+        raise ConfigError("model.embed_dim must be divisible by model.heads")
+
+
+def sizes_of(cfg: RoutingModelConfig) -> RoutingSizes:
+    return RoutingSizes(embed_dim=cfg.embed_dim, encoder_layers=cfg.encoder_layers, heads=cfg.heads, ff_dim=cfg.ff_dim,
+                        deter=cfg.deter, hidden=cfg.hidden, units=cfg.units, layers=cfg.layers, stoch=cfg.stoch,
+                        classes=cfg.classes, blocks=cfg.blocks, action_dim=cfg.action_dim, tanh_clip=cfg.tanh_clip)
+
+
+def make_env(cfg: DreamerRoutingConfig, *, batch: int, seed: int, instances=None):
+    if cfg.env.problem == "tsp":
+        if instances is not None:
+            return TSPEnv(instances=instances, device=cfg.device)
+        return TSPEnv(num_nodes=cfg.env.size, batch_size=batch, device=cfg.device, seed=seed)
+    if instances is not None:
+        return CVRPEnv(instances=instances, device=cfg.device)
+    return CVRPEnv(num_customers=cfg.env.size, batch_size=batch, capacity=cfg.env.capacity or None,
+                   device=cfg.device, seed=seed)
+
+
+def build(cfg: DreamerRoutingConfig):
+    """Agent, hooks, update step."""
+    problem = cfg.env.problem
+    wm, actor, critic = make_routing_agent(problem, sizes_of(cfg.model), cfg.model.unimix)
+    agent = DreamerAgent(wm, actor, critic).to(cfg.device)
+    hooks = RoutingHooks(problem, wm, actor, known_reward=cfg.ac.known_reward)
+    lc, ac = cfg.loss, cfg.ac
+    wm_loss = WorldModelLoss(wm, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
+                             free_bits_grad=lc.free_bits_grad, reconstruction_scale=lc.reconstruction_scale,
+                             reward_scale=lc.reward_scale, continue_scale=lc.continue_scale)
+    critic_loss = CriticLoss(critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale)
+    inputs = ("action_mask", "current_node", "first_node") + (("remaining_capacity",) if problem == "cvrp" else ())
+    actor_loss = ActorLoss(actor, entropy_coef=ac.entropy_coef, return_decay=ac.return_decay, actor_input_keys=inputs,
+                           actor_context_keys=("node_emb", "graph", "glimpse_k", "glimpse_v", "logit_k"))
+    for loss in (critic_loss, actor_loss):
+        loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
+    imagination = ImaginationModule(wm, actor, ac.horizon, hooks=hooks, start_fraction=ac.start_fraction)
+    oc = cfg.optim
+    optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
+                               agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps)
+    return agent, hooks, DreamerUpdate(agent, wm_loss, critic_loss, actor_loss, imagination, optimizer)
+
+
+@torch.no_grad()
+def evaluate_dev(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, chunk: int = 200) -> dict[str, float]:
+    """Greedy decoding of the dev set: mean tour length, mean gap to ``ref_cost`` (%), time."""
+    t0 = time.perf_counter()
+    lengths = []
+    n = data["locs"].shape[0]
+    for start in range(0, n, chunk):
+        inst = {k: v[start:start + chunk] for k, v in data.items() if k in ("locs", "depot", "demand", "capacity")}
+        env = make_env(cfg, batch=0, seed=0, instances=inst)
+        _, tour = dreamer_rollout(env, agent.world_model, agent.actor, mode="greedy")
+        lengths.append(tour.double().cpu())
+    tour = torch.cat(lengths)
+    gap = (tour / data["ref_cost"].double() - 1) * 100
+    return {"eval/gap_pct": gap.mean().item(), "eval/tour_length": tour.mean().item(),
+            "time/eval_decode_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def tour_diagnostics(agent: DreamerAgent, hooks: RoutingHooks, episodes: TensorDict, update: DreamerUpdate) -> dict[str, float]:
+    """Imagined vs real tours of the same policy: from the posterior at the first state of replayed
+    episodes, imagine whole episodes; compare the model's tour length (minus the predicted
+    rewards) with the exact length of the same imagined tours, and the learned visited head
+    with the exact visited set (``diag/imagined_mask_accuracy``)."""
+    wm = agent.world_model
+    _, states = update.world_model_loss(episodes)
+    start = states[:, 0].select(*update.imagination.in_keys, *hooks.start_keys)
+    T = episodes.shape[1]
+    aux = hooks.start(start)
+    context = hooks.actor_context(start)
+    saved = hooks.known_reward
+    hooks.known_reward = False
+    model = imagine(wm, agent.actor, start["deter"], start["stoch"], torch.ones(start.shape[0]), T - 1, hooks=hooks,
+                    aux=aux, context=context)
+    hooks.known_reward = True
+    exact_aux = hooks.start(start)
+    exact_len = torch.zeros(start.shape[0])
+    actions = model["action"]
+    correct = total = 0.0
+    for t in range(T - 1):
+        # learned visited head vs the exact visited set at every imagined state of unfinished tours
+        live = ~exact_aux["done"]
+        predicted = wm.visited_logits(model["feat"][:, t], context["node_emb"]) > 0
+        correct += float(((predicted == exact_aux["visited"]).float().mean(-1) * live).sum())
+        total += float(live.sum())
+        exact_aux, reward, _ = hooks.step(exact_aux, actions[:, t])
+        exact_len -= reward
+    hooks.known_reward = saved
+    hooks.pop_invalid_rate()
+    model_len = -model["reward"][:, 1:].sum(1)
+    accuracy = torch.tensor(correct / max(total, 1.0))
+    return {"diag/imagined_tour_length_model": model_len.mean().item(),
+            "diag/imagined_tour_length_exact": exact_len.mean().item(),
+            "diag/imagined_mask_accuracy": accuracy.item()}
+
+
+def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if cfg.tune_malloc:
+        tune_malloc()
+    torch.manual_seed(cfg.seed)
+    agent, hooks, update = build(cfg)
+    T = episode_length_bound(cfg.env.problem, cfg.env.size + (1 if cfg.env.problem == "cvrp" else 0))
+    rb = ReplayBuffer(storage=LazyTensorStorage(cfg.replay.capacity, device=cfg.device), batch_size=cfg.replay.batch_size)
+    start_iter, episodes, updates, owed = 0, 0, 0, 0.0
+    if resume_state is not None:
+        agent.load_state_dict(resume_state["agent"])
+        update.optimizer.load_state_dict(resume_state["optimizer"])
+        update.critic_loss.load_state_dict(resume_state["critic_loss"])
+        update.actor_loss.load_state_dict(resume_state["actor_loss"])
+        if resume_state.get("replay") is not None:
+            rb.load_state_dict(resume_state["replay"])
+        start_iter, episodes, updates, owed = (resume_state[k] for k in ("iteration", "episodes", "updates", "owed"))
+        set_rng_state(resume_state["rng"])
+    env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + start_iter)
+    dev = load_npz(resolve_data_path(cfg.env.dev_set)) if cfg.env.dev_set else None
+    rd = str(run_dir)
+    logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start_iter, unit="iter",
+                       postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "loss/world_model": "wm",
+                                     "diag/imagined_invalid_action_rate": "inv"},
+                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+    metrics: dict[str, float] = {}
+    t_start = time.perf_counter()
+    B = cfg.replay.batch_size
+    try:
+        for iteration in range(start_iter + 1, cfg.train.iterations + 1):
+            t0 = time.perf_counter()
+            prefill = episodes < cfg.replay.prefill
+            rows, tour = dreamer_rollout(env, agent.world_model, agent.actor, mode="random" if prefill else "sample",
+                                         max_rows=T)
+            rb.extend(rows)
+            episodes += rows.shape[0]
+            t1 = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_upd = 0
+            if not prefill:
+                owed += float(rows["valid"].sum()) * cfg.replay.train_ratio / (B * T)
+                while owed >= 1.0:
+                    m = update(rb.sample(), iteration=iteration, run_dir=rd)
+                    for k, v in m.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    n_upd += 1
+                    owed -= 1.0
+            updates += n_upd
+            t2 = time.perf_counter()
+            metrics = {k: v / n_upd for k, v in sums.items()}
+            metrics.update({
+                "train/iteration": iteration, "train/episodes": episodes, "train/updates": updates,
+                "train/tour_length": tour.mean().item(), "train/episode_reward_sum": rows["reward"].sum(1).mean().item(),
+                "diag/prefill": float(prefill), "diag/imagined_invalid_action_rate": hooks.pop_invalid_rate(),
+                "time/collect_s": t1 - t0, "time/update_s": t2 - t1,
+                "time/updates_per_s": n_upd / max(t2 - t1, 1e-9) if n_upd else 0.0,
+            })
+            out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start
+            last = iteration == cfg.train.iterations or out_of_time
+            if (iteration % cfg.eval.every == 0 or last) and not prefill:
+                if dev is not None:
+                    metrics.update(evaluate_dev(agent, cfg, dev))
+                if len(rb) >= cfg.eval.diag_starts:
+                    metrics.update(tour_diagnostics(agent, hooks, rb.sample(cfg.eval.diag_starts), update))
+            if iteration % cfg.run.checkpoint_every == 0 or last:
+                save_checkpoint(run_dir / "checkpoint.pt", {
+                    "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
+                    "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
+                    "replay": None, "iteration": iteration, "episodes": episodes, "updates": updates, "owed": owed,
+                    "rng": rng_state(),
+                })
+            metrics["time/iteration_s"] = time.perf_counter() - t0
+            metrics["time/total_s"] = time.perf_counter() - t_start
+            logger.log(metrics, step=episodes)
+            logger.advance()
+            if out_of_time:
+                logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
+                break
+    finally:
+        logger.close()
+        try:
+            plot_learning_curves(run_dir, panels=(
+                ("dev gap (%)", ("eval/gap_pct",)),
+                ("tour length", ("train/tour_length", "eval/tour_length", "diag/imagined_tour_length_model",
+                                 "diag/imagined_tour_length_exact")),
+                ("value / target range", ("diag/value_min", "diag/value_max", "diag/lambda_return_min",
+                                          "diag/lambda_return_max")),
+                ("actor", ("diag/actor_entropy", "diag/imagined_invalid_action_rate")),
+            ))
+        except Exception as exc:
+            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict[str, float]:
+    if not cfg.env.dev_set:
+        raise ConfigError("--evaluate needs env.dev_set")
+    state = load_checkpoint(run_dir, map_location=cfg.device)
+    agent, _, _ = build(cfg)
+    agent.load_state_dict(state["agent"])
+    result = evaluate_dev(agent, cfg, load_npz(resolve_data_path(cfg.env.dev_set)))
+    print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], **result}))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_recipe_args(argv, schema=DreamerRoutingConfig, config_dir=CONFIG_DIR, description=__doc__,
+                             default_env="tsp20", env_config_dir=ENV_CONFIG_DIR)
+    cfg: DreamerRoutingConfig = to_object(args.cfg)
+    validate(cfg)
+    if args.evaluate is not None:
+        evaluate_checkpoint(cfg, args.evaluate)
+        return args.evaluate
+    resume_state = None
+    if args.resume is not None:
+        run_dir = args.resume
+        resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+    else:
+        run_dir = make_run_dir(cfg.run.root, RECIPE, f"{cfg.env.problem}{cfg.env.size}")
+    save_config(args.cfg, run_dir / "config.yaml")
+    print(f"run directory: {run_dir}", flush=True)
+    train(cfg, run_dir, resume_state)
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,34 @@
+"""CPU-side process settings that recipes apply at start-up (never at import time).
+
+:func:`tune_malloc` keeps freed memory inside the process instead of handing it back to the OS.
+glibc's defaults ``mmap`` every allocation above 128 KiB and ``munmap`` it on free, so each
+medium-sized tensor (an imagined batch of features, a two-hot logit block) is paid again in page
+faults every update; the autograd engine's allocations also spread over several arenas. Measured on
+this project's 2-core machine: the backward of an elementwise op on a 16384 x 64 tensor
+2.9 ms -> 0.6 ms, and a full Dreamer update at 16x64 with 1024 imagined starts 2.67 -> 3.36
+updates/s (2 threads). Memory use grows to the peak working set and stays there, which is what a
+training process wants.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+__all__ = ["tune_malloc"]
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+
+
+def tune_malloc() -> bool:
+    """Applies the glibc ``mallopt`` settings above; returns False (and does nothing) where glibc
+    is not the allocator (macOS, Windows, musl)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 28))
+    return all(mallopt(option, value) == 1 for option, value in settings)
