@@ -83,6 +83,7 @@ class WorldModelLossConfig:
     reconstruction_scale: float = doc(1.0, "Reconstruction loss weight.")
     reward_scale: float = doc(1.0, "Reward loss weight.")
     continue_scale: float = doc(1.0, "Continue loss weight.")
+    terminal_weight: float = doc(1.0, "Weight of (rare) terminal rows in the continue loss (1 = paper).")
 
 
 @dataclass
@@ -93,6 +94,7 @@ class ActorCriticConfig:
     entropy_coef: float = doc(3e-4, "Actor entropy bonus (paper 3e-4).")
     actor_grad: str = doc("reinforce", "reinforce (any action space) or dynamics (continuous: backprop through the model).")
     start_fraction: float = doc(1.0, "Imagine from this fraction of the replayed states (1 = all, as the paper; CPU knob).")
+    cont_mode: str = doc("prob", "Imagined continue flag: prob (continue-head probability, 2024 reference) or mode (0/1).")
     slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic per update.")
     slow_reg_scale: float = doc(1.0, "Weight of the critic's regulariser towards the slow critic.")
     replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off; needs start_fraction 1).")
@@ -165,6 +167,7 @@ def validate(cfg: DreamerConfig) -> None:
         "model.size": (cfg.model.size, tuple(PRESETS)),
         "loss.free_bits_grad": (cfg.loss.free_bits_grad, ("clip", "straight_through")),
         "ac.actor_grad": (cfg.ac.actor_grad, ("reinforce", "dynamics")),
+        "ac.cont_mode": (cfg.ac.cont_mode, ("prob", "mode")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -246,7 +249,8 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
     lc, ac = cfg.loss, cfg.ac
     wm_loss = WorldModelLoss(agent.world_model, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
                              free_bits_grad=lc.free_bits_grad, reconstruction_scale=lc.reconstruction_scale,
-                             reward_scale=lc.reward_scale, continue_scale=lc.continue_scale)
+                             reward_scale=lc.reward_scale, continue_scale=lc.continue_scale,
+                             terminal_weight=lc.terminal_weight)
     critic_loss = CriticLoss(agent.critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale,
                              replay_scale=ac.replay_value_scale)
     actor_loss = ActorLoss(agent.actor, entropy_coef=ac.entropy_coef, actor_grad=ac.actor_grad,
@@ -254,7 +258,7 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(agent.world_model, agent.actor, ac.horizon, start_fraction=ac.start_fraction,
-                                    grad=ac.actor_grad == "dynamics")
+                                    grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode)
     if cfg.model.compile:
         agent.world_model.rssm.enable_compile()
         imagination.enable_compile()

@@ -139,6 +139,7 @@ def test_critic_loss_targets_match_naive_lambda_returns():
     agent = _agent()
     _, critic, actor = _losses(agent)
     traj = _imagined(agent, critic)
+    traj["cont"][2] = 1.0
     traj["cont"][2, 2] = 0.0  # a terminal state mid-trajectory
     before = _snapshot(traj)
     loss_td, targets = critic(traj)
@@ -302,3 +303,34 @@ def test_optimizer_is_laprop_with_agc():
         mu = 0.9 * mu + 0.1 * u
         q = q - 0.01 * mu / (1 - 0.9**step)
         assert torch.allclose(p.detach(), q, atol=1e-5)
+
+
+def test_terminal_weight_reweights_only_terminal_rows():
+    agent = _agent()
+    batch = _batch()
+    torch.manual_seed(5)
+    plain, states = WorldModelLoss(agent.world_model)(batch)
+    torch.manual_seed(5)
+    weighted, _ = WorldModelLoss(agent.world_model, terminal_weight=10.0)(batch)
+    logit = agent.world_model.continue_head(states["feat"])
+    per_row = F.binary_cross_entropy_with_logits(logit, 1.0 - batch["is_terminal"].float(), reduction="none")
+    w = torch.where(batch["is_terminal"], 10.0, 1.0)
+    assert weighted["loss_continue"].item() == pytest.approx((per_row * w).mean().item(), rel=1e-5)
+    assert plain["loss_continue"].item() == pytest.approx(per_row.mean().item(), rel=1e-5)
+
+
+def test_imagined_continue_is_probability_or_mode():
+    agent = _agent()
+    rssm = agent.world_model.rssm
+    torch.manual_seed(0)
+    h = torch.randn(6, rssm.deter)
+    z = F.one_hot(torch.randint(0, rssm.classes, (6, rssm.stoch)), rssm.classes).float()
+    torch.manual_seed(1)
+    soft = imagine(agent.world_model, agent.actor, h, z, torch.ones(6), H, cont_mode="prob")
+    torch.manual_seed(1)
+    hard = imagine(agent.world_model, agent.actor, h, z, torch.ones(6), H, cont_mode="mode")
+    logit = agent.world_model.continue_head(soft["feat"][:, 1:])
+    assert torch.allclose(soft["cont"][:, 1:], torch.sigmoid(logit), atol=1e-6)
+    assert torch.equal(hard["cont"][:, 1:], (logit > 0).float())
+    with pytest.raises(ValueError, match="cont_mode"):
+        imagine(agent.world_model, agent.actor, h, z, torch.ones(6), H, cont_mode="soft")

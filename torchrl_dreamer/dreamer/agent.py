@@ -7,7 +7,7 @@ serve acting, imagination and training.
 
 Size presets (``model.size``) follow the DreamerV3 paper's table (2023: GRU units, dense units, MLP
 layers, CNN multiplier) with 32 categoricals of 16 classes; ``tiny`` is a CPU preset for quick
-experiments and the throughput benchmark's equal-size comparison.
+experiments; ``nano`` is the smallest that solves CartPole on a 2-core CPU in minutes.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ class ModelSizes:
 
 
 PRESETS: dict[str, ModelSizes] = {
+    "nano": ModelSizes(deter=64, hidden=64, units=64, layers=1, stoch=8, classes=8, blocks=2, cnn_depth=16),
     "tiny": ModelSizes(deter=128, hidden=128, units=128, layers=1, stoch=16, classes=16, blocks=4, cnn_depth=16),
     "xs": ModelSizes(deter=256, hidden=256, units=256, layers=1, cnn_depth=24),
     "s": ModelSizes(deter=512, hidden=512, units=512, layers=2, cnn_depth=32),

@@ -12,7 +12,7 @@ Trajectory layout (``[N, H+1]``, index t = imagined state s_t, s_0 = the posteri
 | ``action`` | a_t sampled at s_t (zeros at t = H: no action is taken there) |
 | ``log_prob``, ``entropy`` | of a_t under the policy at rollout time (no gradient; diagnostics) |
 | ``reward`` | r_t predicted for arriving at s_t (0 at t = 0, unused) |
-| ``cont`` | continue flag of s_t: the data's ``1 - is_terminal`` at t = 0, the continue head's mode after |
+| ``cont`` | continue flag of s_t: the data's ``1 - is_terminal`` at t = 0, then the continue head's probability (or mode) |
 | extra actor inputs | whatever :class:`ImaginationHooks` provide, e.g. ``action_mask`` |
 
 Environment knowledge that need not be learned (SEEDS_DIGEST 1.2: for routing, the visited set is
@@ -84,7 +84,7 @@ def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bo
 def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
             start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
             context: dict[str, torch.Tensor] | None = None, grad: bool = False,
-            step_fn=None) -> dict[str, torch.Tensor]:
+            step_fn=None, cont_mode: str = "prob") -> dict[str, torch.Tensor]:
     """Rolls ``actor`` through the prior of ``world_model`` for ``horizon`` steps.
 
     Args:
@@ -96,6 +96,10 @@ def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoc
             actions); otherwise everything runs under ``no_grad`` and the losses recompute what
             needs gradients from the stored features.
         step_fn: replacement for the per-step function (e.g. a compiled one; no-grad mode only).
+        cont_mode: ``"prob"`` (the continue head's probability, as the 2024 reference code) or
+            ``"mode"`` (0/1, the 2023 code). With rare terminal states (CartPole: ~2% of rows, all
+            within 0.02 rad of non-terminal ones) the mode stays "continue" near the boundary
+            and imagined failures never end; the probability discounts them smoothly.
 
     Returns the ``[N, H+1]`` trajectory described in the module docstring.
     """
@@ -132,7 +136,13 @@ def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoc
         feat_all = torch.stack(feats, 1)
         future = feat_all[:, 1:]
         reward = world_model.reward_head.mean(world_model.reward_head(future))
-        cont = (world_model.continue_head(future) > 0).to(feat_all.dtype)  # mode of the Bernoulli
+        cont_logit = world_model.continue_head(future)
+        if cont_mode == "prob":
+            cont = torch.sigmoid(cont_logit)
+        elif cont_mode == "mode":
+            cont = (cont_logit > 0).to(feat_all.dtype)
+        else:
+            raise ValueError(f"cont_mode must be 'prob' or 'mode', got '{cont_mode}'")
         if any(r is not None for r in known_rewards):
             reward = torch.stack([r if r is not None else reward[:, i] for i, r in enumerate(known_rewards)], 1)
         if any(t is not None for t in known_terms):
@@ -166,14 +176,18 @@ class ImaginationModule(TensorDictModuleBase):
     """
 
     def __init__(self, world_model: WorldModel, actor: nn.Module, horizon: int = 15, *,
-                 hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False) -> None:
+                 hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False,
+                 cont_mode: str = "prob") -> None:
         super().__init__()
         if horizon < 1:
             raise ValueError(f"imagination horizon must be >= 1, got {horizon}")
         if not 0 < start_fraction <= 1:
             raise ValueError(f"start_fraction must be in (0, 1], got {start_fraction}")
         self.world_model, self.actor = world_model, actor
+        if cont_mode not in ("prob", "mode"):
+            raise ValueError(f"cont_mode must be 'prob' or 'mode', got '{cont_mode}'")
         self.horizon, self.hooks, self.start_fraction, self.grad = horizon, hooks, start_fraction, grad
+        self.cont_mode = cont_mode
         self.step_fn = None
         self.in_keys = ["deter", "stoch", "is_terminal"]
         self.out_keys = ["deter", "stoch", "feat", "action", "log_prob", "entropy", "reward", "cont"]
@@ -192,7 +206,8 @@ class ImaginationModule(TensorDictModuleBase):
         start_cont = 1.0 - start["is_terminal"].to(deter.dtype)
         context = hooks.actor_context(start)
         out = imagine(self.world_model, self.actor, deter, stoch, start_cont, self.horizon, hooks=hooks,
-                      aux=hooks.start(start), context=context, grad=self.grad, step_fn=self.step_fn)
+                      aux=hooks.start(start), context=context, grad=self.grad, step_fn=self.step_fn,
+                      cont_mode=self.cont_mode)
         n, length = deter.shape[0], self.horizon + 1
         for key, value in context.items():  # per-trajectory constants, as [N, H+1] views (no copy)
             out[key] = value.unsqueeze(1).expand(n, length, *value.shape[1:])

@@ -104,6 +104,11 @@ class WorldModelLoss(_DreamerLoss):
         free_bits_grad: ``"clip"`` (paper: no gradient below the threshold, on purpose) or
             ``"straight_through"`` (value clipped, raw KL gradient kept).
         reconstruction_scale, reward_scale, continue_scale: weights of the other terms (1.0).
+        terminal_weight: weight of terminal rows in the continue loss (1.0 = the paper). Terminal
+            states are rare (CartPole: ~2% of rows, and only a few hundredths of a radian or
+            centimetre away from non-terminal ones); with equal weights the continue head learns
+            them far slower than the rest of the model, imagined trajectories never end and the
+            actor is not told that running off the track ends the episode.
 
     ``forward(td)`` returns ``(loss_td, states_td)``: ``loss_td`` holds ``loss_reconstruction``,
     ``loss_reward``, ``loss_continue``, ``loss_dyn``, ``loss_rep`` (already weighted; their sum is
@@ -135,8 +140,12 @@ class WorldModelLoss(_DreamerLoss):
 
     def __init__(self, world_model: WorldModel, *, dyn_scale: float = 0.5, rep_scale: float = 0.1,
                  free_bits: float = 1.0, free_bits_grad: Literal["clip", "straight_through"] = "clip",
-                 reconstruction_scale: float = 1.0, reward_scale: float = 1.0, continue_scale: float = 1.0) -> None:
+                 reconstruction_scale: float = 1.0, reward_scale: float = 1.0, continue_scale: float = 1.0,
+                 terminal_weight: float = 1.0) -> None:
         super().__init__()
+        if terminal_weight <= 0:
+            raise ValueError(f"terminal_weight must be > 0, got {terminal_weight}")
+        self.terminal_weight = float(terminal_weight)
         if free_bits_grad not in ("clip", "straight_through"):
             raise ValueError(f"free_bits_grad must be 'clip' or 'straight_through', got '{free_bits_grad}'")
         self.world_model = world_model
@@ -193,6 +202,8 @@ class WorldModelLoss(_DreamerLoss):
         cont_target = (~is_terminal).to(feat.dtype)
         cont_logit = wm.continue_head(feat)
         loss_continue = wm.continue_head.loss(cont_logit, cont_target)
+        if self.terminal_weight != 1.0:  # rare terminal rows weigh more (see the argument's doc)
+            loss_continue = loss_continue * torch.where(is_terminal, self.terminal_weight, 1.0)
         kl = kl_loss(out["posterior_logits"], out["prior_logits"], dyn_scale=self.dyn_scale, rep_scale=self.rep_scale,
                      free_bits=self.free_bits, free_bits_grad=self.free_bits_grad, weight=valid)
         loss_reconstruction = sum(mean(v) for v in recon.values())
