@@ -97,7 +97,7 @@ class ActorCriticConfig:
     cont_mode: str = doc("prob", "Imagined continue flag: prob (continue-head probability, 2024 reference) or mode (0/1).")
     slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic per update.")
     slow_reg_scale: float = doc(1.0, "Weight of the critic's regulariser towards the slow critic.")
-    replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off; needs start_fraction 1).")
+    replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off; 2024 reference: 0.3).")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
 
 
@@ -187,8 +187,6 @@ def validate(cfg: DreamerConfig) -> None:
         raise ConfigError("ac.discount must be in (0, 1] and ac.lmbda in [0, 1]")
     if not 0 < cfg.ac.start_fraction <= 1:
         raise ConfigError(f"ac.start_fraction must be in (0, 1], got {cfg.ac.start_fraction}")
-    if cfg.ac.replay_value_scale > 0 and cfg.ac.start_fraction < 1:
-        raise ConfigError("ac.replay_value_scale > 0 needs ac.start_fraction = 1 (returns at every replayed state)")
     if cfg.replay.capacity < cfg.replay.batch_size * cfg.replay.seq_len:
         raise ConfigError("replay.capacity is smaller than one batch (batch_size * seq_len)")
     if cfg.env.pixels and cfg.env.obs_keys and cfg.env.obs_keys != ["pixels"]:

@@ -302,26 +302,29 @@ class CriticLoss(_DreamerLoss):
         targets_td["lambda_return"] = torch.cat([ret, value[:, -1:]], 1)  # padded to [N, H+1] (R_H = V_H)
         return loss_td, targets_td
 
-    def replay_loss(self, states: TensorDictBase, imagined_return: torch.Tensor) -> torch.Tensor:
-        """Optional replay-value loss (DreamerV3 2024): lambda-returns along the *replayed* slice
-        ``[B, T]`` with the data's rewards and terminals, bootstrapped from the imagined return of
-        each state (``imagined_return [B, T]``), regress the critic at the replayed states.
-        Episode boundaries are respected: a return never bootstraps across an ``is_first`` row.
-        Returns the weighted loss (``replay_scale`` applied)."""
+    def replay_loss(self, states: TensorDictBase, imagined_return: torch.Tensor | None = None) -> torch.Tensor:
+        """Optional replay-value loss: lambda-returns along the *replayed* slice ``[B, T]`` with the
+        data's rewards and terminals regress the critic at the replayed states. Real outcomes
+        (e.g. the cart leaving the track) reach the critic even where the continue head misses them.
+
+        Bootstrap values: the imagined return of each state (``imagined_return [B, T]``, DreamerV3
+        2024, needs imagination from every replayed state) or, when ``None``, the critic's own
+        (detached) prediction: TD(lambda) on replay. A return never crosses into the next episode:
+        at the last row before an ``is_first`` it is the bootstrap value itself. Returns the
+        weighted loss (``replay_scale`` applied)."""
         feat = states["feat"].detach()
+        logits = self.critic(feat)
+        boot = (self.critic.mean(logits) if imagined_return is None else imagined_return).detach()
         reward = states["reward"].to(feat.dtype)
         cont = (~states["is_terminal"]).to(feat.dtype)
-        boot = imagined_return.detach()
-        # row t+1 starts a new episode: R_t = boot_t (no reward or value from the next episode)
         next_first = states["is_first"][:, 1:]
-        reward_next = torch.where(next_first, torch.zeros_like(reward[:, 1:]), reward[:, 1:])
+        # R_t = r_{t+1} + g c_{t+1} (...): with r_{t+1} := boot_t and c_{t+1} := 0, R_t = boot_t
+        reward_next = torch.where(next_first, boot[:, :-1], reward[:, 1:])
         cont_next = torch.where(next_first, torch.zeros_like(cont[:, 1:]), cont[:, 1:])
         est = self.value_estimator
         ret = lambda_returns(reward_next, cont_next, boot, discount=est.gamma, lmbda=est.lmbda)
-        ret = torch.where(next_first, boot[:, :-1], ret)
         valid = cont[:, :-1]  # terminal rows have no future to regress on
-        logits = self.critic(feat[:, :-1])
-        return self.replay_scale * (self.critic.loss(logits, ret) * valid).mean()
+        return self.replay_scale * (self.critic.loss(logits[:, :-1], ret) * valid).mean()
 
 
 class ActorLoss(_DreamerLoss):

@@ -120,11 +120,12 @@ class DreamerUpdate:
         return metrics
 
     def _replay_value_loss(self, states: TensorDictBase, traj: TensorDictBase) -> torch.Tensor:
-        if self.imagination.start_fraction < 1.0:
-            raise ValueError("the replay-value loss needs imagination from every replayed state (start_fraction=1)")
+        """Bootstraps from the imagined returns when every replayed state was imagined from
+        (the 2024 reference), else from the critic itself (TD(lambda) on replay)."""
         B, T = states.batch_size
-        imagined_return = traj["lambda_return"][:, 0].reshape(B, T)
-        return self.critic_loss.replay_loss(states, imagined_return)
+        if self.imagination.start_fraction < 1.0:
+            return self.critic_loss.replay_loss(states)
+        return self.critic_loss.replay_loss(states, traj["lambda_return"][:, 0].reshape(B, T))
 
     @staticmethod
     def _check(values: dict[str, torch.Tensor], iteration, run_dir, what: str = "loss") -> None:
