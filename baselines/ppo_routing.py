@@ -223,8 +223,15 @@ def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Pa
     model.eval()
     out = rollout(env, model, greedy=True)
     model.train(was_training)
-    actions = out["action"].tolist()
-    lengths = out["tour_length"][:, 0].tolist()
+    return plot_decoded_tours(data, problem, out["action"].tolist(), out["tour_length"][:, 0].tolist(), path,
+                              title=f"greedy decoding vs reference ({problem})")
+
+
+def plot_decoded_tours(data: dict, problem: str, actions: list[list[int]], lengths: list[float], path: Path,
+                       title: str) -> Path:
+    """Decoded node sequences of the first ``len(actions)`` dev instances beside the references (PNG)."""
+    k = len(actions)
+    inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
     if problem == "tsp":
         locs, tours, ref_tours = inst["locs"], actions, data["ref_tour"][:k].tolist()
     else:
@@ -232,7 +239,7 @@ def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Pa
         tours = [a[: a.index(0, max(i for i, x in enumerate(a) if x != 0)) + 1] if 0 in a else a for a in actions]
         ref_tours = data["ref_actions"][:k].tolist()
     return plot_tours(path, locs, tours, lengths, problem=problem, ref_tours=ref_tours,
-                      ref_costs=data["ref_cost"][:k].tolist(), title=f"greedy decoding vs reference ({problem})")
+                      ref_costs=data["ref_cost"][:k].tolist(), title=title)
 
 
 def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict[str, float]:

@@ -26,8 +26,8 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from baselines.ppo_routing import EnvConfig, resolve_data_path
-from envs.routing import CVRPEnv, TSPEnv, load_npz
+from baselines.ppo_routing import EnvConfig, plot_decoded_tours, resolve_data_path
+from envs.routing import KOOL_CAPACITY, CVRPEnv, TSPEnv, load_npz
 from recipes.dreamer import OptimConfig, WorldModelLossConfig
 from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
@@ -95,6 +95,9 @@ class RoutingReplayConfig:
 class RoutingTrainConfig:
     iterations: int = doc(100_000, "Training iterations (collect + updates).")
     episodes_per_iter: int = doc(64, "Instances decoded per iteration (one batched env).")
+    curriculum: str = doc("", "Problem-size curriculum before env.size, as 'size:iterations,...' "
+                              "(e.g. '5:100,10:100' trains 100 iterations on 5 nodes, 100 on 10, then env.size). "
+                              "The replay restarts at each size; the dev set (env.size) is evaluated throughout.")
 
 
 @dataclass
@@ -145,6 +148,34 @@ def validate(cfg: DreamerRoutingConfig) -> None:
         raise ConfigError("ac.start_fraction must be in (0, 1]")
     if cfg.model.embed_dim % cfg.model.heads:
         raise ConfigError("model.embed_dim must be divisible by model.heads")
+    curriculum_stages(cfg)
+
+
+def curriculum_stages(cfg: DreamerRoutingConfig) -> list[tuple[int, int]]:
+    """``train.curriculum`` parsed into ``[(size, last_iteration), ...]``; the final size runs forever."""
+    stages, end = [], 0
+    text = cfg.train.curriculum.strip()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            size, iters = (int(x) for x in part.split(":"))
+        except ValueError:
+            raise ConfigError(f"train.curriculum: expected 'size:iterations,...', got '{text}'") from None
+        if size < 2 or iters <= 0:
+            raise ConfigError(f"train.curriculum: sizes must be >= 2 and iterations > 0, got '{part}'")
+        if cfg.env.problem == "cvrp" and size not in KOOL_CAPACITY:
+            raise ConfigError(f"train.curriculum: CVRP sizes need a standard capacity, one of {sorted(KOOL_CAPACITY)}; "
+                              f"got {size}")
+        end += iters
+        stages.append((size, end))
+    return stages
+
+
+def size_at(stages: list[tuple[int, int]], iteration: int, final: int) -> int:
+    """Problem size trained at (1-based) ``iteration``."""
+    for size, end in stages:
+        if iteration <= end:
+            return size
+    return final
 
 
 def sizes_of(cfg: RoutingModelConfig) -> RoutingSizes:
@@ -153,15 +184,17 @@ def sizes_of(cfg: RoutingModelConfig) -> RoutingSizes:
                         classes=cfg.classes, blocks=cfg.blocks, action_dim=cfg.action_dim, tanh_clip=cfg.tanh_clip)
 
 
-def make_env(cfg: DreamerRoutingConfig, *, batch: int, seed: int, instances=None):
+def make_env(cfg: DreamerRoutingConfig, *, batch: int, seed: int, instances=None, size: int | None = None):
+    size = size or cfg.env.size
     if cfg.env.problem == "tsp":
         if instances is not None:
             return TSPEnv(instances=instances, device=cfg.device)
-        return TSPEnv(num_nodes=cfg.env.size, batch_size=batch, device=cfg.device, seed=seed)
+        return TSPEnv(num_nodes=size, batch_size=batch, device=cfg.device, seed=seed)
     if instances is not None:
         return CVRPEnv(instances=instances, device=cfg.device)
-    return CVRPEnv(num_customers=cfg.env.size, batch_size=batch, capacity=cfg.env.capacity or None,
-                   device=cfg.device, seed=seed)
+    # the env YAML's capacity belongs to env.size; smaller curriculum sizes use the generator's default
+    capacity = cfg.env.capacity if size == cfg.env.size else 0
+    return CVRPEnv(num_customers=size, batch_size=batch, capacity=capacity or None, device=cfg.device, seed=seed)
 
 
 def build(cfg: DreamerRoutingConfig):
@@ -202,6 +235,18 @@ def evaluate_dev(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, chu
     gap = (tour / data["ref_cost"].double() - 1) * 100
     return {"eval/gap_pct": gap.mean().item(), "eval/tour_length": tour.mean().item(),
             "time/eval_decode_s": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def plot_dev_tours(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, path: Path, k: int = 4) -> Path:
+    """Greedy Dreamer tours of the first ``k`` dev instances beside the reference solutions (PNG)."""
+    inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
+    rows, tour = dreamer_rollout(make_env(cfg, batch=0, seed=0, instances=inst), agent.world_model, agent.actor,
+                                 mode="greedy")
+    moves = rows["valid"] & ~rows["is_terminal"]
+    actions = [rows["action"][i][moves[i]].argmax(-1).tolist() for i in range(k)]
+    return plot_decoded_tours(data, cfg.env.problem, actions, tour.tolist(), path,
+                              title=f"Dreamer greedy decoding vs reference ({cfg.env.problem})")
 
 
 @torch.no_grad()
@@ -249,8 +294,17 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
         tune_malloc()
     torch.manual_seed(cfg.seed)
     agent, hooks, update = build(cfg)
-    T = episode_length_bound(cfg.env.problem, cfg.env.size + (1 if cfg.env.problem == "cvrp" else 0))
-    rb = ReplayBuffer(storage=LazyTensorStorage(cfg.replay.capacity, device=cfg.device), batch_size=cfg.replay.batch_size)
+    stages = curriculum_stages(cfg)
+
+    def stage(size: int, iteration: int):
+        """Env, episode row bound and an empty replay for one problem size."""
+        env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + iteration, size=size)
+        bound = episode_length_bound(cfg.env.problem, size + (1 if cfg.env.problem == "cvrp" else 0))
+        storage = LazyTensorStorage(cfg.replay.capacity, device=cfg.device)
+        return env, bound, ReplayBuffer(storage=storage, batch_size=cfg.replay.batch_size)
+
+    size = size_at(stages, 1 if resume_state is None else resume_state["iteration"] + 1, cfg.env.size)
+    env, T, rb = stage(size, 0)
     start_iter, episodes, updates, owed = 0, 0, 0, 0.0
     if resume_state is not None:
         agent.load_state_dict(resume_state["agent"])
@@ -261,7 +315,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
             rb.load_state_dict(resume_state["replay"])
         start_iter, episodes, updates, owed = (resume_state[k] for k in ("iteration", "episodes", "updates", "owed"))
         set_rng_state(resume_state["rng"])
-    env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + start_iter)
+        env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + start_iter, size=size)
     dev = load_npz(resolve_data_path(cfg.env.dev_set)) if cfg.env.dev_set else None
     rd = str(run_dir)
     logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start_iter, unit="iter",
@@ -274,6 +328,11 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
     try:
         for iteration in range(start_iter + 1, cfg.train.iterations + 1):
             t0 = time.perf_counter()
+            if size_at(stages, iteration, cfg.env.size) != size:
+                size = size_at(stages, iteration, cfg.env.size)
+                env, T, rb = stage(size, iteration)
+                owed = 0.0
+                logger.write(f"curriculum: iteration {iteration} trains on size {size} (replay restarted)")
             prefill = episodes < cfg.replay.prefill
             rows, tour = dreamer_rollout(env, agent.world_model, agent.actor, mode="random" if prefill else "sample",
                                          max_rows=T)
@@ -294,7 +353,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
             t2 = time.perf_counter()
             metrics = {k: v / n_upd for k, v in sums.items()}
             metrics.update({
-                "train/iteration": iteration, "train/episodes": episodes, "train/updates": updates,
+                "train/iteration": iteration, "train/episodes": episodes, "train/problem_size": size, "train/updates": updates,
                 "train/tour_length": tour.mean().item(), "train/episode_reward_sum": rows["reward"].sum(1).mean().item(),
                 "diag/prefill": float(prefill), "diag/imagined_invalid_action_rate": hooks.pop_invalid_rate(),
                 "time/collect_s": t1 - t0, "time/update_s": t2 - t1,
@@ -332,8 +391,10 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
                                           "diag/lambda_return_max")),
                 ("actor", ("diag/actor_entropy", "diag/imagined_invalid_action_rate")),
             ))
+            if dev is not None:
+                plot_dev_tours(agent, cfg, dev, run_dir / "tours.png")
         except Exception as exc:
-            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
+            print(f"warning: could not plot learning curves or tours: {exc}", file=sys.stderr)
     return metrics
 
 
@@ -343,7 +404,9 @@ def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict[str, f
     state = load_checkpoint(run_dir, map_location=cfg.device)
     agent, _, _ = build(cfg)
     agent.load_state_dict(state["agent"])
-    result = evaluate_dev(agent, cfg, load_npz(resolve_data_path(cfg.env.dev_set)))
+    data = load_npz(resolve_data_path(cfg.env.dev_set))
+    result = evaluate_dev(agent, cfg, data)
+    plot_dev_tours(agent, cfg, data, run_dir / "tours.png")
     print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], **result}))
     return result
 

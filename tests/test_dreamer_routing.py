@@ -9,6 +9,7 @@ from torchrl.envs.utils import step_mdp
 
 from envs.routing import CVRPEnv, TSPEnv
 from recipes import routing
+from torchrl_dreamer.config import ConfigError
 from torchrl_dreamer.dreamer.imagination import imagine
 from torchrl_dreamer.dreamer.routing import RoutingHooks, RoutingSizes, dreamer_rollout, make_routing_agent
 
@@ -120,4 +121,19 @@ def test_dreamer_routing_smoke_and_algo_switch(env_name, tmp_runs):
     assert last["diag/imagined_invalid_action_rate"] == 0.0
     assert "diag/imagined_tour_length_model" in last and "diag/value_max" in last
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "curves.png").is_file()
+    assert (run_dir / "tours.png").stat().st_size > 5000
     assert "dreamer_routing" in str(run_dir)
+
+
+def test_dreamer_routing_curriculum_switches_sizes_and_validates(tmp_runs):
+    args = ["--algo", "dreamer", "--env", "tsp20", *TINY, f"run.root={tmp_runs}", "train.iterations=5",
+            "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
+            "eval.every=100", "eval.diag_starts=4", "train.curriculum=5:2,10:2"]
+    run_dir = routing.main(args)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sizes = [r["train/problem_size"] for r in records if "train/problem_size" in r]
+    assert sizes == [5, 5, 10, 10, 20]
+    assert records[-1]["train/updates"] > records[1]["train/updates"] and records[-1]["eval/gap_pct"] > 0
+    for bad in ("5-10", "1:3", "5:0"):
+        with pytest.raises(ConfigError, match="curriculum"):
+            routing.main([*args, f"train.curriculum={bad}"])

@@ -1,0 +1,124 @@
+"""DreamerV3 + pointer actor on TSP20 (or CVRP20, ...) for a fixed wall-clock budget.
+
+Same output as ``benchmarks/routing_ppo.py`` (greedy dev-set gap over time, training
+instances/s, JSON + PNG), plus what issue 5 asks of Dreamer: the imagined invalid-action rate, the
+value and lambda-target range over time (no explosion, no NaN), and learned vs known reward.
+
+    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 60                   # learned reward head
+    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 60 --reward known    # exact leg lengths
+    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 30 --reward both     # one run each
+    python benchmarks/routing_dreamer.py --env cvrp20 --budget-min 60
+
+If ``benchmarks/results/routing_ppo_<env>.json`` exists, the PNG draws the PPO curve beside
+Dreamer's so the two are compared on the same dev set and axes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+from recipes import dreamer_routing
+from torchrl_dreamer.config import load_config, to_object
+from torchrl_dreamer.plots import read_metrics
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run(env: str, reward: str, budget_min: float, threads: int, root: Path, overrides: list[str]) -> dict:
+    run_dir = dreamer_routing.main(["--env", env, f"ac.known_reward={'true' if reward == 'known' else 'false'}",
+                                    f"run.time_budget_s={budget_min * 60}", "train.iterations=100000000",
+                                    f"threads={threads}", f"run.root={root}", "run.progress=false", *overrides])
+    records = read_metrics(run_dir)
+    curve = [(r["time/total_s"], r["train/episodes"], r["eval/gap_pct"]) for r in records if "eval/gap_pct" in r]
+    ranges = [(r["time/total_s"], r.get("diag/value_min", math.nan), r.get("diag/value_max", math.nan),
+               r.get("diag/lambda_return_min", math.nan), r.get("diag/lambda_return_max", math.nan))
+              for r in records if "eval/gap_pct" in r]
+    trained = [r for r in records if r.get("train/updates", 0) > 0 and r.get("diag/prefill", 1.0) == 0.0]
+    invalid = max((r.get("diag/imagined_invalid_action_rate", 0.0) for r in records), default=0.0)
+    non_finite = sum(1 for r in records for v in r.values() if isinstance(v, float) and not math.isfinite(v))
+    cfg = to_object(load_config(dreamer_routing.DreamerRoutingConfig, [run_dir / "config.yaml"], []))
+    per_iter = cfg.train.episodes_per_iter
+    # decode + updates, like the PPO benchmark's rollout + update (dev-set evaluation excluded)
+    throughput = (statistics.median(per_iter / (r["time/collect_s"] + r["time/update_s"]) for r in trained)
+                  if trained else math.nan)
+    tours = [(r["time/total_s"], r.get("train/tour_length"), r.get("diag/imagined_tour_length_model"),
+              r.get("diag/imagined_tour_length_exact"), r.get("diag/imagined_mask_accuracy"))
+             for r in records if "diag/imagined_tour_length_model" in r]
+    print(f"\n[{env}, {reward} reward] training minutes | instances | greedy dev gap % | value min..max | "
+          f"lambda-target min..max")
+    for (t, n, gap), (_, vmin, vmax, lmin, lmax) in zip(curve, ranges):
+        print(f"{t / 60:8.1f} | {int(n):9d} | {gap:7.2f} | {vmin:8.2f}..{vmax:6.2f} | {lmin:8.2f}..{lmax:6.2f}")
+    if tours:
+        t, real, model, exact, acc = tours[-1]
+        print(f"last diagnostic: real tour {real:.3f}, imagined tour (model reward) {model:.3f}, "
+              f"same imagined tours exact {exact:.3f}, learned visited-head accuracy {acc:.3f}")
+    print(f"imagined invalid-action rate, max over the run: {invalid}; non-finite logged values: {non_finite}")
+    print(f"training throughput: {throughput:.0f} instances/s (median over iterations after prefill: decode + "
+          f"updates; {threads} threads)")
+    return {"env": env, "reward": reward, "budget_min": budget_min, "run_dir": str(run_dir),
+            "instances_per_s_median": throughput, "curve": curve, "value_ranges": ranges, "tour_diagnostics": tours,
+            "final_greedy_gap_pct": curve[-1][2] if curve else math.nan,
+            "best_greedy_gap_pct": min(c[2] for c in curve) if curve else math.nan,
+            "max_imagined_invalid_action_rate": invalid, "non_finite_logged_values": non_finite,
+            "updates": records[-1].get("train/updates") if records else 0, "overrides": overrides}
+
+
+def plot(env: str, results: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for res in results:
+        ax.plot([c[0] / 60 for c in res["curve"]], [c[2] for c in res["curve"]], "o-", ms=3,
+                label=f"Dreamer ({res['reward']} reward)")
+        t = [r[0] / 60 for r in res["value_ranges"]]
+        bx.plot(t, [r[1] for r in res["value_ranges"]], "-", label=f"value min ({res['reward']})")
+        bx.plot(t, [r[2] for r in res["value_ranges"]], "-", label=f"value max ({res['reward']})")
+        bx.plot(t, [r[3] for r in res["value_ranges"]], ":", label=f"lambda-target min ({res['reward']})")
+    ppo = RESULTS / f"routing_ppo_{env}.json"
+    if ppo.is_file():
+        curve = json.loads(ppo.read_text())["curve"]
+        ax.plot([c[0] / 60 for c in curve], [c[2] for c in curve], "s-", ms=2, color="grey", label="PPO (same dev set)")
+    ax.set_xlabel("training wall-clock (min)")
+    ax.set_ylabel("greedy gap to reference (%)")
+    ax.set_yscale("log")
+    ax.set_title(f"{env} dev set")
+    ax.legend(fontsize=8)
+    bx.set_xlabel("training wall-clock (min)")
+    bx.set_title("critic values and lambda-targets (imagination)")
+    bx.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="tsp20", help="tsp20 | cvrp20 | tsp50 | cvrp50")
+    parser.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget per run")
+    parser.add_argument("--reward", default="learned", choices=["learned", "known", "both"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
+    parser.add_argument("--out", type=Path, default=None, help="output stem (default results/routing_dreamer_<env>)")
+    parser.add_argument("overrides", nargs="*", help="extra config overrides (recorded in the JSON)")
+    args = parser.parse_args()
+    rewards = ["learned", "known"] if args.reward == "both" else [args.reward]
+    results = [run(args.env, r, args.budget_min, args.threads, args.root, args.overrides) for r in rewards]
+    out = args.out or RESULTS / f"routing_dreamer_{args.env}{'' if args.reward == 'learned' else '_' + args.reward}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    plot(args.env, results, out.with_suffix(".png"))
+    if len(results) > 1:
+        print("\nreward   | final greedy gap % | best greedy gap % | instances/s")
+        for res in results:
+            print(f"{res['reward']:8s} | {res['final_greedy_gap_pct']:18.2f} | {res['best_greedy_gap_pct']:17.2f} | "
+                  f"{res['instances_per_s_median']:.0f}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
