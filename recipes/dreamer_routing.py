@@ -301,7 +301,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
         env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + iteration, size=size)
         bound = episode_length_bound(cfg.env.problem, size + (1 if cfg.env.problem == "cvrp" else 0))
         storage = LazyTensorStorage(cfg.replay.capacity, device=cfg.device)
-        return env, bound, ReplayBuffer(storage=storage, batch_size=cfg.replay.batch_size)
+        return env, bound, ReplayBuffer(storage=storage)  # batch size given at each sample() call
 
     size = size_at(stages, 1 if resume_state is None else resume_state["iteration"] + 1, cfg.env.size)
     env, T, rb = stage(size, 0)
@@ -344,7 +344,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
             if not prefill:
                 owed += float(rows["valid"].sum()) * cfg.replay.train_ratio / (B * T)
                 while owed >= 1.0:
-                    m = update(rb.sample(), iteration=iteration, run_dir=rd)
+                    m = update(rb.sample(B), iteration=iteration, run_dir=rd)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     n_upd += 1
