@@ -6,7 +6,8 @@
 
 Each iteration samples ``ppo.batch_instances`` fresh instances, decodes them all with the
 current policy (one batched env, one encoder pass per episode), computes per-step GAE on the
-dense rewards (minus each leg) and runs ``ppo.epochs`` passes over minibatches of episodes.
+dense rewards (minus each leg), or with ``ppo.advantage=shared`` the POMO-style shared baseline
+over ``ppo.rollouts_per_instance`` rollouts of each instance, and runs ``ppo.epochs`` passes over minibatches of episodes.
 Every ``eval.every`` iterations the greedy policy decodes the dev set and ``eval/gap_pct`` is
 logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- CLI overrides.
 """
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from baselines.routing import compute_advantage, evaluate_dev, ppo_routing_update, rollout
+from baselines.routing import compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update, rollout
 from envs.routing import CVRPEnv, TSPEnv, load_npz
 from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
@@ -66,6 +67,11 @@ class PPOConfig:
     critic_coef: float = doc(0.5, "Critic loss weight.")
     max_grad_norm: float = doc(1.0, "Global gradient-norm clip.")
     normalize_advantage: bool = doc(True, "Standardise advantages per minibatch (over active steps).")
+    advantage: str = doc("gae", "gae (critic + GAE) or shared (POMO-style: episode return minus the mean "
+                                "over the rollouts of the same instance; needs rollouts_per_instance >= 2).")
+    rollouts_per_instance: int = doc(1, "Rollouts of each training instance per batch (batch_instances / this "
+                                        "distinct instances).")
+    symmetric_rollouts: bool = doc(False, "Give the rollouts of one instance different symmetries of the unit square.")
 
 
 @dataclass
@@ -119,6 +125,14 @@ def validate(cfg: PPORoutingConfig) -> None:
         raise ConfigError(f"eval.augment must be in 1..8, got {cfg.eval.augment}")
     if cfg.env.dev_set and not resolve_data_path(cfg.env.dev_set).is_file():
         raise ConfigError(f"env.dev_set not found: {cfg.env.dev_set} (also tried {resolve_data_path(cfg.env.dev_set)})")
+    if cfg.ppo.advantage not in ("gae", "shared"):
+        raise ConfigError(f"ppo.advantage must be gae or shared, got '{cfg.ppo.advantage}'")
+    k = cfg.ppo.rollouts_per_instance
+    if k < 1 or cfg.ppo.batch_instances % k:
+        raise ConfigError(f"ppo.rollouts_per_instance ({k}) must be >= 1 and divide ppo.batch_instances "
+                          f"({cfg.ppo.batch_instances})")
+    if cfg.ppo.advantage == "shared" and k < 2:
+        raise ConfigError("ppo.advantage=shared needs ppo.rollouts_per_instance >= 2")
     for key in ("batch_instances", "minibatch_instances", "epochs"):
         if getattr(cfg.ppo, key) <= 0:
             raise ConfigError(f"ppo.{key} must be > 0")
@@ -130,10 +144,11 @@ def make_model(cfg: PPORoutingConfig) -> PointerActorCritic:
 
 
 def make_train_env(cfg: PPORoutingConfig, seed: int):
+    groups = {"instance_repeats": cfg.ppo.rollouts_per_instance, "symmetric_repeats": cfg.ppo.symmetric_rollouts}
     if cfg.env.problem == "tsp":
-        return TSPEnv(num_nodes=cfg.env.size, batch_size=cfg.ppo.batch_instances, device=cfg.device, seed=seed)
+        return TSPEnv(num_nodes=cfg.env.size, batch_size=cfg.ppo.batch_instances, device=cfg.device, seed=seed, **groups)
     return CVRPEnv(num_customers=cfg.env.size, batch_size=cfg.ppo.batch_instances,
-                   capacity=cfg.env.capacity or None, device=cfg.device, seed=seed)
+                   capacity=cfg.env.capacity or None, device=cfg.device, seed=seed, **groups)
 
 
 def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
@@ -161,7 +176,10 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
             t0 = time.perf_counter()
             model.eval()
             batch = rollout(env, model)
-            compute_advantage(batch, cfg.ppo.gamma, cfg.ppo.lmbda)
+            if cfg.ppo.advantage == "shared":
+                compute_shared_advantage(batch, cfg.ppo.rollouts_per_instance)
+            else:
+                compute_advantage(batch, cfg.ppo.gamma, cfg.ppo.lmbda)
             for key in ("value", "advantage", "value_target", "log_prob"):
                 check_finite(key, batch[key], iteration=iteration, run_dir=rd)
             t1 = time.perf_counter()
@@ -177,6 +195,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
             lengths = batch["tour_length"][:, 0]
             metrics.update({
                 "train/iteration": iteration, "train/instances": instances,
+                "train/distinct_instances": instances // cfg.ppo.rollouts_per_instance,
                 "train/tour_length": lengths.mean().item(),
                 "train/episode_reward_sum": batch["reward"].sum(1).mean().item(),
                 "diag/value_mean": batch["value"][batch["active"]].mean().item(),

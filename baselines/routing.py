@@ -20,7 +20,7 @@ from torchrl.objectives.value.functional import generalized_advantage_estimate
 from torchrl_dreamer.guards import NonFiniteError
 from torchrl_dreamer.pointer import PointerActorCritic
 
-__all__ = ["rollout", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
+__all__ = ["rollout", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
 
 
 def _instance(td) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -101,6 +101,22 @@ def compute_advantage(batch: TensorDict, gamma: float, lmbda: float) -> None:
     )
     batch["advantage"] = adv.squeeze(-1) * active
     batch["value_target"] = target.squeeze(-1)
+
+
+def compute_shared_advantage(batch: TensorDict, group_size: int) -> None:
+    """POMO-style shared baseline: rollouts ``[g*K, (g+1)*K)`` solve the same instance; each step's
+    advantage is its episode's return minus the mean return of its group (unbiased, no critic).
+    ``value_target`` is the Monte-Carlo return-to-go, so the critic head still trains (diagnostic).
+    """
+    B = batch.batch_size[0]
+    if group_size < 2 or B % group_size:
+        raise ValueError(f"shared baseline needs group_size >= 2 dividing the batch ({B}), got {group_size}")
+    active = batch["active"].float()
+    reward = batch["reward"] * active
+    episode = reward.sum(1)
+    baseline = episode.view(-1, group_size).mean(1).repeat_interleave(group_size)
+    batch["advantage"] = (episode - baseline).unsqueeze(1) * active
+    batch["value_target"] = reward.flip(1).cumsum(1).flip(1)
 
 
 def ppo_routing_update(

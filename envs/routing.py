@@ -26,7 +26,11 @@ are masked; the episode ends when every customer is served and the vehicle is ba
 Instances come from a seeded generator (uniform coordinates in the unit square; CVRP demands
 uniform in 1..9 with the capacity of Kool et al. 2019: 20 -> 30, 50 -> 40, 100 -> 50), or from
 fixed tensors (``instances=``), e.g. :func:`load_npz` of the dev sets in ``shared/data``; with
-fixed instances every reset returns the same ``B`` instances.
+fixed instances every reset returns the same ``B`` instances. ``instance_repeats=K`` makes each
+generated instance appear ``K`` times in a row (``B / K`` distinct instances per reset), so a
+learner can compare several rollouts of one instance (POMO-style shared baseline);
+``symmetric_repeats=True`` gives copy ``j`` the ``j % 8``-th symmetry of the unit square (same
+optimal tour length, different coordinates).
 """
 from __future__ import annotations
 
@@ -49,6 +53,7 @@ __all__ = [
     "generate_cvrp",
     "load_npz",
     "tour_length",
+    "square_symmetry",
 ]
 
 KOOL_CAPACITY = {10: 20, 20: 30, 50: 40, 100: 50}
@@ -88,6 +93,16 @@ def generate_cvrp(
     }
 
 
+def square_symmetry(xy: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row ``b`` of ``xy [B, ..., 2]`` mapped by the ``index[b] % 8``-th symmetry of the unit square
+    (identity, transpose, mirrors, rotations); distances, hence tour lengths, are unchanged."""
+    x, y = xy[..., 0], xy[..., 1]
+    maps = [(x, y), (y, x), (1 - x, y), (y, 1 - x), (x, 1 - y), (1 - y, x), (1 - x, 1 - y), (1 - y, 1 - x)]
+    stacked = torch.stack([torch.stack(m, -1) for m in maps])  # [8, B, ..., 2]
+    idx = (index.long() % 8).to(xy.device)
+    return stacked[idx, torch.arange(xy.shape[0], device=xy.device)]
+
+
 def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Loads a dev set from ``shared/data`` (TSP or CVRP format, see its README) as tensors."""
     path = Path(path)
@@ -124,9 +139,16 @@ class _RoutingEnv(EnvBase):
         instances: dict[str, torch.Tensor] | None,
         device: str | torch.device,
         seed: int,
+        instance_repeats: int = 1,
+        symmetric_repeats: bool = False,
     ) -> None:
         if reward_mode not in ("dense", "sparse"):
             raise ValueError(f"reward_mode must be 'dense' or 'sparse', got '{reward_mode}'")
+        if instance_repeats < 1 or batch_size % instance_repeats:
+            raise ValueError(f"instance_repeats must be >= 1 and divide batch_size={batch_size}, got {instance_repeats}")
+        if instance_repeats > 1 and instances is not None:
+            raise ValueError("instance_repeats applies to generated instances, not to fixed ones")
+        self.instance_repeats, self.symmetric_repeats = int(instance_repeats), bool(symmetric_repeats)
         super().__init__(device=device, batch_size=torch.Size([batch_size]))
         self.num_nodes = num_nodes
         self.reward_mode = reward_mode
@@ -174,7 +196,18 @@ class _RoutingEnv(EnvBase):
         n = int(mask.sum())
         if self.fixed_instances is not None:
             return {k: v[mask.cpu()].to(self.device) for k, v in self.fixed_instances.items()}
-        return {k: v.to(self.device) for k, v in self._validate(self._generate(n)).items()}
+        k = self.instance_repeats
+        if k == 1:
+            return {key: v.to(self.device) for key, v in self._validate(self._generate(n)).items()}
+        # groups of k copies; a partial reset draws whole groups and keeps the first n rows
+        groups = self._validate(self._generate(-(-n // k)))
+        out = {key: v.repeat_interleave(k, 0)[:n] for key, v in groups.items()}
+        if self.symmetric_repeats:
+            copy = torch.arange(n) % k
+            for key in ("locs", "depot"):
+                if key in out:
+                    out[key] = square_symmetry(out[key], copy)
+        return {key: v.to(self.device) for key, v in out.items()}
 
     def _leg(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Float64 distance between nodes ``a`` and ``b`` (``[B]`` each) of every instance."""
@@ -222,6 +255,8 @@ class TSPEnv(_RoutingEnv):
         batch_size: instances stepped together.
         reward_mode: ``"dense"`` (minus each leg) or ``"sparse"`` (minus the tour at the end).
         instances: fixed ``{"locs": [B, N, 2]}`` (e.g. from :func:`load_npz`).
+        instance_repeats, symmetric_repeats: ``K`` consecutive copies of each generated instance
+            (optionally under the unit square's symmetries); see the module docstring.
     """
 
     def __init__(
@@ -232,6 +267,8 @@ class TSPEnv(_RoutingEnv):
         instances: dict[str, torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        instance_repeats: int = 1,
+        symmetric_repeats: bool = False,
     ) -> None:
         if instances is not None:
             _check_locs(torch.as_tensor(instances["locs"]))
@@ -239,7 +276,8 @@ class TSPEnv(_RoutingEnv):
         if num_nodes < 2:
             raise ValueError(f"TSP needs at least 2 nodes, got {num_nodes}")
         super().__init__(batch_size=batch_size, num_nodes=num_nodes, reward_mode=reward_mode,
-                         instances=instances, device=device, seed=seed)
+                         instances=instances, device=device, seed=seed, instance_repeats=instance_repeats,
+                         symmetric_repeats=symmetric_repeats)
 
     def _validate(self, instances):
         locs = torch.as_tensor(instances["locs"]).float()
@@ -326,6 +364,7 @@ class CVRPEnv(_RoutingEnv):
         reward_mode: ``"dense"`` or ``"sparse"``.
         instances: fixed ``{"depot": [B, 2], "locs": [B, n, 2], "demand": [B, n],
             "capacity": [B]}`` (e.g. from :func:`load_npz`).
+        instance_repeats, symmetric_repeats: as for :class:`TSPEnv`.
     """
 
     def __init__(
@@ -337,6 +376,8 @@ class CVRPEnv(_RoutingEnv):
         instances: dict[str, torch.Tensor] | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        instance_repeats: int = 1,
+        symmetric_repeats: bool = False,
     ) -> None:
         if instances is not None:
             batch_size, num_customers = instances["locs"].shape[:2]
@@ -345,7 +386,8 @@ class CVRPEnv(_RoutingEnv):
         self.num_customers = num_customers
         self.capacity = capacity
         super().__init__(batch_size=batch_size, num_nodes=num_customers + 1, reward_mode=reward_mode,
-                         instances=instances, device=device, seed=seed)
+                         instances=instances, device=device, seed=seed, instance_repeats=instance_repeats,
+                         symmetric_repeats=symmetric_repeats)
 
     def _extra_observation_specs(self, B, N):
         return {

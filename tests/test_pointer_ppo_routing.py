@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from baselines.ppo_routing import main
-from baselines.routing import augment_xy, compute_advantage, evaluate_dev, ppo_routing_update, rollout
+from baselines.routing import augment_xy, compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update, rollout
 from envs.routing import CVRPEnv, TSPEnv, generate_cvrp, generate_tsp
 from torchrl_dreamer.pointer import AllMaskedError, PointerActorCritic, masked_log_softmax
 
@@ -101,3 +101,36 @@ def test_evaluate_writes_tour_picture(env_name, tmp_runs, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["augment"] == 2 and printed["gap_pct"] > 0
     assert (run_dir / "tours.png").stat().st_size > 5000
+
+
+def test_shared_baseline_advantage_exact():
+    from tensordict import TensorDict
+
+    # 2 instances x 2 rollouts; rollout 1 finished a step early (inactive last step)
+    reward = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, 0.0], [-3.0, -1.0, -1.0], [-2.0, -1.0, -1.0]])
+    active = torch.tensor([[True, True, True], [True, True, False], [True, True, True], [True, True, True]])
+    batch = TensorDict({"reward": reward, "active": active}, batch_size=[4, 3])
+    compute_shared_advantage(batch, 2)
+    # episode returns -4, -2 (mean -3) and -5, -4 (mean -4.5)
+    expected = torch.tensor([-1.0, 1.0, -0.5, 0.5]).unsqueeze(1) * active.float()
+    assert torch.equal(batch["advantage"], expected)
+    assert torch.equal(batch["value_target"][0], torch.tensor([-4.0, -3.0, -1.0]))
+    assert torch.equal(batch["value_target"][1], torch.tensor([-2.0, -1.0, 0.0]))
+    with pytest.raises(ValueError, match="group_size"):
+        compute_shared_advantage(batch, 3)
+
+
+def test_ppo_routing_shared_baseline_smoke_and_config_errors(tmp_runs):
+    from torchrl_dreamer.config import ConfigError
+
+    tiny = ["train.iterations=1", "eval.every=0", "ppo.batch_instances=16", "ppo.minibatch_instances=8",
+            "ppo.epochs=1", "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2", "model.ff_dim=32",
+            "run.progress=false", "run.tensorboard=false", f"run.root={tmp_runs}"]
+    run_dir = main(["--env", "cvrp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=4",
+                    "ppo.symmetric_rollouts=true", *tiny])
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train/instances"] == 16 and record["train/distinct_instances"] == 4
+    with pytest.raises(ConfigError, match="rollouts_per_instance >= 2"):
+        main(["--env", "tsp20", "ppo.advantage=shared", *tiny])
+    with pytest.raises(ConfigError, match="divide"):
+        main(["--env", "tsp20", "ppo.rollouts_per_instance=3", *tiny])

@@ -195,3 +195,30 @@ def test_finished_rows_always_have_one_legal_move():
     env = TSPEnv(num_nodes=4, batch_size=2)
     data = env.rollout(6, break_when_any_done=False, auto_reset=True)
     assert (data["action_mask"].sum(-1) >= 1).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_instance_repeats_give_groups_of_the_same_instance(symmetric):
+    env = CVRPEnv(num_customers=6, batch_size=12, capacity=10, seed=1, instance_repeats=4, symmetric_repeats=symmetric)
+    td = env.reset()
+    locs = td["locs"]  # depot first
+    dist = torch.cdist(locs, locs)
+    for g in range(3):
+        rows = slice(4 * g, 4 * g + 4)
+        assert torch.equal(td["demand"][rows], td["demand"][4 * g].expand(4, -1))
+        assert torch.allclose(dist[rows], dist[4 * g].expand(4, -1, -1), atol=1e-6)  # same instance up to symmetry
+        assert torch.equal(locs[rows][1], locs[4 * g]) != symmetric  # copies moved only when symmetric
+    assert not torch.allclose(dist[0], dist[4])  # different groups, different instances
+    # the same action sequence gives the same tour length within a group
+    actions = torch.arange(1, 7).repeat(12, 1)
+    actions = torch.stack([actions, torch.zeros_like(actions)], -1).reshape(12, -1)  # depot after every customer
+    td, _ = _run(env, actions)
+    length = td["tour_length"].view(3, 4)
+    assert torch.allclose(length, length[:, :1].expand(-1, 4), atol=1e-5)
+
+
+def test_instance_repeats_must_divide_the_batch_and_need_generated_instances():
+    with pytest.raises(ValueError, match="divide batch_size"):
+        TSPEnv(num_nodes=5, batch_size=10, instance_repeats=4)
+    with pytest.raises(ValueError, match="generated instances"):
+        TSPEnv(instances={"locs": torch.rand(4, 5, 2)}, instance_repeats=2)
