@@ -358,3 +358,26 @@ def test_replay_value_targets_respect_episode_boundaries():
     logits = agent.critic(feat[:, :-1])
     expected = torch.stack([agent.critic.loss(logits[0, i], torch.tensor(v)) for i, v in enumerate([r0, r1, r2, r3, r4])]).mean()
     assert critic.replay_loss(states, boot).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_continuous_samples_are_unclipped_so_the_std_gradient_is_unbiased():
+    """SEEDS-style regression (Pendulum stuck at max std): with a constant advantage, REINFORCE on
+    the log-prob of *clipped* samples pushes log-std up; on raw samples its expectation is 0."""
+    from torchrl_dreamer.dreamer.nets import BoundedNormalDist, clip_action
+
+    torch.manual_seed(0)
+    log_std = torch.zeros(1, requires_grad=True)
+    dist = BoundedNormalDist(torch.full((200_000, 1), 0.8), log_std.exp().expand(200_000, 1))
+    a = dist.sample()
+    assert (a.abs() > 1).any()  # raw samples, not clipped
+    (-(dist.log_prob(a.detach()) * -1.0).mean()).backward()  # constant advantage -1
+    assert abs(log_std.grad.item()) < 0.02
+    biased = torch.zeros(1, requires_grad=True)
+    d2 = BoundedNormalDist(torch.full((200_000, 1), 0.8), biased.exp().expand(200_000, 1))
+    (-(d2.log_prob(a.detach().clamp(-1, 1)) * -1.0).mean()).backward()
+    assert biased.grad.item() < -0.2  # the old clipped log-prob: descent raises the std
+    x = torch.tensor([-2.0, 0.5, 3.0], requires_grad=True)
+    y = clip_action(x)
+    assert torch.equal(y.detach(), torch.tensor([-1.0, 0.5, 1.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(3))  # straight-through

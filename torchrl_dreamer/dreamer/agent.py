@@ -192,6 +192,8 @@ class DreamerPolicy(TensorDictModuleBase):
             kwargs = {"action_mask": mask} if mask is not None else {}
             dist = self.actor(rssm.features(h, z), **kwargs)
             action = dist.mode() if deterministic else dist.sample()
+            if not self.discrete:
+                action = action.clamp(-1.0, 1.0)  # raw normal samples; the env gets [-1, 1] rescaled
         out = {"action": self.to_env_action(action), ("next", "deter"): h, ("next", "stoch"): z,
                ("next", "prev_action"): action}
         for key, value in out.items():

@@ -28,6 +28,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
+from .nets import clip_action
 from .world_model import WorldModel
 
 __all__ = ["ImaginationHooks", "imagine", "ImaginationModule"]
@@ -76,7 +77,10 @@ def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bo
     dist = actor(feat if grad else feat.detach(), **inputs, **context)
     action = dist.rsample() if grad else dist.sample()
     log_prob, entropy = dist.log_prob(action.detach()), dist.entropy()
-    h = rssm.img_step(h, z, action if model_action is None else model_action(action, context))
+    # the learner keeps the raw sample (unbiased log-prob); the dynamics see the action the env would
+    # (clipped to [-1, 1], straight-through; a no-op on one-hot actions)
+    moved = action if getattr(actor, "discrete", False) else clip_action(action)
+    h = rssm.img_step(h, z, moved if model_action is None else model_action(moved, context))
     z = rssm.sample(rssm.prior_logits(h))
     return action, log_prob, entropy, h, z
 

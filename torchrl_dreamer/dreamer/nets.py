@@ -34,6 +34,7 @@ __all__ = [
     "ContinueHead",
     "OneHotDist",
     "BoundedNormalDist",
+    "clip_action",
     "DiscreteActor",
     "ContinuousActor",
 ]
@@ -227,18 +228,20 @@ class OneHotDist:
 
 
 class BoundedNormalDist:
-    """Normal with the std bounded by the actor; samples clipped to ``[-1, 1]``."""
+    """Normal with the std bounded by the actor. Samples are *not* clipped here: the log-prob of a
+    clipped sample is biased (clipped samples sit closer to the mean than drawn, so
+    ``E[d log p / d log std] < 0`` and any non-zero mean advantage pushes the std to a bound).
+    Callers clip where the action leaves the actor (:func:`clip_action`: env, RSSM input)."""
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean, self.std = mean, std
 
     def sample(self) -> torch.Tensor:
-        return (self.mean + self.std * torch.randn_like(self.mean)).clamp(-1.0, 1.0)
+        return self.mean + self.std * torch.randn_like(self.mean)
 
     def rsample(self) -> torch.Tensor:
-        """Reparameterised sample; the clip is straight-through so gradients always flow."""
-        raw = self.mean + self.std * torch.randn_like(self.mean)
-        return raw + (raw.clamp(-1.0, 1.0) - raw).detach()
+        """Reparameterised sample (gradients flow to mean and std)."""
+        return self.mean + self.std * torch.randn_like(self.mean)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -249,6 +252,11 @@ class BoundedNormalDist:
 
     def entropy(self) -> torch.Tensor:
         return (0.5 + 0.5 * math.log(2 * math.pi) + self.std.log()).sum(-1)
+
+
+def clip_action(action: torch.Tensor) -> torch.Tensor:
+    """``action`` clipped to ``[-1, 1]`` with a straight-through gradient (identity on one-hot)."""
+    return action + (action.clamp(-1.0, 1.0) - action).detach()
 
 
 class DiscreteActor(nn.Module):
