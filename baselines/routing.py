@@ -17,6 +17,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives.value.functional import generalized_advantage_estimate
 
+from envs.routing import SQUARE_SYMMETRIES
 from torchrl_dreamer.guards import NonFiniteError
 from torchrl_dreamer.pointer import PointerActorCritic
 
@@ -187,11 +188,7 @@ def ppo_routing_update(
     return {k: float(v) / max(n, 1) for k, v in totals.items()}
 
 
-# the 8 symmetries of the unit square: (x, y) -> one of these
-SYMMETRIES = [
-    lambda x, y: (x, y), lambda x, y: (y, x), lambda x, y: (1 - x, y), lambda x, y: (y, 1 - x),
-    lambda x, y: (x, 1 - y), lambda x, y: (1 - y, x), lambda x, y: (1 - x, 1 - y), lambda x, y: (1 - y, 1 - x),
-]
+SYMMETRIES = SQUARE_SYMMETRIES  # one definition, in envs.routing (the env's symmetric rollouts use it too)
 
 
 def augment_xy(locs: torch.Tensor, k: int) -> torch.Tensor:

@@ -54,6 +54,7 @@ __all__ = [
     "load_npz",
     "tour_length",
     "square_symmetry",
+    "SQUARE_SYMMETRIES",
 ]
 
 KOOL_CAPACITY = {10: 20, 20: 30, 50: 40, 100: 50}
@@ -93,12 +94,18 @@ def generate_cvrp(
     }
 
 
+# the 8 symmetries of the unit square, (x, y) -> (x', y'); tour lengths are invariant under each
+SQUARE_SYMMETRIES = [
+    lambda x, y: (x, y), lambda x, y: (y, x), lambda x, y: (1 - x, y), lambda x, y: (y, 1 - x),
+    lambda x, y: (x, 1 - y), lambda x, y: (1 - y, x), lambda x, y: (1 - x, 1 - y), lambda x, y: (1 - y, 1 - x),
+]
+
+
 def square_symmetry(xy: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Row ``b`` of ``xy [B, ..., 2]`` mapped by the ``index[b] % 8``-th symmetry of the unit square
     (identity, transpose, mirrors, rotations); distances, hence tour lengths, are unchanged."""
     x, y = xy[..., 0], xy[..., 1]
-    maps = [(x, y), (y, x), (1 - x, y), (y, 1 - x), (x, 1 - y), (1 - y, x), (1 - x, 1 - y), (1 - y, 1 - x)]
-    stacked = torch.stack([torch.stack(m, -1) for m in maps])  # [8, B, ..., 2]
+    stacked = torch.stack([torch.stack(f(x, y), -1) for f in SQUARE_SYMMETRIES])  # [8, B, ..., 2]
     idx = (index.long() % 8).to(xy.device)
     return stacked[idx, torch.arange(xy.shape[0], device=xy.device)]
 
