@@ -7,13 +7,16 @@
 Each iteration samples ``ppo.batch_instances`` fresh instances, decodes them all with the
 current policy (one batched env, one encoder pass per episode), computes per-step GAE on the
 dense rewards (minus each leg), or with ``ppo.advantage=shared`` the POMO-style shared baseline
-over ``ppo.rollouts_per_instance`` rollouts of each instance, and runs ``ppo.epochs`` passes over minibatches of episodes.
+over ``ppo.rollouts_per_instance`` rollouts of each instance (``ppo.multistart=true``: POMO-style,
+rollout j starts at node j and the rollouts of an instance share one encoder pass), and runs
+``ppo.epochs`` passes over minibatches of episodes.
 Every ``eval.every`` iterations the greedy policy decodes the dev set and ``eval/gap_pct`` is
 logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- CLI overrides.
 """
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -22,7 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from baselines.routing import compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update, rollout
+from baselines.routing import (
+    compute_advantage, compute_shared_advantage, evaluate_dev, multistart_nodes, ppo_routing_update, rollout,
+)
 from envs.routing import CVRPEnv, TSPEnv, load_npz
 from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
@@ -60,6 +65,10 @@ class PPOConfig:
     minibatch_instances: int = doc(128, "Episodes per minibatch (one encoder pass each).")
     epochs: int = doc(3, "Passes over each batch.")
     lr: float = doc(1e-4, "Adam learning rate.")
+    lr_schedule: str = doc("constant", "constant, or cosine: decay to lr * lr_final_fraction over the run (progress = "
+                                       "the larger of iterations done / train.iterations and time used / "
+                                       "run.time_budget_s).")
+    lr_final_fraction: float = doc(0.1, "Cosine schedule: final learning rate as a fraction of ppo.lr.")
     clip_epsilon: float = doc(0.2, "PPO ratio clip.")
     gamma: float = doc(1.0, "Discount (1: the objective is the whole tour).")
     lmbda: float = doc(0.95, "GAE lambda.")
@@ -72,6 +81,11 @@ class PPOConfig:
     rollouts_per_instance: int = doc(1, "Rollouts of each training instance per batch (batch_instances / this "
                                         "distinct instances).")
     symmetric_rollouts: bool = doc(False, "Give the rollouts of one instance different symmetries of the unit square.")
+    multistart: bool = doc(False, "POMO-style training: rollout j of each instance is forced to start at node j "
+                                  "(CVRP: customer j+1); forced moves are not trained on. Without symmetric_rollouts "
+                                  "the K rollouts share one encoder pass.")
+    first_move_coef: float = doc(0.05, "With multistart: weight of the cross-entropy that teaches the first move the "
+                                      "start of each group's shortest tour (greedy decoding chooses its own start).")
 
 
 @dataclass
@@ -125,12 +139,21 @@ def validate(cfg: PPORoutingConfig) -> None:
         raise ConfigError(f"eval.augment must be in 1..8, got {cfg.eval.augment}")
     if cfg.env.dev_set and not resolve_data_path(cfg.env.dev_set).is_file():
         raise ConfigError(f"env.dev_set not found: {cfg.env.dev_set} (also tried {resolve_data_path(cfg.env.dev_set)})")
+    if cfg.ppo.lr_schedule not in ("constant", "cosine"):
+        raise ConfigError(f"ppo.lr_schedule must be constant or cosine, got '{cfg.ppo.lr_schedule}'")
+    if not 0.0 <= cfg.ppo.lr_final_fraction <= 1.0:
+        raise ConfigError(f"ppo.lr_final_fraction must be in [0, 1], got {cfg.ppo.lr_final_fraction}")
     if cfg.ppo.advantage not in ("gae", "shared"):
         raise ConfigError(f"ppo.advantage must be gae or shared, got '{cfg.ppo.advantage}'")
     k = cfg.ppo.rollouts_per_instance
     if k < 1 or cfg.ppo.batch_instances % k:
         raise ConfigError(f"ppo.rollouts_per_instance ({k}) must be >= 1 and divide ppo.batch_instances "
                           f"({cfg.ppo.batch_instances})")
+    if cfg.ppo.multistart and not 2 <= k <= cfg.env.size:
+        raise ConfigError(f"ppo.multistart needs 2 <= ppo.rollouts_per_instance <= env.size ({cfg.env.size}), got {k}")
+    if cfg.ppo.multistart and cfg.ppo.minibatch_instances % k:
+        raise ConfigError(f"ppo.multistart: ppo.minibatch_instances ({cfg.ppo.minibatch_instances}) must be a "
+                          f"multiple of ppo.rollouts_per_instance ({k}) so that groups stay whole")
     if cfg.ppo.advantage == "shared" and k < 2:
         raise ConfigError("ppo.advantage=shared needs ppo.rollouts_per_instance >= 2")
     for key in ("batch_instances", "minibatch_instances", "epochs"):
@@ -151,6 +174,19 @@ def make_train_env(cfg: PPORoutingConfig, seed: int):
                    capacity=cfg.env.capacity or None, device=cfg.device, seed=seed, **groups)
 
 
+def lr_factor(cfg: PPORoutingConfig, done_iterations: int, elapsed_s: float) -> float:
+    """Learning-rate multiplier: 1 (constant) or a cosine from 1 to ``lr_final_fraction`` over the
+    run's progress (iterations or, with a time budget, wall clock; whichever is further along)."""
+    if cfg.ppo.lr_schedule == "constant":
+        return 1.0
+    progress = done_iterations / max(cfg.train.iterations, 1)
+    if cfg.run.time_budget_s > 0:
+        progress = max(progress, elapsed_s / cfg.run.time_budget_s)
+    progress = min(progress, 1.0)
+    final = cfg.ppo.lr_final_fraction
+    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -164,6 +200,11 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
         start, instances = resume_state["iteration"], resume_state["instances"]
         set_rng_state(resume_state["rng"])
     env = make_train_env(cfg, seed=cfg.seed + start)
+    first_nodes, group_size = None, 1
+    if cfg.ppo.multistart:
+        first_nodes = multistart_nodes(cfg.env.problem, cfg.env.size, cfg.ppo.batch_instances,
+                                       cfg.ppo.rollouts_per_instance).to(cfg.device)
+        group_size = 1 if cfg.ppo.symmetric_rollouts else cfg.ppo.rollouts_per_instance
     dev = load_npz(resolve_data_path(cfg.env.dev_set)) if cfg.env.dev_set else None
     rd = str(run_dir)
     logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start, unit="iter",
@@ -174,8 +215,11 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
     try:
         for iteration in range(start + 1, cfg.train.iterations + 1):
             t0 = time.perf_counter()
+            lr = cfg.ppo.lr * lr_factor(cfg, iteration - 1, t0 - t_start)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             model.eval()
-            batch = rollout(env, model)
+            batch = rollout(env, model, first_nodes=first_nodes, group_size=group_size)
             if cfg.ppo.advantage == "shared":
                 compute_shared_advantage(batch, cfg.ppo.rollouts_per_instance)
             else:
@@ -188,6 +232,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                 model, batch, optimizer, epochs=cfg.ppo.epochs, minibatch_instances=cfg.ppo.minibatch_instances,
                 clip_epsilon=cfg.ppo.clip_epsilon, entropy_coef=cfg.ppo.entropy_coef, critic_coef=cfg.ppo.critic_coef,
                 max_grad_norm=cfg.ppo.max_grad_norm, normalize_advantage=cfg.ppo.normalize_advantage,
+                group_size=group_size, first_move_coef=cfg.ppo.first_move_coef if cfg.ppo.multistart else 0.0,
                 iteration=iteration, run_dir=rd,
             )
             t2 = time.perf_counter()
@@ -197,7 +242,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                 "train/iteration": iteration, "train/instances": instances,
                 "train/distinct_instances": instances // cfg.ppo.rollouts_per_instance,
                 "train/tour_length": lengths.mean().item(),
-                "train/episode_reward_sum": batch["reward"].sum(1).mean().item(),
+                "train/episode_reward_sum": batch["reward"].sum(1).mean().item(), "train/lr": lr,
                 "diag/value_mean": batch["value"][batch["active"]].mean().item(),
                 "diag/value_target_min": batch["value_target"][batch["active"]].min().item(),
                 "diag/value_target_max": batch["value_target"][batch["active"]].max().item(),

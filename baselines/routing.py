@@ -19,9 +19,9 @@ from torchrl.objectives.value.functional import generalized_advantage_estimate
 
 from envs.routing import SQUARE_SYMMETRIES
 from torchrl_dreamer.guards import NonFiniteError
-from torchrl_dreamer.pointer import PointerActorCritic
+from torchrl_dreamer.pointer import DecoderCache, PointerActorCritic
 
-__all__ = ["rollout", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
+__all__ = ["rollout", "encode_groups", "step_groups", "ppo_minibatch_loss", "multistart_nodes", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
 
 
 def _instance(td) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -29,14 +29,62 @@ def _instance(td) -> tuple[torch.Tensor, torch.Tensor | None]:
     return td["locs"], demand
 
 
+def encode_groups(model: PointerActorCritic, locs: torch.Tensor, demand: torch.Tensor | None,
+                  group_size: int = 1) -> DecoderCache:
+    """Encodes ``[B]`` instances where each run of ``group_size`` consecutive rows is the *same*
+    instance (POMO-style multi-start rollouts): the encoder runs on ``B / group_size`` rows only
+    and the cache is ``[B / group_size]`` (use :func:`step_groups`). Raises ``ValueError`` if the
+    rows of a group differ (e.g. symmetric copies)."""
+    if group_size == 1:
+        return model.encode(locs, demand)
+    B = locs.shape[0]
+    if B % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the batch ({B})")
+    heads = locs[::group_size]
+    same = torch.equal(heads.repeat_interleave(group_size, 0), locs)
+    if demand is not None:
+        same = same and torch.equal(demand[::group_size].repeat_interleave(group_size, 0), demand)
+    if not same:
+        raise ValueError(f"rows of a group of {group_size} hold different instances; cannot share the encoder")
+    return model.encode(heads, demand[::group_size] if demand is not None else None)
+
+
+def step_groups(model: PointerActorCritic, cache: DecoderCache, group_size: int, current_node: torch.Tensor,
+                first_node: torch.Tensor, remaining_capacity: torch.Tensor | None,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`PointerActorCritic.step` for ``[B]`` or ``[B, T]`` inputs against a cache of
+    ``B / group_size`` instances: the ``K`` rollouts of an instance become ``K * T`` queries of
+    the same cache row (no copy of the cache, larger matmuls). Same outputs as ``step`` on an
+    expanded cache."""
+    if group_size == 1:
+        return model.step(cache, current_node, first_node, remaining_capacity, mask)
+    lead = current_node.shape
+    m = lead[0] // group_size
+    flat = lambda t: None if t is None else t.reshape(m, -1, *t.shape[len(lead):])  # noqa: E731
+    log_probs, value = model.step(cache, flat(current_node), flat(first_node), flat(remaining_capacity), flat(mask))
+    return log_probs.reshape(*lead, -1), value.reshape(*lead, 1)
+
+
+def multistart_nodes(problem: str, size: int, batch: int, group_size: int) -> torch.Tensor:
+    """Forced first moves ``[batch]`` for groups of ``group_size`` rollouts of one instance: rollout
+    ``j`` of a group starts at node ``j`` (TSP) or customer ``j + 1`` (CVRP), as in POMO."""
+    if group_size > size:
+        raise ValueError(f"multi-start needs group_size <= {size} first nodes, got {group_size}")
+    first = torch.arange(group_size) + (1 if problem == "cvrp" else 0)
+    return first.repeat(batch // group_size)
+
+
 @torch.no_grad()
 def rollout(env, model: PointerActorCritic, *, greedy: bool = False, generator: torch.Generator | None = None,
-            first_nodes: torch.Tensor | None = None, max_steps: int | None = None) -> TensorDict:
+            first_nodes: torch.Tensor | None = None, max_steps: int | None = None,
+            group_size: int = 1) -> TensorDict:
     """Runs every instance of ``env``'s batch to the end.
 
     Args:
         greedy: take the most likely node instead of sampling.
-        first_nodes: ``[B]`` forced first move (TSP multi-start decoding).
+        first_nodes: ``[B]`` forced first move (multi-start); the step is recorded with
+            ``forced=True`` so that the learner leaves its log-prob alone.
+        group_size: consecutive rows ``[g*K, (g+1)*K)`` hold the same instance; encode it once.
 
     Returns a TensorDict ``[B, T]`` with ``current_node``, ``first_node``, ``remaining_capacity``
     (CVRP), ``action_mask``, ``action``, ``log_prob``, ``value``, ``reward``, ``done``, ``active``
@@ -45,7 +93,7 @@ def rollout(env, model: PointerActorCritic, *, greedy: bool = False, generator: 
     """
     td = env.reset()
     locs, demand = _instance(td)
-    cache = model.encode(locs, demand)
+    cache = encode_groups(model, locs, demand, group_size)
     B, N = td["action_mask"].shape
     max_steps = max_steps or 4 * N
     steps = []
@@ -55,7 +103,7 @@ def rollout(env, model: PointerActorCritic, *, greedy: bool = False, generator: 
         first = td["first_node"].squeeze(-1)
         cap = td.get("remaining_capacity", None)
         mask = td["action_mask"]
-        log_probs, value = model.step(cache, cur, first, cap, mask)
+        log_probs, value = step_groups(model, cache, group_size, cur, first, cap, mask)
         if t == 0 and first_nodes is not None:
             action = first_nodes
         elif greedy:
@@ -65,7 +113,7 @@ def rollout(env, model: PointerActorCritic, *, greedy: bool = False, generator: 
         record = {
             "current_node": cur, "first_node": first, "action_mask": mask, "action": action,
             "log_prob": log_probs.gather(-1, action[:, None]).squeeze(-1), "value": value.squeeze(-1),
-            "active": ~done_before,
+            "active": ~done_before, "forced": torch.full_like(done_before, t == 0 and first_nodes is not None),
         }
         if cap is not None:
             record["remaining_capacity"] = cap
@@ -120,6 +168,56 @@ def compute_shared_advantage(batch: TensorDict, group_size: int) -> None:
     batch["value_target"] = reward.flip(1).cumsum(1).flip(1)
 
 
+def ppo_minibatch_loss(model: PointerActorCritic, mb: TensorDict, *, clip_epsilon: float, entropy_coef: float,
+                       critic_coef: float, normalize_advantage: bool = True, group_size: int = 1,
+                       first_move_coef: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """PPO losses of a minibatch of whole episodes ``mb [b, T]`` (one encoder pass).
+
+    The terms are TorchRL ``ClipPPOLoss``'s (``loss_critic_type="l2"``) evaluated on the *learnable*
+    steps only (active and not forced), without flattening the episodes, so the encoder runs once
+    per episode (per instance with ``group_size``): tested equal to ``ClipPPOLoss`` on the
+    flattened steps. Returns ``(losses, detached diagnostics)``; losses are ``objective``,
+    ``critic``, ``entropy`` (+ ``first_move``)."""
+    K = group_size
+    locs = mb["locs"][:, 0]
+    demand = mb["demand"][:, 0] if model.problem == "cvrp" else None
+    cache = encode_groups(model, locs, demand, K)
+    cap = mb["remaining_capacity"] if model.problem == "cvrp" else None
+    log_probs, value = step_groups(model, cache, K, mb["current_node"], mb["first_node"], cap, mb["action_mask"])
+    new_lp = log_probs.gather(-1, mb["action"].unsqueeze(-1)).squeeze(-1)
+    learn = mb["active"] & ~mb["forced"] if "forced" in mb.keys() else mb["active"]
+    active = learn.float()
+    n_active = active.sum().clamp_min(1)
+    adv = mb["advantage"]
+    if normalize_advantage:
+        mean = (adv * active).sum() / n_active
+        std = (((adv - mean) ** 2 * active).sum() / n_active).sqrt().clamp_min(1e-8)
+        adv = (adv - mean) / std
+    log_ratio = (new_lp - mb["log_prob"]) * active
+    ratio = log_ratio.exp()
+    gain = torch.minimum(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
+    # masked entries: p = 0 exactly; zero their log-prob *before* the product so neither
+    # the value nor the gradient sees 0 * -inf (a where() after the product leaks NaN grads)
+    entropy = -(log_probs.exp() * log_probs.masked_fill(~mb["action_mask"], 0.0)).sum(-1)
+    losses = {
+        "objective": -(gain * active).sum() / n_active,
+        "critic": critic_coef * (((value.squeeze(-1) - mb["value_target"]) ** 2) * active).sum() / n_active,
+        "entropy": -entropy_coef * (entropy * active).sum() / n_active,
+    }
+    if first_move_coef > 0 and K > 1 and "forced" in mb.keys() and bool(mb["forced"][:, 0].all()):
+        episode = (mb["reward"] * mb["active"].float()).sum(1).view(-1, K)  # [m, K] returns
+        best = episode.argmax(1) + torch.arange(episode.shape[0], device=episode.device) * K
+        # every rollout of a group starts from the same state; use the group's first row
+        losses["first_move"] = -first_move_coef * log_probs[::K, 0].gather(-1, mb["action"][best, 0, None]).mean()
+    with torch.no_grad():
+        stats = {
+            "diag/entropy": (entropy * active).sum() / n_active,
+            "diag/clip_fraction": (((ratio - 1).abs() > clip_epsilon).float() * active).sum() / n_active,
+            "diag/kl_approx": (((ratio - 1) - log_ratio) * active).sum() / n_active,
+        }
+    return losses, stats
+
+
 def ppo_routing_update(
     model: PointerActorCritic,
     batch: TensorDict,
@@ -132,42 +230,34 @@ def ppo_routing_update(
     critic_coef: float,
     max_grad_norm: float,
     normalize_advantage: bool = True,
+    group_size: int = 1,
+    first_move_coef: float = 0.0,
     iteration: int | None = None,
     run_dir: str | None = None,
 ) -> dict[str, float]:
-    """Clipped PPO over minibatches of episodes (one encoder pass per minibatch)."""
+    """Clipped PPO over minibatches of episodes (one encoder pass per minibatch).
+
+    ``group_size > 1``: consecutive rollouts ``[g*K, (g+1)*K)`` share one instance (multi-start);
+    minibatches take whole groups and the encoder runs once per instance. Forced steps
+    (``forced``) are executed but not trained on: their action was not the policy's choice.
+    ``first_move_coef > 0`` (multi-start groups) instead teaches the first move to pick the start
+    that gave the group's shortest tour (cross-entropy), so greedy single-start decoding is not
+    left with an untrained first choice."""
     B, T = batch.batch_size
-    problem = model.problem
     totals: dict[str, torch.Tensor] = {}
     n = 0
     params = [p for p in model.parameters() if p.requires_grad]
+    K = group_size
+    if B % K or minibatch_instances % K:
+        raise ValueError(f"group_size {K} must divide the batch ({B}) and the minibatch ({minibatch_instances})")
     for _ in range(epochs):
-        perm = torch.randperm(B)
+        perm = (torch.randperm(B // K)[:, None] * K + torch.arange(K)).reshape(-1)  # whole groups, in order
         for start in range(0, B - minibatch_instances + 1, minibatch_instances):
             mb = batch[perm[start:start + minibatch_instances]]
-            locs = mb["locs"][:, 0]
-            demand = mb["demand"][:, 0] if problem == "cvrp" else None
-            cache = model.encode(locs, demand)
-            cap = mb["remaining_capacity"] if problem == "cvrp" else None
-            log_probs, value = model.step(cache, mb["current_node"], mb["first_node"], cap, mb["action_mask"])
-            new_lp = log_probs.gather(-1, mb["action"].unsqueeze(-1)).squeeze(-1)
-            active = mb["active"].float()
-            n_active = active.sum().clamp_min(1)
-            adv = mb["advantage"]
-            if normalize_advantage:
-                mean = (adv * active).sum() / n_active
-                std = (((adv - mean) ** 2 * active).sum() / n_active).sqrt().clamp_min(1e-8)
-                adv = (adv - mean) / std
-            log_ratio = (new_lp - mb["log_prob"]) * active
-            ratio = log_ratio.exp()
-            gain = torch.minimum(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
-            loss_objective = -(gain * active).sum() / n_active
-            # masked entries: p = 0 exactly; zero their log-prob *before* the product so neither
-            # the value nor the gradient sees 0 * -inf (a where() after the product leaks NaN grads)
-            entropy = -(log_probs.exp() * log_probs.masked_fill(~mb["action_mask"], 0.0)).sum(-1)
-            loss_entropy = -entropy_coef * (entropy * active).sum() / n_active
-            loss_critic = critic_coef * (((value.squeeze(-1) - mb["value_target"]) ** 2) * active).sum() / n_active
-            total = loss_objective + loss_entropy + loss_critic
+            losses, stats = ppo_minibatch_loss(model, mb, clip_epsilon=clip_epsilon, entropy_coef=entropy_coef,
+                                               critic_coef=critic_coef, normalize_advantage=normalize_advantage,
+                                               group_size=K, first_move_coef=first_move_coef)
+            total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -175,13 +265,7 @@ def ppo_routing_update(
                 raise NonFiniteError("loss/total", iteration=iteration, run_dir=run_dir,
                                      detail=" before the optimizer step (step not taken)")
             optimizer.step()
-            with torch.no_grad():
-                stats = {
-                    "loss/objective": loss_objective, "loss/critic": loss_critic, "loss/entropy": loss_entropy,
-                    "diag/entropy": (entropy * active).sum() / n_active, "diag/grad_norm": grad_norm,
-                    "diag/clip_fraction": (((ratio - 1).abs() > clip_epsilon).float() * active).sum() / n_active,
-                    "diag/kl_approx": (((ratio - 1) - log_ratio) * active).sum() / n_active,
-                }
+            stats = {**{f"loss/{k}": v for k, v in losses.items()}, **stats, "diag/grad_norm": grad_norm}
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach()
             n += 1
@@ -229,7 +313,8 @@ def evaluate_dev(model: PointerActorCritic, data: dict[str, torch.Tensor], *, pr
                 inst = {k: v.repeat_interleave(reps, 0) if v.ndim else v for k, v in inst.items()}
                 forced = torch.tensor(list(starts)).repeat(b)
             env = TSPEnv(instances=inst) if problem == "tsp" else CVRPEnv(instances=inst)
-            out = rollout(env, model, greedy=True, first_nodes=forced if multistart else None)
+            out = rollout(env, model, greedy=True, first_nodes=forced if multistart else None,
+                          group_size=len(starts) if multistart else 1)
             lengths = out["tour_length"][:, 0].double()
             if multistart:
                 lengths = lengths.view(b, -1).min(1).values

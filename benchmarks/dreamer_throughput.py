@@ -42,7 +42,7 @@ from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer  # noqa
 
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
-               compile_scan: bool = False):
+               compile_scan: bool = False, compile_full: bool = False):
     """Our update at the sizes of ``s`` (or a named preset). Returns (fn, param counts)."""
     torch.manual_seed(seed)
     sizes = preset(size) if size else preset("tiny", deter=s.deter, hidden=s.hidden, units=s.hidden,
@@ -53,6 +53,9 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     if compile_scan:
         agent.world_model.rssm.enable_compile()
         imagination.enable_compile()
+    if compile_full:  # whole posterior scan (fwd + bwd) and whole imagination rollout as single graphs
+        agent.world_model.rssm.enable_compile(mode="scan")
+        imagination.enable_compile(mode="loop")
     critic = CriticLoss(agent.critic, replay_scale=replay_value)
     actor = ActorLoss(agent.actor)
     for loss in (critic, actor):
@@ -105,11 +108,13 @@ def main() -> None:
     parser.add_argument("--size", default=None, help="ours-only: a named preset instead of the 137k sizes")
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our RSSM scan and imagination steps")
+    parser.add_argument("--compile-full", action="store_true",
+                        help="torch.compile our whole RSSM scan and whole imagination loop (one graph each)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)
-    ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile)
+    ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile, compile_full=args.compile_full)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch}x{args.seq_len}, "
           f"horizon {args.horizon}")
     print("ours     parameters: " + ", ".join(f"{k} {v:,}" for k, v in our_counts.items()))
@@ -117,8 +122,12 @@ def main() -> None:
     if not args.ours_only:
         theirs, _ = build_torchrl_update(sizes, mode="stepper")
         print("TorchRL  parameters: " + ", ".join(f"{k} {v:,}" for k, v in theirs.param_counts.items()))
+    t_warm = time.perf_counter()
     for _ in range(args.warmup):
         ours()
+    warmup_s = time.perf_counter() - t_warm
+    print(f"ours: {args.warmup} warm-up updates took {warmup_s:.1f} s (includes any torch.compile time)")
+    for _ in range(args.warmup):
         if theirs is not None:
             theirs()
     rounds = []
@@ -134,7 +143,8 @@ def main() -> None:
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     phases = {k: statistics.median(r["ours_phases"][k] for r in rounds) for k in rounds[0]["ours_phases"]}
     total = sum(phases.values())
-    result = {"threads": args.threads, "batch": args.batch, "seq_len": args.seq_len, "horizon": args.horizon,
+    result = {"threads": args.threads, "compile": "full" if args.compile_full else ("step" if args.compile else "none"),
+              "ours_warmup_s": warmup_s, "batch": args.batch, "seq_len": args.seq_len, "horizon": args.horizon,
               "ours_params": our_counts, "ours_updates_per_s": med("ours"), "ours_phase_s": phases,
               "rounds": rounds}
     print(f"\nours: {med('ours'):.2f} updates/s (median of {args.rounds} rounds x {args.per_round}); breakdown "

@@ -40,9 +40,12 @@ def main() -> None:
         print(f"{t / 60:8.1f} | {int(n):9d} | {gap:6.2f}")
     # median: robust to the odd iteration slowed by something else running on the machine
     throughput = statistics.median(r["time/instances_per_s"] for r in records)
+    cfg = to_object(load_config(PPORoutingConfig, [run_dir / "config.yaml"], []))
+    k = cfg.ppo.rollouts_per_instance  # with k > 1 an "instance" above is one rollout; k share a problem
     results = {"env": args.env, "budget_min": args.budget_min, "threads": args.threads, "overrides": args.overrides,
                "run_dir": str(run_dir),
-               "instances_per_s_median": throughput, "curve": curve, "final_greedy_gap_pct": curve[-1][2],
+               "instances_per_s_median": throughput, "rollouts_per_instance": k,
+               "distinct_instances_per_s_median": throughput / k, "curve": curve, "final_greedy_gap_pct": curve[-1][2],
                "best_greedy_gap_pct": min(c[2] for c in curve)}
     for multistart, augment in ((False, 8), (True, 1), (True, 8)):
         cfg = to_object(load_config(PPORoutingConfig, [run_dir / "config.yaml"],
@@ -53,7 +56,8 @@ def main() -> None:
         print(f"final checkpoint, {'multi-start' if multistart else 'greedy'} x{augment} augmentation: "
               f"gap {res['gap_pct']:.2f}% (decode {res['decode_s']:.1f} s for the dev set)")
     print(f"training throughput: {throughput:.0f} instances/s (median over iterations, rollout + update; "
-          f"{args.threads} threads)")
+          f"{args.threads} threads)" + (f"; {k} rollouts per problem: {throughput / k:.1f} distinct problems/s"
+                                        if k > 1 else ""))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
     import matplotlib
 

@@ -381,3 +381,23 @@ def test_continuous_samples_are_unclipped_so_the_std_gradient_is_unbiased():
     assert torch.equal(y.detach(), torch.tensor([-1.0, 0.5, 1.0]))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(3))  # straight-through
+
+
+def test_compiled_imagination_loop_equals_eager():
+    """ImaginationModule.enable_compile(mode="loop"): the whole rollout as one graph gives the
+    eager trajectory (random ops kept on eager's generator via inductor's fallback_random)."""
+    agent = _agent()
+    states = TensorDict({"deter": torch.randn(B, T, 32),
+                         "stoch": F.one_hot(torch.randint(0, 4, (B, T, 4)), 4).float(),
+                         "is_terminal": torch.zeros(B, T, dtype=torch.bool)}, [B, T])
+    eager = ImaginationModule(agent.world_model, agent.actor, H)
+    compiled = ImaginationModule(agent.world_model, agent.actor, H)
+    compiled.enable_compile(mode="loop", options={"fallback_random": True})
+    torch.manual_seed(5)
+    a = eager(states)
+    torch.manual_seed(5)
+    b = compiled(states)
+    for key in ("deter", "stoch", "action", "log_prob", "reward", "cont"):
+        torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="compile mode"):
+        eager.enable_compile(mode="graph")

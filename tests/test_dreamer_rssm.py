@@ -1,4 +1,5 @@
 """RSSM groundwork: shapes, is_first resets, unimix floor, straight-through gradients."""
+import pytest
 import torch
 
 from torchrl_dreamer.dreamer.rssm import RSSM
@@ -38,3 +39,29 @@ def test_straight_through_sample_passes_gradients():
     assert torch.allclose(z.detach(), z.detach().round(), atol=1e-6)  # a one-hot in value
     (z * torch.randn_like(z)).sum().backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_compiled_scan_equals_the_eager_scan_values_and_gradients():
+    """enable_compile(mode="scan"): one graph for the whole loop, resets as masks on every step;
+    same outputs and parameter gradients as the eager loop (which branches on the reset pattern)."""
+    eager, compiled = _rssm(), _rssm()
+    compiled.enable_compile(mode="scan")
+    embed, action = torch.randn(2, 5, 10), torch.randn(2, 5, 3)
+    is_first = torch.zeros(2, 5, dtype=torch.bool)
+    is_first[:, 0] = True
+    is_first[1, 2] = True
+    outs, grads = [], []
+    for rssm in (eager, compiled):
+        torch.manual_seed(7)  # the Gumbel noise is drawn outside the compiled loop: same samples
+        out = rssm.observe(embed, action, is_first)
+        loss = out["deter"].pow(2).sum() + (out["stoch"] * out["posterior_logits"]).sum()
+        grads.append(torch.autograd.grad(loss, [p for p in rssm.parameters()], allow_unused=True))
+        outs.append(out)
+    for key in ("deter", "stoch", "posterior_logits", "prior_logits"):
+        torch.testing.assert_close(outs[1][key], outs[0][key], atol=1e-5, rtol=1e-4)
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
+    with pytest.raises(ValueError, match="compile mode"):
+        eager.enable_compile(mode="graph")

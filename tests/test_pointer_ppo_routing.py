@@ -1,5 +1,6 @@
 """Pointer network and the PPO routing baseline (smoke level; learning targets live in benchmarks)."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,166 @@ def test_ppo_routing_shared_baseline_smoke_and_config_errors(tmp_runs):
         main(["--env", "tsp20", "ppo.advantage=shared", *tiny])
     with pytest.raises(ConfigError, match="divide"):
         main(["--env", "tsp20", "ppo.rollouts_per_instance=3", *tiny])
+    with pytest.raises(ConfigError, match="ppo.advantage must be gae or shared"):
+        main(["--env", "tsp20", "ppo.advantage=pomo", *tiny])
+    # POMO-style multi-start training: forced distinct first nodes, one encoder pass per instance
+    run_dir = main(["--env", "cvrp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=8", "ppo.multistart=true",
+                    *tiny])
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["train/distinct_instances"] == 2 and "loss/first_move" in record
+    assert all(map(math.isfinite, (record["loss/first_move"], record["loss/objective"])))
+    with pytest.raises(ConfigError, match="rollouts_per_instance <= env.size"):
+        main(["--env", "tsp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=16", "ppo.multistart=true",
+              "env.size=10", *tiny])
+    with pytest.raises(ConfigError, match="multiple of ppo.rollouts_per_instance"):
+        main(["--env", "tsp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=16", "ppo.multistart=true", *tiny])
+
+
+@pytest.mark.parametrize("problem", ["tsp", "cvrp"])
+def test_multistart_groups_share_the_encoder_with_identical_outputs(problem):
+    """POMO-style groups: rollouts of one instance encoded once (cache of B/K rows) give the same
+    log-probs and values as encoding every row, both for single steps and stored trajectories;
+    groups that hold different instances are refused."""
+    from baselines.routing import encode_groups, multistart_nodes, rollout, step_groups
+    from envs.routing import CVRPEnv, TSPEnv
+
+    torch.manual_seed(0)
+    K, B, n = 4, 8, 6
+    model = PointerActorCritic(problem, embed_dim=32, n_layers=1, n_heads=4, ff_dim=64)
+    env = (TSPEnv(num_nodes=n, batch_size=B, seed=3, instance_repeats=K) if problem == "tsp"
+           else CVRPEnv(num_customers=n, batch_size=B, capacity=10, seed=3, instance_repeats=K))
+    first = multistart_nodes(problem, n, B, K)
+    assert first.tolist() == ([0, 1, 2, 3] * 2 if problem == "tsp" else [1, 2, 3, 4] * 2)
+    torch.manual_seed(1)
+    out = rollout(env, model, first_nodes=first, group_size=K)
+    assert out["forced"][:, 0].all() and not out["forced"][:, 1:].any()
+    assert torch.equal(out["action"][:, 0], first)
+    locs, demand = out["locs"][:, 0], (out["demand"][:, 0] if problem == "cvrp" else None)
+    cap = out.get("remaining_capacity", None)
+    args = (out["current_node"], out["first_node"], cap, out["action_mask"])
+    lp_ref, v_ref = model.step(model.encode(locs, demand), *args)
+    lp, v = step_groups(model, encode_groups(model, locs, demand, K), K, *args)
+    torch.testing.assert_close(lp, lp_ref)
+    torch.testing.assert_close(v, v_ref)
+    # the stored log-probs (grouped single steps in the rollout) match the ungrouped recomputation
+    stored = lp_ref.gather(-1, out["action"].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out["log_prob"][out["active"]], stored[out["active"]], rtol=1e-4, atol=1e-4)
+    bad = locs.clone()
+    bad[1] += 0.01
+    with pytest.raises(ValueError, match="different instances"):
+        encode_groups(model, bad, demand, K)
+
+
+def test_first_move_loss_moves_the_first_choice_towards_the_best_start():
+    """Forced first moves are not trained by PPO; the first-move cross-entropy teaches greedy
+    decoding to start where the group's shortest tour started."""
+    from baselines.routing import encode_groups, multistart_nodes, step_groups
+
+    torch.manual_seed(0)
+    K, B, n = 4, 8, 5
+    model = PointerActorCritic("cvrp", embed_dim=16, n_layers=1, n_heads=2, ff_dim=32)
+    env = CVRPEnv(num_customers=n, batch_size=B, capacity=10, seed=2, instance_repeats=K)
+    batch = rollout(env, model, first_nodes=multistart_nodes("cvrp", n, B, K), group_size=K)
+    best = 2  # pretend the rollout that started at customer 3 (index 2 of each group) was shortest
+    batch["reward"][:, 1] = torch.where(torch.arange(B) % K == best, 0.0, -1.0)
+    compute_shared_advantage(batch, K)
+
+    def first_logp():
+        with torch.no_grad():
+            locs, demand = batch["locs"][:, 0], batch["demand"][:, 0]
+            lp, _ = step_groups(model, encode_groups(model, locs, demand, K), K, batch["current_node"][:, :1],
+                                batch["first_node"][:, :1], batch["remaining_capacity"][:, :1],
+                                batch["action_mask"][:, :1])
+        return lp[::K, 0, best + 1]
+
+    before = first_logp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        stats = ppo_routing_update(model, batch, opt, epochs=1, minibatch_instances=B, clip_epsilon=0.2,
+                                   entropy_coef=0.0, critic_coef=0.0, max_grad_norm=10.0, group_size=K,
+                                   first_move_coef=1.0)
+    assert "loss/first_move" in stats
+    assert (first_logp() > before + 0.1).all()
+
+
+@pytest.mark.parametrize("problem", ["tsp", "cvrp"])
+def test_routing_ppo_loss_equals_torchrl_clip_ppo_loss(problem):
+    """Our per-episode minibatch loss (encoder once per episode, inactive steps masked) equals
+    TorchRL's ClipPPOLoss on the flattened active steps: objective, l2 critic, entropy, gradients."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.modules import MaskedCategorical, ProbabilisticActor
+    from torchrl.objectives import ClipPPOLoss
+
+    from baselines.routing import ppo_minibatch_loss
+
+    torch.manual_seed(0)
+    model = PointerActorCritic(problem, embed_dim=16, n_layers=1, n_heads=2, ff_dim=32)
+    env = (TSPEnv(num_nodes=5, batch_size=6, seed=4) if problem == "tsp"
+           else CVRPEnv(num_customers=5, batch_size=6, capacity=10, seed=4))
+    batch = rollout(env, model)
+    compute_advantage(batch, 1.0, 0.95)
+    with torch.no_grad():  # move the policy so that some ratios leave [0.8, 1.2]
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    kw = dict(clip_epsilon=0.2, entropy_coef=0.01, critic_coef=0.5)
+    ours, stats = ppo_minibatch_loss(model, batch, normalize_advantage=False, **kw)
+    assert stats["diag/clip_fraction"] > 0.05
+
+    flat = batch[batch["active"]]  # [M] learnable steps, each with its own copy of the instance
+    for key in ("advantage", "value_target"):  # TorchRL's layout: batch shape + (1,)
+        flat[key] = flat[key].unsqueeze(-1)
+
+    def heads(locs, demand, cur, first, cap, mask):
+        cache = model.encode(locs, demand if problem == "cvrp" else None)
+        log_probs, value = model.step(cache, cur, first, cap if problem == "cvrp" else None, mask)
+        return log_probs.masked_fill(~mask, 0.0), value  # MaskedCategorical re-applies the mask
+
+    if problem == "tsp":
+        flat["demand"] = torch.zeros(flat.shape[0], 5)
+        flat["remaining_capacity"] = torch.zeros(flat.shape[0], 1)
+    in_keys = ["locs", "demand", "current_node", "first_node", "remaining_capacity", "action_mask"]
+    actor = ProbabilisticActor(
+        TensorDictModule(lambda *a: heads(*a)[0], in_keys=in_keys, out_keys=["logits"]),
+        in_keys={"logits": "logits", "mask": "action_mask"}, distribution_class=MaskedCategorical,
+        return_log_prob=True)
+    critic = TensorDictModule(lambda *a: heads(*a)[1], in_keys=in_keys, out_keys=["state_value"])
+    ref = ClipPPOLoss(actor, critic, clip_epsilon=0.2, entropy_coeff=0.01, critic_coeff=0.5, loss_critic_type="l2",
+                      normalize_advantage=False)
+    ref.set_keys(sample_log_prob="log_prob")
+    theirs = ref(flat.clone())
+    assert ours["objective"].item() == pytest.approx(theirs["loss_objective"].item(), abs=1e-5)
+    assert ours["critic"].item() == pytest.approx(theirs["loss_critic"].item(), rel=1e-5)
+    assert ours["entropy"].item() == pytest.approx(theirs["loss_entropy"].item(), rel=1e-5)
+    params = list(model.parameters())
+    g_ours = torch.autograd.grad(ours["objective"] + ours["critic"], params, allow_unused=True)
+    g_theirs = torch.autograd.grad(theirs["loss_objective"] + theirs["loss_critic"], params, allow_unused=True)
+    for a, b in zip(g_ours, g_theirs):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+
+
+def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
+    from baselines.ppo_routing import PPORoutingConfig, lr_factor
+    from torchrl_dreamer.config import ConfigError, load_config, to_object
+
+    cfg = to_object(load_config(PPORoutingConfig, [], ["ppo.lr_schedule=cosine", "ppo.lr_final_fraction=0.1",
+                                                       "train.iterations=100"]))
+    assert lr_factor(cfg, 0, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 50, 0.0) == pytest.approx(0.55)
+    assert lr_factor(cfg, 100, 0.0) == pytest.approx(0.1)
+    cfg.run.time_budget_s = 60.0  # wall clock further along than the iterations: it decides
+    assert lr_factor(cfg, 10, 60.0) == pytest.approx(0.1)
+    assert lr_factor(cfg, 10, 600.0) == pytest.approx(0.1)  # past the budget: stays at the floor
+    cfg.ppo.lr_schedule = "constant"
+    assert lr_factor(cfg, 100, 600.0) == 1.0
+    tiny = ["eval.every=0", "ppo.batch_instances=16", "ppo.minibatch_instances=8", "ppo.epochs=1",
+            "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2", "model.ff_dim=32", "run.progress=false",
+            "run.tensorboard=false", f"run.root={tmp_runs}"]
+    run_dir = main(["--env", "tsp20", "train.iterations=3", "ppo.lr_schedule=cosine", "ppo.lr=1e-3", *tiny])
+    lrs = [json.loads(line)["train/lr"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+           if "train/lr" in line]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2]
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        main(["--env", "tsp20", "ppo.lr_schedule=linear", *tiny])
