@@ -201,14 +201,18 @@ class RSSM(nn.Module):
         else:
             raise ValueError(f"compile mode must be 'step' or 'scan', got '{mode}'")
 
-    def _scan(self, h, z, h0, z0, first, action_in, post_embed, noise):
-        """The posterior loop with unconditional masked resets (the compiled path of :meth:`observe`)."""
+    def _scan(self, h, z, h0, z0, first, action_in, post_embed, noise, resets=None, step_fn=None):
+        """The posterior loop. ``resets`` (list of bools, eager path): apply the ``is_first`` reset
+        only at steps where some row starts an episode; ``None`` (compiled path): apply it as a
+        mask at every step, so one graph serves every reset pattern."""
+        step_fn = step_fn or self._observe_step
         deters, stochs, posts = [], [], []
         for t in range(post_embed.shape[1]):
-            m = first[:, t]
-            h = h + m * (h0 - h)
-            z = z + m.unsqueeze(-1) * (z0 - z)
-            h, z, post = self._observe_step(h, z, action_in[:, t], post_embed[:, t], noise[:, t])
+            if resets is None or resets[t]:
+                m = first[:, t]
+                h = h + m * (h0 - h)
+                z = z + m.unsqueeze(-1) * (z0 - z)
+            h, z, post = step_fn(h, z, action_in[:, t], post_embed[:, t], noise[:, t])
             deters.append(h)
             stochs.append(z)
             posts.append(post)
@@ -227,36 +231,15 @@ class RSSM(nn.Module):
         Returns ``deter [B, T, D]``, ``stoch``/``posterior_logits``/``prior_logits`` ``[B, T, G, C]``.
         """
         B, T = embed.shape[:2]
-        if state is None:
-            h, z = self.initial(B, embed.device)
-        else:
-            h, z = state
+        h0, z0 = self.initial(B, embed.device)
+        h, z = (h0, z0) if state is None else state
         first = is_first.to(embed.dtype).unsqueeze(-1)  # [B, T, 1]
         action_in = self.gru.action_input(prev_action) * (1 - first)  # previous action reset at is_first
         post_embed = self.post_e(embed)
         noise = gumbel_noise((B, T, self.stoch, self.classes), embed.device, embed.dtype)
         if self._compiled_scan is not None:
-            h0, z0 = self.initial(B, embed.device)
             deter, stoch, post = self._compiled_scan(h, z, h0, z0, first, action_in, post_embed, noise)
-            return {"deter": deter, "stoch": stoch, "posterior_logits": post, "prior_logits": self.prior_logits(deter)}
-        resets = is_first.any(0).tolist()  # one host sync for the whole sequence
-        h0 = z0 = None
-        deters, stochs, posts = [], [], []
-        for t in range(T):
-            if resets[t]:
-                if h0 is None:
-                    h0, z0 = self.initial(B, embed.device)
-                m = first[:, t]
-                h = h + m * (h0 - h)
-                z = z + m.unsqueeze(-1) * (z0 - z)
-            h, z, post = self._step_fn(h, z, action_in[:, t], post_embed[:, t], noise[:, t])
-            deters.append(h)
-            stochs.append(z)
-            posts.append(post)
-        deter = torch.stack(deters, 1)
-        return {
-            "deter": deter,
-            "stoch": torch.stack(stochs, 1),
-            "posterior_logits": torch.stack(posts, 1),
-            "prior_logits": self.prior_logits(deter),
-        }
+        else:
+            resets = is_first.any(0).tolist()  # one host sync for the whole sequence
+            deter, stoch, post = self._scan(h, z, h0, z0, first, action_in, post_embed, noise, resets, self._step_fn)
+        return {"deter": deter, "stoch": stoch, "posterior_logits": post, "prior_logits": self.prior_logits(deter)}
