@@ -41,9 +41,10 @@ def encode_groups(model: PointerActorCritic, locs: torch.Tensor, demand: torch.T
     if B % group_size:
         raise ValueError(f"group_size {group_size} does not divide the batch ({B})")
     heads = locs[::group_size]
-    same = torch.equal(heads.repeat_interleave(group_size, 0), locs)
+    m = B // group_size  # compare as [m, K, ...] views against each group's first row: no copies
+    same = bool((locs.view(m, group_size, *locs.shape[1:]) == heads.unsqueeze(1)).all())
     if demand is not None:
-        same = same and torch.equal(demand[::group_size].repeat_interleave(group_size, 0), demand)
+        same = same and bool((demand.view(m, group_size, -1) == demand[::group_size].unsqueeze(1)).all())
     if not same:
         raise ValueError(f"rows of a group of {group_size} hold different instances; cannot share the encoder")
     return model.encode(heads, demand[::group_size] if demand is not None else None)
