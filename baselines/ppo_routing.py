@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from baselines.routing import (
     compute_advantage, compute_shared_advantage, evaluate_dev, multistart_nodes, ppo_routing_update, rollout,
@@ -86,6 +87,9 @@ class PPOConfig:
                                   "the K rollouts share one encoder pass.")
     first_move_coef: float = doc(0.05, "With multistart: weight of the cross-entropy that teaches the first move the "
                                       "start of each group's shortest tour (greedy decoding chooses its own start).")
+    ema_decay: float = doc(0.0, "Keep an exponential moving average of the policy weights (torch.optim.swa_utils."
+                                "AveragedModel), updated after every iteration; eval/gap_pct and --evaluate then use "
+                                "the average and eval/gap_pct_last the last iterate. 0 = off; e.g. 0.99.")
 
 
 @dataclass
@@ -143,6 +147,8 @@ def validate(cfg: PPORoutingConfig) -> None:
         raise ConfigError(f"ppo.lr_schedule must be constant or cosine, got '{cfg.ppo.lr_schedule}'")
     if not 0.0 <= cfg.ppo.lr_final_fraction <= 1.0:
         raise ConfigError(f"ppo.lr_final_fraction must be in [0, 1], got {cfg.ppo.lr_final_fraction}")
+    if not 0.0 <= cfg.ppo.ema_decay < 1.0:
+        raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {cfg.ppo.ema_decay}")
     if cfg.ppo.advantage not in ("gae", "shared"):
         raise ConfigError(f"ppo.advantage must be gae or shared, got '{cfg.ppo.advantage}'")
     k = cfg.ppo.rollouts_per_instance
@@ -174,6 +180,13 @@ def make_train_env(cfg: PPORoutingConfig, seed: int):
                    capacity=cfg.env.capacity or None, device=cfg.device, seed=seed, **groups)
 
 
+def make_ema(cfg: PPORoutingConfig, model: PointerActorCritic) -> Optional[AveragedModel]:
+    """The EMA of the policy weights (``ppo.ema_decay > 0``), or None. Reuses torch's AveragedModel."""
+    if cfg.ppo.ema_decay <= 0:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ppo.ema_decay), use_buffers=True)
+
+
 def lr_factor(cfg: PPORoutingConfig, done_iterations: int, elapsed_s: float) -> float:
     """Learning-rate multiplier: 1 (constant) or a cosine from 1 to ``lr_final_fraction`` over the
     run's progress (iterations or, with a time budget, wall clock; whichever is further along)."""
@@ -197,6 +210,10 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
+    ema = make_ema(cfg, model)
+    if resume_state is not None:
+        if ema is not None and resume_state.get("ema") is not None:
+            ema.load_state_dict(resume_state["ema"])
         start, instances = resume_state["iteration"], resume_state["instances"]
         set_rng_state(resume_state["rng"])
     env = make_train_env(cfg, seed=cfg.seed + start)
@@ -235,6 +252,8 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                 group_size=group_size, first_move_coef=cfg.ppo.first_move_coef if cfg.ppo.multistart else 0.0,
                 iteration=iteration, run_dir=rd,
             )
+            if ema is not None:
+                ema.update_parameters(model)
             t2 = time.perf_counter()
             instances += cfg.ppo.batch_instances
             lengths = batch["tour_length"][:, 0]
@@ -252,12 +271,15 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
             out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start
             last = iteration == cfg.train.iterations or out_of_time
             if dev is not None and ((cfg.eval.every and iteration % cfg.eval.every == 0) or last):
-                ev = evaluate_dev(model, dev, problem=cfg.env.problem)
+                ev = evaluate_dev(model if ema is None else ema.module, dev, problem=cfg.env.problem)
                 metrics.update({"eval/gap_pct": ev["gap_pct"], "eval/tour_length": ev["tour_length"],
                                 "time/eval_decode_s": ev["decode_s"]})
+                if ema is not None:
+                    metrics["eval/gap_pct_last"] = evaluate_dev(model, dev, problem=cfg.env.problem)["gap_pct"]
             if iteration % cfg.run.checkpoint_every == 0 or last:
                 save_checkpoint(run_dir / "checkpoint.pt", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                    "ema": ema.state_dict() if ema is not None else None,
                     "instances": instances, "rng": rng_state(),
                 })
             metrics["time/iteration_s"] = time.perf_counter() - t0
@@ -271,7 +293,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
         logger.close()
         try:
             plot_learning_curves(run_dir, panels=(
-                ("dev gap (%)", ("eval/gap_pct",)), ("tour length", ("train/tour_length", "eval/tour_length")),
+                ("dev gap (%)", ("eval/gap_pct", "eval/gap_pct_last")), ("tour length", ("train/tour_length", "eval/tour_length")),
                 ("losses", ("loss/objective", "loss/critic")), ("seconds", ("time/iteration_s",)),
             ))
         except Exception as exc:
@@ -313,6 +335,10 @@ def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict[str, float
     state = load_checkpoint(run_dir, map_location=cfg.device)
     model = make_model(cfg)
     model.load_state_dict(state["model"])
+    if state.get("ema") is not None:  # the weight average is what eval/gap_pct measured during training
+        ema = AveragedModel(model, use_buffers=True)
+        ema.load_state_dict(state["ema"])
+        model = ema.module
     data = load_npz(resolve_data_path(cfg.env.dev_set))
     result = evaluate_dev(model, data, problem=cfg.env.problem,
                           multistart=cfg.eval.multistart, augment=cfg.eval.augment)

@@ -53,16 +53,22 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     if compile_scan:
         agent.world_model.rssm.enable_compile()
         imagination.enable_compile()
-    if compile_full:  # whole posterior scan (fwd + bwd) and whole imagination rollout as single graphs
+    if compile_full:  # whole posterior scan (fwd + bwd) and whole imagination rollout as single graphs (as the
+        # recipe's model.compile_mode=full)
         agent.world_model.rssm.enable_compile(mode="scan")
         imagination.enable_compile(mode="loop")
     critic = CriticLoss(agent.critic, replay_scale=replay_value)
     actor = ActorLoss(agent.actor)
     for loss in (critic, actor):
         loss.make_value_estimator(gamma=0.997, lmbda=0.95)
-    update = DreamerUpdate(agent, WorldModelLoss(agent.world_model), critic, actor,
+        if compile_full:  # the critic and actor losses' tensor cores, forward and backward
+            loss.enable_compile()
+    wm_loss = WorldModelLoss(agent.world_model)
+    if compile_full:
+        wm_loss.enable_compile()
+    update = DreamerUpdate(agent, wm_loss, critic, actor,
                            imagination,
-                           make_optimizer(agent, warmup_steps=0))
+                           make_optimizer(agent, warmup_steps=0, compile=compile_full))
     g = torch.Generator().manual_seed(seed)
     B, T = s.batch, s.seq_len
     is_first = torch.zeros(B, T, dtype=torch.bool)
@@ -109,7 +115,8 @@ def main() -> None:
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our RSSM scan and imagination steps")
     parser.add_argument("--compile-full", action="store_true",
-                        help="torch.compile our whole RSSM scan and whole imagination loop (one graph each)")
+                        help="torch.compile our whole RSSM scan, whole imagination loop (noise drawn up front) and "
+                             "the world-model/critic/actor losses and the optimizer step (recipe: model.compile=true model.compile_mode=full)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -6,6 +6,7 @@ PNG of the gap curve.
 
     python benchmarks/routing_ppo.py --env tsp20 --budget-min 30
     python benchmarks/routing_ppo.py --env cvrp20 --budget-min 30
+    python benchmarks/routing_ppo.py --env cvrp20 --budget-min 30 --config recipes/configs/ppo_routing/multistart20.yaml
 """
 from __future__ import annotations
 
@@ -27,26 +28,34 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--config", action="append", default=[],
+                        help="extra YAML layer(s) for the recipe, e.g. recipes/configs/ppo_routing/multistart20.yaml")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before or after the options
     out = args.out or Path(__file__).parent / "results" / f"routing_ppo_{args.env}"
     out.parent.mkdir(parents=True, exist_ok=True)
     run_dir = ppo_main(["--env", args.env, f"run.time_budget_s={args.budget_min * 60}", "train.iterations=1000000",
-                        f"threads={args.threads}", f"run.root={args.root}", "run.progress=false", *args.overrides])
+                        f"threads={args.threads}", f"run.root={args.root}", "run.progress=false",
+                        *[a for c in args.config for a in ("--config", c)], *args.overrides])
     records = read_metrics(run_dir)
     curve = [(r["time/total_s"], r["train/instances"], r["eval/gap_pct"]) for r in records if "eval/gap_pct" in r]
-    print("\ntraining minutes | instances | greedy dev gap %")
-    for t, n, gap in curve:
-        print(f"{t / 60:8.1f} | {int(n):9d} | {gap:6.2f}")
+    last = [r.get("eval/gap_pct_last") for r in records if "eval/gap_pct" in r]  # ppo.ema_decay > 0
+    has_ema = any(g is not None for g in last)
+    print("\ntraining minutes | instances | greedy dev gap %" + (" (EMA weights) | last iterate %" if has_ema else ""))
+    for (t, n, gap), g_last in zip(curve, last):
+        print(f"{t / 60:8.1f} | {int(n):9d} | {gap:6.2f}" + (f" | {g_last:6.2f}" if has_ema else ""))
     # median: robust to the odd iteration slowed by something else running on the machine
     throughput = statistics.median(r["time/instances_per_s"] for r in records)
     cfg = to_object(load_config(PPORoutingConfig, [run_dir / "config.yaml"], []))
     k = cfg.ppo.rollouts_per_instance  # with k > 1 an "instance" above is one rollout; k share a problem
-    results = {"env": args.env, "budget_min": args.budget_min, "threads": args.threads, "overrides": args.overrides,
+    results = {"env": args.env, "budget_min": args.budget_min, "threads": args.threads, "configs": args.config,
+               "overrides": args.overrides,
                "run_dir": str(run_dir),
                "instances_per_s_median": throughput, "rollouts_per_instance": k,
                "distinct_instances_per_s_median": throughput / k, "curve": curve, "final_greedy_gap_pct": curve[-1][2],
                "best_greedy_gap_pct": min(c[2] for c in curve)}
+    if has_ema:
+        results["curve_gap_pct_last_iterate"] = last
     for multistart, augment in ((False, 8), (True, 1), (True, 8)):
         cfg = to_object(load_config(PPORoutingConfig, [run_dir / "config.yaml"],
                                     [f"eval.multistart={str(multistart).lower()}", f"eval.augment={augment}"]))

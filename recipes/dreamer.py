@@ -71,7 +71,11 @@ class ModelConfig:
     blocks: int = doc(0, "Override: GRU blocks (0 = preset).")
     cnn_depth: int = doc(0, "Override: channels of the first conv layer (0 = preset).")
     unimix: float = doc(0.01, "Uniform mix of latent and (discrete) policy distributions.")
-    compile: bool = doc(False, "torch.compile the RSSM scan step and the imagination step (optional; measure first).")
+    compile: bool = doc(False, "torch.compile parts of the update (optional; see compile_mode; measure first).")
+    compile_mode: str = doc("step", "With compile=true: step (the RSSM scan step and the imagination step) or full "
+                                     "(the whole posterior scan, the whole imagination rollout with its noise drawn "
+                                     "up front, the world-model/critic/actor losses and the optimizer step; ~2 min of compiling at the start, then "
+                                     "~1.8x the eager update rate at the benchmark sizes).")
 
 
 @dataclass
@@ -168,6 +172,7 @@ def validate(cfg: DreamerConfig) -> None:
         "loss.free_bits_grad": (cfg.loss.free_bits_grad, ("clip", "straight_through")),
         "ac.actor_grad": (cfg.ac.actor_grad, ("reinforce", "dynamics")),
         "ac.cont_mode": (cfg.ac.cont_mode, ("prob", "mode")),
+        "model.compile_mode": (cfg.model.compile_mode, ("step", "full")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -257,12 +262,19 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(agent.world_model, agent.actor, ac.horizon, start_fraction=ac.start_fraction,
                                     grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode)
-    if cfg.model.compile:
+    if cfg.model.compile and cfg.model.compile_mode == "full":
+        agent.world_model.rssm.enable_compile(mode="scan")
+        imagination.enable_compile(mode="loop")
+        wm_loss.enable_compile()
+        critic_loss.enable_compile()
+        actor_loss.enable_compile()  # its compiled core is the REINFORCE one (actor_grad=dynamics stays eager)
+    elif cfg.model.compile:
         agent.world_model.rssm.enable_compile()
         imagination.enable_compile()
     oc = cfg.optim
     optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
-                               agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps)
+                               agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps,
+                               compile=cfg.model.compile and cfg.model.compile_mode == "full")
     return DreamerUpdate(agent, wm_loss, critic_loss, actor_loss, imagination, optimizer)
 
 

@@ -384,15 +384,16 @@ def test_continuous_samples_are_unclipped_so_the_std_gradient_is_unbiased():
 
 
 def test_compiled_imagination_loop_equals_eager():
-    """ImaginationModule.enable_compile(mode="loop"): the whole rollout as one graph gives the
-    eager trajectory (random ops kept on eager's generator via inductor's fallback_random)."""
+    """ImaginationModule.enable_compile(mode="loop"): the whole rollout as one graph, its randomness
+    drawn before the loop (draw_noise), gives the eager trajectory for the same noise."""
     agent = _agent()
     states = TensorDict({"deter": torch.randn(B, T, 32),
                          "stoch": F.one_hot(torch.randint(0, 4, (B, T, 4)), 4).float(),
                          "is_terminal": torch.zeros(B, T, dtype=torch.bool)}, [B, T])
     eager = ImaginationModule(agent.world_model, agent.actor, H)
     compiled = ImaginationModule(agent.world_model, agent.actor, H)
-    compiled.enable_compile(mode="loop", options={"fallback_random": True})
+    compiled.enable_compile(mode="loop")
+    eager.predraw_noise = True
     torch.manual_seed(5)
     a = eager(states)
     torch.manual_seed(5)
@@ -401,3 +402,94 @@ def test_compiled_imagination_loop_equals_eager():
         torch.testing.assert_close(b[key], a[key], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="compile mode"):
         eager.enable_compile(mode="graph")
+
+
+def test_sampling_from_predrawn_noise_has_the_policy_distribution_and_respects_the_mask():
+    """Gumbel-max with pre-drawn noise (compiled imagination) samples the unimixed policy; a masked
+    action is never drawn. Normal actors: mean + std * eps."""
+    from torchrl_dreamer.dreamer.imagination import draw_noise
+    from torchrl_dreamer.dreamer.rssm import gumbel_noise
+
+    probs = torch.tensor([[0.7, 0.0, 0.2, 0.1]]).expand(200_000, 4)
+    a = OneHotDist(probs).sample_from_noise(gumbel_noise((200_000, 4)))
+    freq = a.mean(0)
+    assert freq[1] == 0
+    torch.testing.assert_close(freq, probs[0], atol=5e-3, rtol=0)
+    agent = _agent()
+    act_noise, z_noise = draw_noise(agent.actor, agent.world_model.rssm, 5, H)
+    assert act_noise.shape == (H, 5, 3) and z_noise.shape == (H, 5, 4, 4)
+    from torchrl_dreamer.dreamer.nets import BoundedNormalDist
+    d = BoundedNormalDist(torch.zeros(2, 1), torch.full((2, 1), 0.5))
+    assert torch.equal(d.sample_from_noise(torch.ones(2, 1)), torch.full((2, 1), 0.5))
+
+
+def test_compiled_critic_and_actor_losses_equal_eager_values_and_gradients():
+    """WorldModelLoss/CriticLoss/ActorLoss.enable_compile: the compiled tensor cores (forward and
+    backward, incl. the replay-value loss) give eager's losses, targets and parameter gradients."""
+    torch.manual_seed(3)
+    N = 6
+    traj = TensorDict({"feat": torch.randn(N, H + 1, 32 + 16), "reward": torch.randn(N, H + 1),
+                       "cont": torch.rand(N, H + 1),
+                       "action": F.one_hot(torch.randint(0, 3, (N, H + 1)), 3).float()}, [N, H + 1])
+    states = TensorDict({"feat": torch.randn(B, T, 48), "reward": torch.randn(B, T),
+                         "is_terminal": torch.zeros(B, T, dtype=torch.bool),
+                         "is_first": torch.zeros(B, T, dtype=torch.bool)}, [B, T])
+    states["is_first"][1, 4] = True
+    results = []
+    for compiled in (False, True):
+        agent = _agent()
+        critic, actor = CriticLoss(agent.critic, replay_scale=0.3), ActorLoss(agent.actor)
+        wm = WorldModelLoss(agent.world_model, terminal_weight=5.0)
+        if compiled:
+            critic.enable_compile()
+            actor.enable_compile()
+            wm.enable_compile()
+        torch.manual_seed(11)  # same posterior samples
+        wm_td, _ = wm(_batch())
+        sum(v for k, v in wm_td.items() if k.startswith("loss_")).backward()
+        critic_td, targets = critic(traj)
+        actor_td = actor(traj.clone().update(targets))
+        replay = critic.replay_loss(states)
+        (critic_td["loss_critic"] + actor_td["loss_actor"] + replay).backward()
+        grads = [p.grad.clone() for p in agent.parameters() if p.grad is not None]
+        results.append((critic_td, targets, actor_td, replay, grads, wm_td))
+    (c0, t0, a0, r0, g0, w0), (c1, t1, a1, r1, g1, w1) = results
+    assert len(g0) == len(g1) == len(list(agent.parameters()))
+    for key in w0.keys():
+        torch.testing.assert_close(w1[key], w0[key], atol=1e-5, rtol=1e-4)
+    for key in c0.keys():
+        torch.testing.assert_close(c1[key], c0[key], atol=1e-5, rtol=1e-4)
+    for key in ("value", "lambda_return", "weight"):
+        torch.testing.assert_close(t1[key], t0[key], atol=1e-5, rtol=1e-4)
+    for key in a0.keys():
+        torch.testing.assert_close(a1[key], a0[key], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(r1, r0, atol=1e-5, rtol=1e-4)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_compiled_optimizer_equals_torchrl_dreamer_v3_optimizer():
+    """make_optimizer(compile=True): the compiled LaProp + AGC update gives TorchRL's
+    DreamerV3Optimizer's parameters and moments over several steps (warm-up included, per-group
+    learning rates), and its state_dict loads into TorchRL's optimizer."""
+    from torchrl_dreamer.dreamer.update import CompiledDreamerV3Optimizer
+
+    agents = [_agent(), _agent()]
+    opts = [make_optimizer(a, world_model_lr=1e-3, actor_lr=3e-4, critic_lr=2e-3, warmup_steps=2, compile=c)
+            for a, c in zip(agents, (False, True))]
+    assert isinstance(opts[1], CompiledDreamerV3Optimizer)
+    g = torch.Generator().manual_seed(0)
+    for step in range(4):
+        grads = [torch.randn(p.shape, generator=g) * (10.0 if step == 1 else 1.0) for p in agents[0].parameters()]
+        for agent, opt in zip(agents, opts):
+            for p, gr in zip(agent.parameters(), grads):
+                p.grad = gr.clone()
+            opt.step()
+    for p, q in zip(*(a.parameters() for a in agents)):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    s0, s1 = opts[0].state_dict(), opts[1].state_dict()
+    assert [grp["step"] for grp in s0["param_groups"]] == [grp["step"] for grp in s1["param_groups"]] == [4, 4, 4]
+    for k in s0["state"]:
+        for name in ("rms", "momentum"):
+            torch.testing.assert_close(s1["state"][k][name], s0["state"][k][name], atol=1e-6, rtol=1e-5)
+    opts[0].load_state_dict(s1)

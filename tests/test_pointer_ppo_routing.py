@@ -298,3 +298,59 @@ def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
     assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2]
     with pytest.raises(ConfigError, match="lr_schedule"):
         main(["--env", "tsp20", "ppo.lr_schedule=linear", *tiny])
+
+
+def test_ema_of_policy_weights_is_evaluated_checkpointed_and_resumed(tmp_runs, capsys):
+    """ppo.ema_decay: after each iteration ema = d * ema + (1 - d) * weights (first: a copy); the dev
+    gap is measured on the average (eval/gap_pct) and on the last iterate (eval/gap_pct_last); the
+    checkpoint carries the average, --evaluate uses it and --resume continues it."""
+    from baselines.ppo_routing import make_ema, make_model, PPORoutingConfig
+    from torchrl_dreamer.checkpoint import load_checkpoint
+    from torchrl_dreamer.config import ConfigError
+
+    d = 0.9
+    cfg = PPORoutingConfig()
+    cfg.ppo.ema_decay = d
+    model = make_model(cfg)
+    ema = make_ema(cfg, model)
+    p = next(model.parameters())
+    ema.update_parameters(model)
+    w0 = p.detach().clone()
+    assert torch.equal(next(ema.module.parameters()), w0)
+    with torch.no_grad():
+        p.add_(1.0)
+    ema.update_parameters(model)
+    assert torch.allclose(next(ema.module.parameters()), d * w0 + (1 - d) * (w0 + 1.0), atol=1e-6)
+
+    tiny = ["eval.every=1", "ppo.batch_instances=8", "ppo.minibatch_instances=8", "ppo.epochs=1",
+            "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2", "model.ff_dim=32", "ppo.lr=1e-2",
+            "run.progress=false", "run.tensorboard=false", f"run.root={tmp_runs}", "ppo.ema_decay=0.5"]
+    run_dir = main(["--env", "tsp20", "train.iterations=2", *tiny])
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["eval/gap_pct"] > 0 and record["eval/gap_pct_last"] > 0
+    state = load_checkpoint(run_dir)
+    ema_w = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert state["ema"]["n_averaged"] == 2
+    assert any(not torch.equal(ema_w[k], v) for k, v in state["model"].items())  # an average, not a copy
+    capsys.readouterr()
+    main(["--evaluate", str(run_dir)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["gap_pct"] == pytest.approx(record["eval/gap_pct"], rel=1e-6)
+    main(["--resume", str(run_dir), "train.iterations=3", *tiny])
+    assert load_checkpoint(run_dir)["ema"]["n_averaged"] == 3
+    with pytest.raises(ConfigError, match="ema_decay"):
+        main(["--env", "tsp20", "train.iterations=1", *tiny, "ppo.ema_decay=1.0"])
+
+
+@pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
+def test_multistart20_preset_layers_and_validates(env_name):
+    """recipes/configs/ppo_routing/multistart20.yaml (the CVRP20 benchmark's settings) is a valid
+    layer over base + env YAML, and a typo in it would be refused (strict keys)."""
+    from baselines.ppo_routing import CONFIG_DIR, ENV_CONFIG_DIR, PPORoutingConfig, validate
+    from torchrl_dreamer.config import load_config, to_object
+
+    files = [CONFIG_DIR / "base.yaml", ENV_CONFIG_DIR / f"{env_name}.yaml", CONFIG_DIR / "multistart20.yaml"]
+    cfg = to_object(load_config(PPORoutingConfig, files, []))
+    validate(cfg)
+    assert cfg.ppo.multistart and cfg.ppo.advantage == "shared" and cfg.ppo.rollouts_per_instance == 20
+    assert cfg.ppo.ema_decay == 0.99 and cfg.env.size == 20

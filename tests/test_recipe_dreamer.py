@@ -33,6 +33,18 @@ def test_smoke_every_env_yaml(env_name, tmp_runs):
     assert (run_dir / "config.yaml").is_file()
 
 
+def test_full_compile_mode_trains_and_logs(tmp_runs):
+    """model.compile=true model.compile_mode=full: compiled scan, imagination loop and losses run
+    inside the recipe (prefill, updates, evaluation, checkpoint) and give finite losses."""
+    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+                            "eval.every=0", "env.max_episode_steps=30", "model.compile=true",
+                            "model.compile_mode=full"])
+    last = _records(run_dir)[-1]
+    assert last["train/updates"] > 0
+    assert all(torch.isfinite(torch.tensor(last[k])) for k in ("loss/world_model", "loss/critic", "loss/actor"))
+    assert load_checkpoint(run_dir)["updates"] == last["train/updates"]
+
+
 def test_custom_factory_env_and_terminal_rows(tmp_runs):
     run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "env.factory=scripted_env:make_counting_env", "eval.every=0"])
@@ -105,6 +117,7 @@ def test_evaluate_entry_point(tmp_runs, capsys):
     ("model.size=huge", "model.size must be one of"),
     ("env.name=NoSuchEnv-v0", "unknown Gymnasium env id"),
     ("ac.start_fraction=0", "ac.start_fraction"),
+    ("model.compile_mode=graph", "model.compile_mode must be one of"),
     ("replay.learning_rate=1", "unknown config key 'replay.learning_rate'"),
     ("replay.batch_size=abc", "wrong type"),
 ])

@@ -58,7 +58,7 @@ def parse_recipe_args(
     parser.add_argument("--resume", type=Path, default=None, help="run directory to resume from")
     parser.add_argument("--evaluate", type=Path, default=None,
                         help="run directory whose checkpoint to evaluate (deterministic actions); no training")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
     if args.resume is not None and args.evaluate is not None:
         raise ConfigError("--resume and --evaluate exclude each other")
 

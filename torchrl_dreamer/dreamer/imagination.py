@@ -29,9 +29,10 @@ from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 from .nets import clip_action
+from .rssm import gumbel_noise
 from .world_model import WorldModel
 
-__all__ = ["ImaginationHooks", "imagine", "ImaginationModule"]
+__all__ = ["ImaginationHooks", "imagine", "draw_noise", "ImaginationModule"]
 
 
 class ImaginationHooks:
@@ -71,24 +72,43 @@ class ImaginationHooks:
         return action
 
 
-def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bool, model_action=None):
+def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bool, model_action=None,
+                              noise: tuple[torch.Tensor, torch.Tensor] | None = None):
     """One imagined step: act at ``(h, z)``, advance the prior. Plain tensors in and out, so it can
-    be compiled (:meth:`ImaginationModule.enable_compile`)."""
+    be compiled (:meth:`ImaginationModule.enable_compile`). ``noise``: this step's pre-drawn
+    ``(action noise, stoch Gumbel noise)`` (see :func:`draw_noise`), else random ops run here."""
     dist = actor(feat if grad else feat.detach(), **inputs, **context)
-    action = dist.rsample() if grad else dist.sample()
+    if noise is not None:
+        action = dist.sample_from_noise(noise[0])
+    else:
+        action = dist.rsample() if grad else dist.sample()
     log_prob, entropy = dist.log_prob(action.detach()), dist.entropy()
     # the learner keeps the raw sample (unbiased log-prob); the dynamics see the action the env would
     # (clipped to [-1, 1], straight-through; a no-op on one-hot actions)
     moved = action if getattr(actor, "discrete", False) else clip_action(action)
     h = rssm.img_step(h, z, moved if model_action is None else model_action(moved, context))
-    z = rssm.sample(rssm.prior_logits(h))
+    z = rssm.sample(rssm.prior_logits(h), None if noise is None else noise[1])
     return action, log_prob, entropy, h, z
+
+
+def draw_noise(actor: nn.Module, rssm, n: int, horizon: int, device=None, dtype=torch.float32):
+    """All the randomness of an imagined rollout, drawn at once: ``(action noise [H, N, A],
+    stoch Gumbel noise [H, N, G, C])``; action noise is standard Gumbel for discrete actors
+    (Gumbel-max sampling), standard normal for continuous ones. Same distribution as drawing
+    per step; one eager random call instead of inductor's per-element generator in the graph."""
+    a = actor.action_dim
+    if getattr(actor, "discrete", False):
+        action_noise = gumbel_noise((horizon, n, a), device, dtype)
+    else:
+        action_noise = torch.randn(horizon, n, a, device=device, dtype=dtype)
+    return action_noise, gumbel_noise((horizon, n, rssm.stoch, rssm.classes), device, dtype)
 
 
 def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
             start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
             context: dict[str, torch.Tensor] | None = None, grad: bool = False,
-            step_fn=None, cont_mode: str = "prob") -> dict[str, torch.Tensor]:
+            step_fn=None, cont_mode: str = "prob",
+            noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Rolls ``actor`` through the prior of ``world_model`` for ``horizon`` steps.
 
     Args:
@@ -104,6 +124,7 @@ def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoc
             ``"mode"`` (0/1, the 2023 code). With rare terminal states (CartPole: ~2% of rows, all
             within 0.02 rad of non-terminal ones) the mode stays "continue" near the boundary
             and imagined failures never end; the probability discounts them smoothly.
+        noise: pre-drawn randomness (:func:`draw_noise`) instead of random ops in the loop.
 
     Returns the ``[N, H+1]`` trajectory described in the module docstring.
     """
@@ -119,11 +140,13 @@ def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoc
         model_action = None if type(hooks).model_action is ImaginationHooks.model_action else hooks.model_action
         feat = hooks.features(world_model, h, z, aux, context)
         feats.append(feat)
-        for _ in range(horizon):
+        for t in range(horizon):
             inputs = hooks.actor_inputs(aux)
             for k, v in inputs.items():
                 extras.setdefault(k, []).append(v)
-            action, log_prob, entropy, h, z = step(rssm, actor, h, z, feat, inputs, context, grad, model_action)
+            step_noise = None if noise is None else (noise[0][t], noise[1][t])
+            action, log_prob, entropy, h, z = step(rssm, actor, h, z, feat, inputs, context, grad, model_action,
+                                                   step_noise)
             actions.append(action)
             log_probs.append(log_prob)
             entropies.append(entropy)
@@ -194,6 +217,7 @@ class ImaginationModule(TensorDictModuleBase):
         self.cont_mode = cont_mode
         self.step_fn = None
         self.imagine_fn = imagine
+        self.predraw_noise = False  # draw all randomness before the loop (set by enable_compile("loop"))
         self.in_keys = ["deter", "stoch", "is_terminal"]
         self.out_keys = ["deter", "stoch", "feat", "action", "log_prob", "entropy", "reward", "cont"]
 
@@ -205,6 +229,7 @@ class ImaginationModule(TensorDictModuleBase):
             self.step_fn = torch.compile(_policy_and_dynamics_step, dynamic=False, **kwargs)
         elif mode == "loop":
             self.imagine_fn = torch.compile(imagine, dynamic=False, **kwargs)
+            self.predraw_noise = True
         else:
             raise ValueError(f"compile mode must be 'step' or 'loop', got '{mode}'")
 
@@ -219,7 +244,9 @@ class ImaginationModule(TensorDictModuleBase):
         context = hooks.actor_context(start)
         out = self.imagine_fn(self.world_model, self.actor, deter, stoch, start_cont, self.horizon, hooks=hooks,
                       aux=hooks.start(start), context=context, grad=self.grad, step_fn=self.step_fn,
-                      cont_mode=self.cont_mode)
+                      cont_mode=self.cont_mode,
+                      noise=draw_noise(self.actor, self.world_model.rssm, deter.shape[0], self.horizon, deter.device,
+                                       deter.dtype) if self.predraw_noise else None)
         n, length = deter.shape[0], self.horizon + 1
         for key, value in context.items():  # per-trajectory constants, as [N, H+1] views (no copy)
             out[key] = value.unsqueeze(1).expand(n, length, *value.shape[1:])

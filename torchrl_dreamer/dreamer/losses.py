@@ -187,14 +187,35 @@ class WorldModelLoss(_DreamerLoss):
         is_first = self._flag(tensordict, k.is_first, bt).bool()
         is_terminal = self._flag(tensordict, k.is_terminal, bt).bool()
         valid = tensordict.get(k.valid, None)
+        if valid is not None:
+            valid = self._flag(tensordict, k.valid, bt).to(action.dtype)
+
+        out = wm.observe(obs, action, is_first)
+        feat = out["feat"]
+        fn = self.__dict__.get("_compiled_terms") or self._terms
+        losses, diag = fn(out, obs, reward, is_terminal, valid)
+        loss_td = TensorDict({**losses, **{name: value.detach() for name, value in diag.items()}}, batch_size=[])
+        states_td = TensorDict({
+            "deter": out["deter"].detach(), "stoch": out["stoch"].detach(), "feat": feat.detach(),
+            # padded rows start nothing: imagination weights them like terminal states
+            "is_terminal": is_terminal if valid is None else is_terminal | (valid == 0),
+            "is_first": is_first, "reward": reward,
+            **obs,  # references (no copy): exact-state hooks of imagination read them
+            **{k: v.detach() for k, v in out.get("carry", {}).items()},
+        }, batch_size=bt, device=feat.device)
+        return loss_td, states_td
+
+
+    def _terms(self, out: dict[str, torch.Tensor], obs: dict[str, torch.Tensor], reward: torch.Tensor,
+               is_terminal: torch.Tensor, valid: torch.Tensor | None):
+        """Everything after the posterior scan on plain tensors (compilable): heads, reconstruction,
+        KL with free bits, diagnostics. Returns ``(losses, diagnostics)`` dicts."""
+        wm = self.world_model
         if valid is None:
             mean = torch.mean
         else:
-            valid = self._flag(tensordict, k.valid, bt).to(action.dtype)
             n_valid = valid.sum().clamp_min(1.0)
             mean = lambda x: (x * valid).sum() / n_valid  # noqa: E731
-
-        out = wm.observe(obs, action, is_first)
         feat = out["feat"]
         recon = wm.reconstruction_losses(feat, obs, out)
         reward_logits = wm.reward_head(feat)
@@ -219,23 +240,19 @@ class WorldModelLoss(_DreamerLoss):
                 "continue_accuracy": mean(((cont_logit > 0).to(feat.dtype) == cont_target).float()),
                 **{f"reconstruction_{n}": mean(v) for n, v in recon.items()},
             }
-        loss_td = TensorDict({
+        losses = {
             "loss_reconstruction": self.reconstruction_scale * loss_reconstruction,
             "loss_reward": self.reward_scale * mean(loss_reward),
             "loss_continue": self.continue_scale * mean(loss_continue),
             "loss_dyn": self.dyn_scale * kl["dyn"],
             "loss_rep": self.rep_scale * kl["rep"],
-            **{name: value.detach() for name, value in diag.items()},
-        }, batch_size=[])
-        states_td = TensorDict({
-            "deter": out["deter"].detach(), "stoch": out["stoch"].detach(), "feat": feat.detach(),
-            # padded rows start nothing: imagination weights them like terminal states
-            "is_terminal": is_terminal if valid is None else is_terminal | (valid == 0),
-            "is_first": is_first, "reward": reward,
-            **obs,  # references (no copy): exact-state hooks of imagination read them
-            **{k: v.detach() for k, v in out.get("carry", {}).items()},
-        }, batch_size=bt, device=feat.device)
-        return loss_td, states_td
+        }
+        return losses, diag
+
+    def enable_compile(self, **kwargs) -> None:
+        """``torch.compile`` what follows the posterior scan (:meth:`_terms`: heads, reconstruction,
+        KL, forward and backward); the scan itself compiles with ``RSSM.enable_compile``."""
+        self.__dict__["_compiled_terms"] = torch.compile(self._terms, dynamic=False, **kwargs)
 
 
 class CriticLoss(_DreamerLoss):
@@ -282,6 +299,17 @@ class CriticLoss(_DreamerLoss):
         k = self.tensor_keys
         feat = _require(traj, k.feat, "CriticLoss").detach()
         reward, cont = _require(traj, k.reward, "CriticLoss").detach(), _require(traj, k.cont, "CriticLoss").detach()
+        loss_critic, value, ret, weight, stats = self._terms_fn(feat, reward, cont)
+        loss_td = TensorDict({"loss_critic": loss_critic, **dict(zip(self._STATS, stats.unbind(0)))}, batch_size=[])
+        targets_td = TensorDict({"value": value, "weight": weight}, batch_size=traj.batch_size, device=feat.device)
+        targets_td["lambda_return"] = torch.cat([ret, value[:, -1:]], 1)  # padded to [N, H+1] (R_H = V_H)
+        return loss_td, targets_td
+
+    _STATS = ("value_min", "value_max", "value_mean", "lambda_return_min", "lambda_return_max",
+              "lambda_return_mean", "imagined_reward_mean", "imagined_cont_mean")
+
+    def _terms(self, feat: torch.Tensor, reward: torch.Tensor, cont: torch.Tensor):
+        """The loss on plain tensors (compilable): ``(loss, value [N, H+1], ret [N, H], weight, stats)``."""
         logits = self.critic(feat)  # [N, H+1, bins]
         value = self.critic.mean(logits).detach()
         estimator = self.value_estimator
@@ -292,15 +320,19 @@ class CriticLoss(_DreamerLoss):
         head = logits[:, :-1]
         per_step = self.critic.loss(head, ret) + self.slow_reg_scale * self.critic.loss(head, slow_value)
         loss_critic = (per_step * weight[:, :-1]).mean()
-        loss_td = TensorDict({
-            "loss_critic": loss_critic,
-            "value_min": value.min(), "value_max": value.max(), "value_mean": value.mean(),
-            "lambda_return_min": ret.min(), "lambda_return_max": ret.max(), "lambda_return_mean": ret.mean(),
-            "imagined_reward_mean": reward[:, 1:].mean(), "imagined_cont_mean": cont[:, 1:].mean(),
-        }, batch_size=[])
-        targets_td = TensorDict({"value": value, "weight": weight}, batch_size=traj.batch_size, device=feat.device)
-        targets_td["lambda_return"] = torch.cat([ret, value[:, -1:]], 1)  # padded to [N, H+1] (R_H = V_H)
-        return loss_td, targets_td
+        stats = torch.stack([value.min(), value.max(), value.mean(), ret.min(), ret.max(), ret.mean(),
+                             reward[:, 1:].mean(), cont[:, 1:].mean()]).detach()
+        return loss_critic, value, ret, weight, stats
+
+    @property
+    def _terms_fn(self):
+        return self.__dict__.get("_compiled_terms") or self._terms
+
+    def enable_compile(self, **kwargs) -> None:
+        """``torch.compile`` the tensor core of the loss (forward and, through AOTAutograd, its
+        backward): :meth:`forward` and :meth:`replay_loss`. Same values as eager (tested)."""
+        self.__dict__["_compiled_terms"] = torch.compile(self._terms, dynamic=False, **kwargs)
+        self.__dict__["_compiled_replay"] = torch.compile(self._replay_terms, dynamic=False, **kwargs)
 
     def replay_loss(self, states: TensorDictBase, imagined_return: torch.Tensor | None = None) -> torch.Tensor:
         """Optional replay-value loss: lambda-returns along the *replayed* slice ``[B, T]`` with the
@@ -313,11 +345,17 @@ class CriticLoss(_DreamerLoss):
         at the last row before an ``is_first`` it is the bootstrap value itself. Returns the
         weighted loss (``replay_scale`` applied)."""
         feat = states["feat"].detach()
+        fn = self.__dict__.get("_compiled_replay") or self._replay_terms
+        return fn(feat, states["reward"], states["is_terminal"], states["is_first"],
+                  None if imagined_return is None else imagined_return.detach())
+
+    def _replay_terms(self, feat: torch.Tensor, reward: torch.Tensor, is_terminal: torch.Tensor,
+                      is_first: torch.Tensor, imagined_return: torch.Tensor | None) -> torch.Tensor:
         logits = self.critic(feat)
         boot = (self.critic.mean(logits) if imagined_return is None else imagined_return).detach()
-        reward = states["reward"].to(feat.dtype)
-        cont = (~states["is_terminal"]).to(feat.dtype)
-        next_first = states["is_first"][:, 1:]
+        reward = reward.to(feat.dtype)
+        cont = (~is_terminal).to(feat.dtype)
+        next_first = is_first[:, 1:]
         # R_t = r_{t+1} + g c_{t+1} (...): with r_{t+1} := boot_t and c_{t+1} := 0, R_t = boot_t
         reward_next = torch.where(next_first, boot[:, :-1], reward[:, 1:])
         cont_next = torch.where(next_first, torch.zeros_like(cont[:, 1:]), cont[:, 1:])
@@ -392,25 +430,24 @@ class ActorLoss(_DreamerLoss):
         inputs = {name: _require(traj, name, "ActorLoss")[:, :-1] for name in self.actor_input_keys}
         # per-trajectory constants (stored as [N, H+1] views by imagination): the actor gets [N, ...]
         inputs.update({name: _require(traj, name, "ActorLoss")[:, 0] for name in self.actor_context_keys})
-        dist = self.actor(feat[:, :-1].detach(), **inputs)
         action = traj.get(k.action)[:, :-1]
-        entropy = dist.entropy()
         if self.actor_grad == "reinforce":
             ret = traj.get(k.lambda_return)[:, :-1].detach()
             value = traj.get(k.value)[:, :-1].detach()
             scale = self.return_normalizer.update(ret) if self.training else self.return_normalizer.scale
-            advantage = (ret - value) / scale
-            log_prob = dist.log_prob(action.detach())
-            objective = log_prob * advantage.detach()
+            fn = self.__dict__.get("_compiled_reinforce") or self._reinforce_terms
+            loss_actor, entropy, advantage, log_prob = fn(feat[:, :-1].detach(), action.detach(), ret, value,
+                                                          scale, weight, inputs)
         else:
+            dist = self.actor(feat[:, :-1].detach(), **inputs)
+            entropy = dist.entropy()
             critic = self._critic[0]
             value_all = critic.mean(critic(feat))  # gradient flows into feat, not used for critic params
             ret = self.value_estimator(traj.get(k.reward), traj.get(k.cont).detach(), value_all)
             scale = self.return_normalizer.update(ret) if self.training else self.return_normalizer.scale
             advantage = ret / scale
-            objective = advantage
             log_prob = dist.log_prob(action.detach())
-        loss_actor = -((objective + self.entropy_coef * entropy) * weight).mean()
+            loss_actor = -((advantage + self.entropy_coef * entropy) * weight).mean()
         with torch.no_grad():
             diag = {
                 "entropy": entropy.mean(),
@@ -420,3 +457,17 @@ class ActorLoss(_DreamerLoss):
                 "log_prob_min": log_prob.detach().min(),
             }
         return TensorDict({"loss_actor": loss_actor, **diag}, batch_size=[])
+
+    def _reinforce_terms(self, feat: torch.Tensor, action: torch.Tensor, ret: torch.Tensor, value: torch.Tensor,
+                         scale: torch.Tensor, weight: torch.Tensor, inputs: dict[str, torch.Tensor]):
+        """REINFORCE loss on plain tensors (compilable): ``(loss, entropy, advantage, log_prob)``."""
+        dist = self.actor(feat, **inputs)
+        entropy = dist.entropy()
+        advantage = ((ret - value) / scale).detach()
+        log_prob = dist.log_prob(action)
+        loss_actor = -((log_prob * advantage + self.entropy_coef * entropy) * weight).mean()
+        return loss_actor, entropy, advantage, log_prob
+
+    def enable_compile(self, **kwargs) -> None:
+        """``torch.compile`` the REINFORCE tensor core (forward and backward). Same values as eager."""
+        self.__dict__["_compiled_reinforce"] = torch.compile(self._reinforce_terms, dynamic=False, **kwargs)

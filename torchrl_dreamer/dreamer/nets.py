@@ -213,6 +213,15 @@ class OneHotDist:
         index = torch.multinomial(flat.detach(), 1).reshape(self.probs.shape[:-1])
         return F.one_hot(index, self.probs.shape[-1]).to(self.probs.dtype)
 
+    def sample_from_noise(self, gumbel: torch.Tensor) -> torch.Tensor:
+        """Sample with given standard Gumbel noise (Gumbel-max: ``argmax(log p + g)``); a masked
+        action (``p = 0``, ``log p = -inf``) is never chosen. Lets a compiled graph take its
+        randomness as an input instead of running a random op per step."""
+        index = (self.probs.detach().log() + gumbel).argmax(-1)
+        return F.one_hot(index, self.probs.shape[-1]).to(self.probs.dtype)
+
+    noise_kind = "gumbel"
+
     def mode(self) -> torch.Tensor:
         return F.one_hot(self.probs.argmax(-1), self.probs.shape[-1]).to(self.probs.dtype)
 
@@ -242,6 +251,12 @@ class BoundedNormalDist:
     def rsample(self) -> torch.Tensor:
         """Reparameterised sample (gradients flow to mean and std)."""
         return self.mean + self.std * torch.randn_like(self.mean)
+
+    def sample_from_noise(self, eps: torch.Tensor) -> torch.Tensor:
+        """``mean + std * eps`` for given standard normal ``eps`` (reparameterised)."""
+        return self.mean + self.std * eps
+
+    noise_kind = "normal"
 
     def mode(self) -> torch.Tensor:
         return self.mean

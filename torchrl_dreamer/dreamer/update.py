@@ -25,20 +25,81 @@ from .agent import DreamerAgent
 from .imagination import ImaginationModule
 from .losses import ActorLoss, CriticLoss, WorldModelLoss
 
-__all__ = ["make_optimizer", "DreamerUpdate"]
+__all__ = ["make_optimizer", "CompiledDreamerV3Optimizer", "DreamerUpdate"]
+
+
+def _laprop_update(params: list[torch.Tensor], grads: list[torch.Tensor], rms: list[torch.Tensor],
+                   momentum: list[torch.Tensor], lr: torch.Tensor, rms_correction: torch.Tensor,
+                   momentum_correction: torch.Tensor, agc: float, parameter_norm_min: float, beta1: float,
+                   beta2: float, eps: float) -> None:
+    """The arithmetic of TorchRL's ``DreamerV3Optimizer.step`` for one group (float32 parameters),
+    written per tensor so that ``torch.compile`` fuses it; the step-dependent scalars are 0-d
+    tensors, so one graph serves every step."""
+    for p, g, v, m in zip(params, grads, rms, momentum):
+        g = g.float()
+        if agc:
+            max_norm = torch.linalg.vector_norm(p.detach().float()).clamp_min(parameter_norm_min) * agc
+            g = g * (max_norm / torch.maximum(torch.linalg.vector_norm(g), max_norm))
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m.mul_(beta1).add_(g / ((v / rms_correction).sqrt() + eps), alpha=1 - beta1)
+        p.sub_(lr * (m / momentum_correction))
+
+
+class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
+    """TorchRL's ``DreamerV3Optimizer`` (same hyper-parameters, state and ``state_dict``) with the
+    per-group update compiled into one graph. On CPU the multi-tensor ``_foreach`` ops of the
+    original run tensor by tensor (~15 ops x 63 tensors: ~3-5 ms per step at the benchmark sizes);
+    the compiled update is tested equal to it (``tests/test_dreamer_losses.py``). float32
+    parameters only (what the Dreamer networks use)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._update = torch.compile(_laprop_update, dynamic=False)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
+            raise RuntimeError("DreamerV3 optimizer received no parameter gradients.")
+        for group in self.param_groups:
+            group["step"] += 1
+            step, warmup_steps = group["step"], group["warmup_steps"]
+            warmup = min(1.0, (step - 1) / warmup_steps) if warmup_steps else 1.0
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.dtype != torch.float32 for p in params):
+                raise TypeError("CompiledDreamerV3Optimizer supports float32 parameters only")
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    state["rms"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
+            device = params[0].device
+            scalars = torch.tensor([group["lr"] * warmup, 1 - group["beta2"] ** step, 1 - group["beta1"] ** step],
+                                   dtype=torch.float32)
+            scalars = scalars.to(device, non_blocking=True)
+            self._update(params, [p.grad for p in params], [self.state[p]["rms"] for p in params],
+                         [self.state[p]["momentum"] for p in params], scalars[0], scalars[1], scalars[2],
+                         group["agc"], group["parameter_norm_min"], group["beta1"], group["beta2"], group["eps"])
+        return loss
 
 
 def make_optimizer(agent: DreamerAgent, *, world_model_lr: float = 4e-5, actor_lr: float = 4e-5,
                    critic_lr: float = 4e-5, agc: float = 0.3, eps: float = 1e-20, warmup_steps: int = 1000,
-                   beta1: float = 0.9, beta2: float = 0.999) -> DreamerV3Optimizer:
-    """TorchRL's ``DreamerV3Optimizer`` with param groups ``world_model``, ``actor``, ``critic``."""
+                   beta1: float = 0.9, beta2: float = 0.999, compile: bool = False) -> DreamerV3Optimizer:
+    """TorchRL's ``DreamerV3Optimizer`` with param groups ``world_model``, ``actor``, ``critic``
+    (``compile=True``: :class:`CompiledDreamerV3Optimizer`, the same update as one compiled graph)."""
     groups = [
         {"params": list(agent.world_model.parameters()), "lr": world_model_lr, "name": "world_model"},
         {"params": list(agent.actor.parameters()), "lr": actor_lr, "name": "actor"},
         {"params": list(agent.critic.parameters()), "lr": critic_lr, "name": "critic"},
     ]
-    return DreamerV3Optimizer(groups, lr=world_model_lr, agc=agc, eps=eps, warmup_steps=warmup_steps,
-                              beta1=beta1, beta2=beta2)
+    cls = CompiledDreamerV3Optimizer if compile else DreamerV3Optimizer
+    return cls(groups, lr=world_model_lr, agc=agc, eps=eps, warmup_steps=warmup_steps, beta1=beta1, beta2=beta2)
 
 
 def _grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
