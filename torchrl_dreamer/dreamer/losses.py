@@ -299,7 +299,8 @@ class CriticLoss(_DreamerLoss):
         k = self.tensor_keys
         feat = _require(traj, k.feat, "CriticLoss").detach()
         reward, cont = _require(traj, k.reward, "CriticLoss").detach(), _require(traj, k.cont, "CriticLoss").detach()
-        loss_critic, value, ret, weight, stats = self._terms_fn(feat, reward, cont)
+        fn = self.__dict__.get("_compiled_terms") or self._terms
+        loss_critic, value, ret, weight, stats = fn(feat, reward, cont)
         loss_td = TensorDict({"loss_critic": loss_critic, **dict(zip(self._STATS, stats.unbind(0)))}, batch_size=[])
         targets_td = TensorDict({"value": value, "weight": weight}, batch_size=traj.batch_size, device=feat.device)
         targets_td["lambda_return"] = torch.cat([ret, value[:, -1:]], 1)  # padded to [N, H+1] (R_H = V_H)
@@ -323,10 +324,6 @@ class CriticLoss(_DreamerLoss):
         stats = torch.stack([value.min(), value.max(), value.mean(), ret.min(), ret.max(), ret.mean(),
                              reward[:, 1:].mean(), cont[:, 1:].mean()]).detach()
         return loss_critic, value, ret, weight, stats
-
-    @property
-    def _terms_fn(self):
-        return self.__dict__.get("_compiled_terms") or self._terms
 
     def enable_compile(self, **kwargs) -> None:
         """``torch.compile`` the tensor core of the loss (forward and, through AOTAutograd, its
