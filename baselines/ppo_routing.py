@@ -70,6 +70,8 @@ class PPOConfig:
                                        "the larger of iterations done / train.iterations and time used / "
                                        "run.time_budget_s).")
     lr_final_fraction: float = doc(0.1, "Cosine schedule: final learning rate as a fraction of ppo.lr.")
+    lr_decay_start: float = doc(0.0, "Cosine schedule: progress (0-1) at which the decay starts; the rate is "
+                                     "held at ppo.lr before it (0: decay over the whole run).")
     clip_epsilon: float = doc(0.2, "PPO ratio clip.")
     gamma: float = doc(1.0, "Discount (1: the objective is the whole tour).")
     lmbda: float = doc(0.95, "GAE lambda.")
@@ -147,6 +149,8 @@ def validate(cfg: PPORoutingConfig) -> None:
         raise ConfigError(f"ppo.lr_schedule must be constant or cosine, got '{cfg.ppo.lr_schedule}'")
     if not 0.0 <= cfg.ppo.lr_final_fraction <= 1.0:
         raise ConfigError(f"ppo.lr_final_fraction must be in [0, 1], got {cfg.ppo.lr_final_fraction}")
+    if not 0.0 <= cfg.ppo.lr_decay_start < 1.0:
+        raise ConfigError(f"ppo.lr_decay_start must be in [0, 1), got {cfg.ppo.lr_decay_start}")
     if not 0.0 <= cfg.ppo.ema_decay < 1.0:
         raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {cfg.ppo.ema_decay}")
     if cfg.ppo.advantage not in ("gae", "shared"):
@@ -189,13 +193,16 @@ def make_ema(cfg: PPORoutingConfig, model: PointerActorCritic) -> Optional[Avera
 
 def lr_factor(cfg: PPORoutingConfig, done_iterations: int, elapsed_s: float) -> float:
     """Learning-rate multiplier: 1 (constant) or a cosine from 1 to ``lr_final_fraction`` over the
-    run's progress (iterations or, with a time budget, wall clock; whichever is further along)."""
+    run's progress (iterations or, with a time budget, wall clock; whichever is further along).
+    With ``lr_decay_start`` > 0 the multiplier stays 1 until that progress and the cosine spans the
+    rest of the run."""
     if cfg.ppo.lr_schedule == "constant":
         return 1.0
     progress = done_iterations / max(cfg.train.iterations, 1)
     if cfg.run.time_budget_s > 0:
         progress = max(progress, elapsed_s / cfg.run.time_budget_s)
-    progress = min(progress, 1.0)
+    start = cfg.ppo.lr_decay_start
+    progress = min(max(progress - start, 0.0) / (1.0 - start), 1.0)
     final = cfg.ppo.lr_final_fraction
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 

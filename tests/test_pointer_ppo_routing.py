@@ -287,6 +287,12 @@ def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
     cfg.run.time_budget_s = 60.0  # wall clock further along than the iterations: it decides
     assert lr_factor(cfg, 10, 60.0) == pytest.approx(0.1)
     assert lr_factor(cfg, 10, 600.0) == pytest.approx(0.1)  # past the budget: stays at the floor
+    cfg.ppo.lr_decay_start = 0.6  # held at 1 until 60% of the run, then the cosine spans the last 40%
+    assert lr_factor(cfg, 30, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60, 0.0) == pytest.approx(1.0)
+    assert lr_factor(cfg, 80, 0.0) == pytest.approx(0.55)
+    assert lr_factor(cfg, 100, 0.0) == pytest.approx(0.1)
+    assert lr_factor(cfg, 10, 48.0) == pytest.approx(0.55)  # 80% of the 60-s budget
     cfg.ppo.lr_schedule = "constant"
     assert lr_factor(cfg, 100, 600.0) == 1.0
     tiny = ["eval.every=0", "ppo.batch_instances=16", "ppo.minibatch_instances=8", "ppo.epochs=1",
@@ -298,6 +304,8 @@ def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
     assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2]
     with pytest.raises(ConfigError, match="lr_schedule"):
         main(["--env", "tsp20", "ppo.lr_schedule=linear", *tiny])
+    with pytest.raises(ConfigError, match="lr_decay_start"):
+        main(["--env", "tsp20", "ppo.lr_schedule=cosine", "ppo.lr_decay_start=1.0", *tiny])
 
 
 def test_ema_of_policy_weights_is_evaluated_checkpointed_and_resumed(tmp_runs, capsys):
@@ -354,3 +362,4 @@ def test_multistart20_preset_layers_and_validates(env_name):
     validate(cfg)
     assert cfg.ppo.multistart and cfg.ppo.advantage == "shared" and cfg.ppo.rollouts_per_instance == 20
     assert cfg.ppo.ema_decay == 0.99 and cfg.env.size == 20
+    assert cfg.ppo.lr == 2e-4 and cfg.ppo.lr_schedule == "cosine" and cfg.ppo.lr_decay_start == 0.7
