@@ -68,20 +68,38 @@ def main() -> None:
           f"{args.threads} threads)" + (f"; {k} rollouts per problem: {throughput / k:.1f} distinct problems/s"
                                         if k > 1 else ""))
     out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot_curve(results, out.with_suffix(".png"))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+
+
+TARGETS = {"tsp20": 3.0, "cvrp20": 8.0}  # greedy dev gap (%) within 30 minutes (issue targets)
+
+
+def plot_curve(results: dict, path: Path) -> None:
+    """Greedy dev gap over wall clock (EMA weights and last iterate when both were logged) with the
+    env's target line. Also usable on a saved JSON: ``plot_curve(json.load(f), Path("x.png"))``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    curve, env = results["curve"], results["env"]
+    minutes = [c[0] / 60 for c in curve]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([c[0] / 60 for c in curve], [c[2] for c in curve], "o-", ms=3)
+    last = results.get("curve_gap_pct_last_iterate")
+    if last:
+        ax.plot(minutes, last, "-", color="tab:gray", alpha=0.5, lw=1, label="last iterate")
+    ax.plot(minutes, [c[2] for c in curve], "o-", ms=3, label="EMA weights" if last else "greedy gap")
+    if env in TARGETS:
+        ax.axhline(TARGETS[env], ls="--", color="tab:red", lw=1, label=f"target {TARGETS[env]:g}%")
     ax.set_xlabel("training wall-clock (min)")
     ax.set_ylabel("greedy gap to reference (%)")
     ax.set_yscale("log")
-    ax.set_title(f"PPO + pointer network, {args.env} dev set")
+    ax.set_title(f"PPO + pointer network, {env} dev set (final {curve[-1][2]:.2f}%)")
+    ax.legend()
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=100)
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -363,3 +363,27 @@ def test_multistart20_preset_layers_and_validates(env_name):
     assert cfg.ppo.multistart and cfg.ppo.advantage == "shared" and cfg.ppo.rollouts_per_instance == 20
     assert cfg.ppo.ema_decay == 0.99 and cfg.env.size == 20
     assert cfg.ppo.lr == 2e-4 and cfg.ppo.lr_schedule == "cosine" and cfg.ppo.lr_decay_start == 0.7
+
+
+def test_routing_benchmark_plot_draws_both_curves_and_the_target(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("routing_ppo", None)
+    plot_curve = importlib.import_module("routing_ppo").plot_curve
+    import matplotlib.pyplot as plt
+
+    saved = {}
+    monkeypatch.setattr(plt.Figure, "savefig", lambda self, path, **kw: saved.update(fig=self, path=path))
+    results = {"env": "cvrp20", "curve": [[60.0, 100, 12.0], [120.0, 200, 9.0]],
+               "curve_gap_pct_last_iterate": [13.0, 9.5]}
+    plot_curve(results, tmp_path / "c.png")
+    ax = saved["fig"].axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["last iterate", "EMA weights", "target 8%"]
+    assert list(ax.get_lines()[1].get_ydata()) == [12.0, 9.0] and "9.00%" in ax.get_title()
+    del results["curve_gap_pct_last_iterate"]
+    results["env"] = "tsp50"  # no target for this env, no EMA curve
+    plot_curve(results, tmp_path / "d.png")
+    assert [line.get_label() for line in saved["fig"].axes[0].get_lines()] == ["greedy gap"]
