@@ -30,7 +30,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
-from torchrl_dreamer.cpu import tune_malloc
+from torchrl_dreamer.cpu import compile_unavailable, tune_malloc
 from torchrl_dreamer.dreamer.agent import PRESETS, DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
 from torchrl_dreamer.dreamer.imagination import ImaginationModule
@@ -347,6 +347,13 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed)
     agent, policy = build_agent(cfg, env)
     with_policy_state(env, policy)
+    if cfg.model.compile:
+        reason = compile_unavailable(cfg.device)
+        if reason is not None:
+            print(f"warning: model.compile=true but torch.compile does not work here ({reason}); training "
+                  "eagerly (same algorithm, about half the update rate). A C++ compiler (g++/clang) and the "
+                  "Python headers enable it; model.compile=false silences this.", file=sys.stderr, flush=True)
+            cfg.model.compile = False
     update = build_update(cfg, agent)
     rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len)
     keys = obs_keys(cfg)

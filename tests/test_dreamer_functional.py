@@ -142,3 +142,28 @@ def test_return_normalizer_ema_against_naive():
     small = ReturnNormalizer()
     small.update(torch.randn(100) * 1e-3)
     assert small.scale.item() == 1.0  # never divides advantages by less than 1
+
+
+def test_two_hot_loss_compiled_form_equals_gather_form_values_and_gradients():
+    """Under torch.compile the loss uses dense "tent" weights max(0, 1 - |i - position|) instead of
+    a gather (whose backward is a scatter); same loss and same logits gradient, edge bins and
+    out-of-range targets included."""
+    codec = TwoHot(num_bins=255)
+    torch.manual_seed(0)
+    targets = torch.tensor([-1e9, -300.0, -1.0, 0.0, 0.37, 5.0, 1234.5, 1e9, codec.bins[7].item()])
+    targets = torch.cat([targets, symexp(torch.randn(40) * 4)])
+    raw = torch.randn(len(targets), 255)
+    results = []
+    for fn in (codec.loss, torch.compile(codec.loss, dynamic=False)):
+        logits = raw.clone().requires_grad_(True)
+        loss = fn(logits, targets)
+        loss.sum().backward()
+        results.append((loss.detach(), logits.grad))
+    (l0, g0), (l1, g1) = results
+    naive = -(codec.encode(targets) * torch.log_softmax(raw, -1)).sum(-1)
+    torch.testing.assert_close(l0, naive, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(l1, l0, atol=1e-5, rtol=1e-5)
+    # the interpolation weight is rounded differently (bucketize + ratio vs distance to the bin):
+    # float32 differences up to ~ulp(20) / bin width ~ 1e-5
+    torch.testing.assert_close(g1, g0, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(g0, torch.softmax(raw, -1) - codec.encode(targets), atol=1e-6, rtol=1e-5)

@@ -493,3 +493,22 @@ def test_compiled_optimizer_equals_torchrl_dreamer_v3_optimizer():
         for name in ("rms", "momentum"):
             torch.testing.assert_close(s1["state"][k][name], s0["state"][k][name], atol=1e-6, rtol=1e-5)
     opts[0].load_state_dict(s1)
+
+
+def test_actor_distribution_slice_equals_the_actor_on_the_slice():
+    """ActorLoss runs the actor on all H+1 states and slices the distribution (``dist[:, :-1]``);
+    log-probs, entropies and gradients equal running it on the first H states."""
+    from torchrl_dreamer.dreamer.nets import ContinuousActor, DiscreteActor
+    torch.manual_seed(0)
+    feat = torch.randn(5, H + 1, 12)
+    for actor, action in ((DiscreteActor(12, 3, 16, 2), F.one_hot(torch.randint(0, 3, (5, H)), 3).float()),
+                          (ContinuousActor(12, 2, 16, 2), torch.randn(5, H, 2))):
+        grads = []
+        for dist in (actor(feat)[:, :-1], actor(feat[:, :-1])):
+            actor.zero_grad()
+            out = torch.stack([dist.log_prob(action), dist.entropy()])
+            out.sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in actor.parameters()]))
+        torch.testing.assert_close(grads[0][0], grads[1][0])
+        for a, b in zip(grads[0][1], grads[1][1]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

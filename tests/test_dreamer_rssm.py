@@ -1,6 +1,7 @@
 """RSSM groundwork: shapes, is_first resets, unimix floor, straight-through gradients."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torchrl_dreamer.dreamer.rssm import RSSM
 
@@ -65,3 +66,26 @@ def test_compiled_scan_equals_the_eager_scan_values_and_gradients():
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-3)
     with pytest.raises(ValueError, match="compile mode"):
         eager.enable_compile(mode="graph")
+
+
+def test_prior_sample_is_the_gumbel_max_sample_of_the_prior_for_the_same_uniforms():
+    """RSSM.prior_sample (imagination's sampler: argmax(probs / E), E = -log u) picks exactly what
+    Gumbel-max on the unimixed prior log-probs picks for the same u; without autograd it is an
+    exact one-hot, with it the straight-through gradient reaches the prior net."""
+    rssm = _rssm()
+    torch.manual_seed(0)
+    h = torch.randn(64, rssm.deter)
+    u = torch.rand(64, rssm.stoch, rssm.classes).clamp(1e-20, 1 - 1e-7)
+    with torch.no_grad():
+        gumbel = rssm.sample(rssm.prior_logits(h), -torch.log(-torch.log(u)))
+        race = rssm.prior_sample(h, -torch.log(u))
+    assert torch.equal(race.argmax(-1), gumbel.argmax(-1))
+    assert torch.equal(race, F.one_hot(race.argmax(-1), rssm.classes).float())
+    # empirical frequencies follow the prior's probabilities
+    with torch.no_grad():
+        draws = torch.stack([rssm.prior_sample(h[:1]) for _ in range(4000)])
+        probs = rssm.prior_logits(h[:1]).exp()
+    torch.testing.assert_close(draws.mean(0), probs, atol=0.03, rtol=0)
+    z = rssm.prior_sample(h)
+    (z * torch.randn_like(z)).sum().backward()
+    assert rssm.prior_net[0].weight.grad.abs().sum() > 0

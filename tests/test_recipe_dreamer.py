@@ -14,6 +14,7 @@ TINY = [
     "model.blocks=2", "model.cnn_depth=4", "replay.batch_size=2", "replay.seq_len=8", "replay.train_ratio=16",
     "replay.prefill=40", "env.num_envs=2", "train.steps_per_collect=8", "eval.episodes=2", "run.progress=false",
     "run.tensorboard=false", "run.log_every=16", "ac.horizon=3", "threads=1", "optim.warmup_steps=0",
+    "model.compile=false",  # the CartPole YAML compiles; smoke tests run eagerly (compile is tested on its own)
 ]
 
 
@@ -43,6 +44,30 @@ def test_full_compile_mode_trains_and_logs(tmp_runs):
     assert last["train/updates"] > 0
     assert all(torch.isfinite(torch.tensor(last[k])) for k in ("loss/world_model", "loss/critic", "loss/actor"))
     assert load_checkpoint(run_dir)["updates"] == last["train/updates"]
+
+
+def test_compile_falls_back_to_eager_with_a_warning_when_unavailable(tmp_runs, monkeypatch, capsys):
+    """The CartPole YAML asks for torch.compile; where it cannot run (no C++ compiler) the recipe
+    says so and trains eagerly instead of failing at the first update."""
+    from torchrl_dreamer.cpu import compile_unavailable
+    assert compile_unavailable() is None  # this machine compiles
+    calls = []
+    monkeypatch.setattr(dreamer, "compile_unavailable",
+                        lambda device: calls.append(device) or "InvalidCxxCompiler: no working C++ compiler")
+    monkeypatch.setattr(dreamer.ImaginationModule, "enable_compile",
+                        lambda self, *a, **k: pytest.fail("compiled although compile is unavailable"))
+    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=48",
+                            "eval.every=0", "env.max_episode_steps=30", "model.compile=true",
+                            "model.compile_mode=full"])
+    assert calls == ["cpu"]
+    assert "training eagerly" in capsys.readouterr().err
+    assert _records(run_dir)[-1]["train/updates"] > 0
+
+
+def test_cartpole_yaml_defaults_to_the_compiled_update():
+    from torchrl_dreamer.config import load_config
+    cfg = load_config(dreamer.DreamerConfig, [dreamer.CONFIG_DIR / "base.yaml", dreamer.CONFIG_DIR / "cartpole.yaml"])
+    assert cfg.model.compile is True and cfg.model.compile_mode == "full" and cfg.threads == 1
 
 
 def test_custom_factory_env_and_terminal_rows(tmp_runs):

@@ -15,7 +15,9 @@ import ctypes
 import ctypes.util
 import sys
 
-__all__ = ["tune_malloc"]
+import torch
+
+__all__ = ["tune_malloc", "compile_unavailable"]
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 
@@ -32,3 +34,17 @@ def tune_malloc() -> bool:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 28))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def compile_unavailable(device: str | torch.device = "cpu") -> str | None:
+    """Why ``torch.compile`` cannot run here, or ``None`` when it can.
+
+    Compiles and runs a two-op function on ``device`` (a few seconds on a cold cache). On CPU,
+    inductor needs a working C++ compiler (and Python headers); without one the first compiled call
+    raises deep inside training. Recipes call this first and fall back to eager with a warning."""
+    try:
+        fn = torch.compile(lambda x: torch.sigmoid(x) * 2 + 1, dynamic=False)
+        fn(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure means "run eager"
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    return None

@@ -81,6 +81,17 @@ class TwoHot(nn.Module):
         target has two non-zero weights summing to 1), which never materialises the dense target
         or the log-softmax: about 3x faster than the textbook form on CPU for 255 bins, and equal
         to it (``tests/test_dreamer_functional.py``)."""
+        if torch.compiler.is_compiling():
+            # under torch.compile the gather's backward becomes a scatter into a zeroed
+            # [..., num_bins] buffer (an extra pass per loss); the dense two-hot weights as a
+            # "tent" max(0, 1 - |bin - symlog(target)| / step) are plain float arithmetic that
+            # fuses into the log-softmax passes, forward and backward (~3 ms less per update at
+            # the benchmark sizes). Same value up to float32 rounding of the interpolation weight
+            # (tests/test_dreamer_functional.py).
+            x = symlog(target.detach()).clamp(self.bins[0], self.bins[-1])
+            inv_step = (len(self.bins) - 1) / (self.bins[-1] - self.bins[0])
+            weights = (1 - (self.bins - x.unsqueeze(-1)).abs() * inv_step).clamp_min(0)
+            return torch.logsumexp(logits, -1) - (weights * logits).sum(-1)
         lower, w_up = self._neighbours(target.detach())
         pair = logits.gather(-1, torch.stack([lower, lower + 1], -1))
         return torch.logsumexp(logits, -1) - (1 - w_up) * pair[..., 0] - w_up * pair[..., 1]

@@ -208,6 +208,10 @@ class OneHotDist:
     def __init__(self, probs: torch.Tensor) -> None:
         self.probs = probs
 
+    def __getitem__(self, index) -> "OneHotDist":
+        """The distribution at ``index`` over the batch dims (e.g. ``dist[:, :-1]``)."""
+        return OneHotDist(self.probs[index])
+
     def sample(self) -> torch.Tensor:
         flat = self.probs.reshape(-1, self.probs.shape[-1])
         index = torch.multinomial(flat.detach(), 1).reshape(self.probs.shape[:-1])
@@ -244,6 +248,10 @@ class BoundedNormalDist:
 
     def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.mean, self.std = mean, std
+
+    def __getitem__(self, index) -> "BoundedNormalDist":
+        """The distribution at ``index`` over the batch dims (e.g. ``dist[:, :-1]``)."""
+        return BoundedNormalDist(self.mean[index], self.std[index])
 
     def sample(self) -> torch.Tensor:
         return self.mean + self.std * torch.randn_like(self.mean)

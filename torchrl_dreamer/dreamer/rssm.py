@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "BlockGRU", "RSSM", "gumbel_noise"]
+__all__ = ["RMSNorm", "BlockGRU", "RSSM", "gumbel_noise", "exponential_noise"]
 
 
 class RMSNorm(nn.Module):
@@ -43,6 +43,23 @@ def gumbel_noise(shape, device=None, dtype=torch.float32, generator: torch.Gener
     """Standard Gumbel noise: ``argmax(logits + noise)`` is a sample of ``Categorical(logits)``."""
     u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
     return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+
+
+def exponential_noise(shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard exponential noise ``E = -log(u)``: ``argmax(probs / E)`` is a sample of
+    ``Categorical(probs)`` (the exponential race; with the same ``u`` it picks exactly what
+    Gumbel-max ``argmax(log probs + gumbel)`` picks, since ``gumbel = -log(E)``)."""
+    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
+    return -torch.log(u.clamp(1e-20, 1.0 - 1e-7))
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """``tanh``; compiled as ``2 sigmoid(2x) - 1`` (within 3e-7): inductor's vectorised tanh on
+    this CPU (AVX2) costs several exps, and the GRU's candidate is the largest elementwise cost of a
+    compiled RSSM step (one compiled 128-row GRU step: 604 -> 435 us)."""
+    if torch.compiler.is_compiling():
+        return 2 * torch.sigmoid(2 * x) - 1
+    return torch.tanh(x)
 
 
 class BlockGRU(nn.Module):
@@ -80,7 +97,7 @@ class BlockGRU(nn.Module):
         gates = rec + (torch.addmm(self.bias, x, self.w_x)).reshape(B, self.blocks, 3 * per)
         gates = self.gate_norm(gates)
         reset, cand, update = gates.chunk(3, -1)  # per block: its own gates
-        cand = torch.tanh(torch.sigmoid(reset) * cand)
+        cand = _tanh(torch.sigmoid(reset) * cand)
         update = torch.sigmoid(update - 1.0)
         h_blocks = h.reshape(B, self.blocks, per)
         return (h_blocks + update * (cand - h_blocks)).reshape(B, self.deter)
@@ -137,6 +154,25 @@ class RSSM(nn.Module):
 
     def prior_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._logits(self.prior_net(h))
+
+    def prior_sample(self, h: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Straight-through one-hot sample ``[..., G, C]`` of the unimixed prior at ``h``, the
+        imagination step's sampler: the same distribution (and, for the same uniforms, the same
+        sample) as :meth:`sample` on :meth:`prior_logits`, without the log-probabilities.
+        ``argmax(probs / E)`` with ``E`` from :func:`exponential_noise` (``noise``) replaces
+        Gumbel-max; outside autograd the value is the bare one-hot. Per latent that is 4
+        transcendentals instead of 12 (softmax, log, exp of the log for the straight-through
+        term), the largest elementwise cost of a compiled imagination step at 4 classes."""
+        raw = self.prior_net(h)
+        probs = torch.softmax(raw.reshape(*raw.shape[:-1], self.stoch, self.classes), -1)
+        probs = (1 - self.unimix) * probs + self.unimix / self.classes
+        if noise is None:
+            noise = exponential_noise(probs.shape, probs.device, probs.dtype)
+        index = (probs.detach() / noise).argmax(-1)
+        hard = (index.unsqueeze(-1) == torch.arange(self.classes, device=h.device)).to(probs.dtype)
+        if probs.requires_grad:
+            return hard + probs - probs.detach()
+        return hard
 
     def posterior_logits(self, h: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         return self._logits(self.post_out(self.post_h(h) + self.post_e(embed)))
