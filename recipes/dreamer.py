@@ -76,8 +76,8 @@ class ModelConfig:
                                      "(the whole posterior scan, the whole imagination rollout with its noise drawn "
                                      "up front, the world-model/critic/actor losses and the optimizer step): ~2x the eager "
                                      "update rate (CartPole YAML: 12-14.7 vs 6.4 updates/s), but compile time grows with "
-                                     "replay.seq_len and ac.horizon: at the CartPole YAML's 32 x 32 batches over 5 "
-                                     "minutes on a cold inductor cache, ~48 s with a warm one. Measure first.")
+                                     "replay.seq_len and ac.horizon: at the CartPole YAML's 32 x 32 batches ~4.5-5 "
+                                     "minutes on a cold inductor cache, ~50 s with a warm one. Measure first.")
 
 
 @dataclass
