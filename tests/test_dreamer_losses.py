@@ -512,3 +512,41 @@ def test_actor_distribution_slice_equals_the_actor_on_the_slice():
         torch.testing.assert_close(grads[0][0], grads[1][0])
         for a, b in zip(grads[0][1], grads[1][1]):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_actor_loss_with_a_distribution_that_cannot_be_sliced():
+    """A custom actor whose distribution has no ``__getitem__`` still gets the loss on the first H
+    states (recomputed on the slice)."""
+    agent = _agent()
+    _, critic, actor_loss = _losses(agent)
+    traj = _imagined(agent, critic)
+    _, targets = critic(traj)
+    full = traj.clone().update(targets)
+    reference = actor_loss(full)["loss_actor"]
+
+    class Plain:  # the OneHotDist interface without __getitem__
+        def __init__(self, dist):
+            self.dist = dist
+
+        def log_prob(self, action):
+            return self.dist.log_prob(action)
+
+        def entropy(self):
+            return self.dist.entropy()
+
+    class Wrapped(torch.nn.Module):
+        discrete = True
+
+        def __init__(self, actor):
+            super().__init__()
+            self.inner = actor
+
+        def forward(self, feat, **kw):
+            return Plain(self.inner(feat, **kw))
+
+    wrapped = ActorLoss(Wrapped(agent.actor))
+    wrapped.make_value_estimator(gamma=0.997, lmbda=0.95)
+    wrapped.return_normalizer.load_state_dict(actor_loss.return_normalizer.state_dict())
+    wrapped.eval(), actor_loss.eval()
+    torch.testing.assert_close(wrapped(full)["loss_actor"], actor_loss(full)["loss_actor"])
+    assert torch.isfinite(reference)

@@ -464,10 +464,11 @@ class ActorLoss(_DreamerLoss):
                          full: bool = False):
         """REINFORCE loss on plain tensors (compilable): ``(loss, entropy, advantage, log_prob)``.
         ``full``: ``feat`` holds all H+1 states and the distribution is sliced to the first H
-        (the distribution must support ``dist[:, :-1]``)."""
+        (``dist[:, :-1]``; a distribution without ``__getitem__`` is recomputed on the slice)."""
         dist = self.actor(feat, **inputs)
         if full:
-            dist = dist[:, :-1]
+            # a custom actor's distribution may not support slicing: then run it on the slice
+            dist = dist[:, :-1] if hasattr(type(dist), "__getitem__") else self.actor(feat[:, :-1], **inputs)
         entropy = dist.entropy()
         advantage = ((ret - value) / scale).detach()
         log_prob = dist.log_prob(action)
