@@ -162,7 +162,8 @@ class RSSM(nn.Module):
         ``argmax(probs / E)`` with ``E`` from :func:`exponential_noise` (``noise``) replaces
         Gumbel-max; outside autograd the value is the bare one-hot. Per latent that is 4
         transcendentals instead of 12 (softmax, log, exp of the log for the straight-through
-        term), the largest elementwise cost of a compiled imagination step at 4 classes."""
+        term); sampling was, after the GRU, the largest elementwise cost of a compiled imagination
+        step at 4 classes."""
         raw = self.prior_net(h)
         probs = torch.softmax(raw.reshape(*raw.shape[:-1], self.stoch, self.classes), -1)
         probs = (1 - self.unimix) * probs + self.unimix / self.classes
