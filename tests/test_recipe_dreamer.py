@@ -49,8 +49,6 @@ def test_full_compile_mode_trains_and_logs(tmp_runs):
 def test_compile_falls_back_to_eager_with_a_warning_when_unavailable(tmp_runs, monkeypatch, capsys):
     """The CartPole YAML asks for torch.compile; where it cannot run (no C++ compiler) the recipe
     says so and trains eagerly instead of failing at the first update."""
-    from torchrl_dreamer.cpu import compile_unavailable
-    assert compile_unavailable() is None  # this machine compiles
     calls = []
     monkeypatch.setattr(dreamer, "compile_unavailable",
                         lambda device: calls.append(device) or "InvalidCxxCompiler: no working C++ compiler")
@@ -62,6 +60,20 @@ def test_compile_falls_back_to_eager_with_a_warning_when_unavailable(tmp_runs, m
     assert calls == ["cpu"]
     assert "training eagerly" in capsys.readouterr().err
     assert _records(run_dir)[-1]["train/updates"] > 0
+
+
+def test_compile_unavailable_reports_a_failing_compile(monkeypatch):
+    """The check itself: None where torch.compile works, the error's name and first line where the
+    compile raises (simulated; this machine has a C++ compiler)."""
+    from torchrl_dreamer import cpu
+    assert cpu.compile_unavailable() is None
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return run
+    monkeypatch.setattr(cpu.torch, "compile", broken)
+    assert cpu.compile_unavailable() == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
 
 
 def test_cartpole_yaml_defaults_to_the_compiled_update():

@@ -39,18 +39,17 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
 
 
-def gumbel_noise(shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Standard Gumbel noise: ``argmax(logits + noise)`` is a sample of ``Categorical(logits)``."""
-    u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
-    return -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
-
-
 def exponential_noise(shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard exponential noise ``E = -log(u)``: ``argmax(probs / E)`` is a sample of
     ``Categorical(probs)`` (the exponential race; with the same ``u`` it picks exactly what
     Gumbel-max ``argmax(log probs + gumbel)`` picks, since ``gumbel = -log(E)``)."""
     u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
     return -torch.log(u.clamp(1e-20, 1.0 - 1e-7))
+
+
+def gumbel_noise(shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Standard Gumbel noise: ``argmax(logits + noise)`` is a sample of ``Categorical(logits)``."""
+    return -torch.log(exponential_noise(shape, device, dtype, generator))
 
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:
@@ -147,10 +146,14 @@ class RSSM(nn.Module):
             h, z = h.to(device), z.to(device)
         return h, z
 
+    def _probs(self, raw: torch.Tensor) -> torch.Tensor:
+        """Raw net output ``[..., G*C]`` -> unimixed probabilities ``[..., G, C]``."""
+        probs = torch.softmax(raw.reshape(*raw.shape[:-1], self.stoch, self.classes), -1)
+        return (1 - self.unimix) * probs + self.unimix / self.classes
+
     def _logits(self, raw: torch.Tensor) -> torch.Tensor:
         """Raw net output ``[..., G*C]`` -> unimixed log-probabilities ``[..., G, C]``."""
-        probs = torch.softmax(raw.reshape(*raw.shape[:-1], self.stoch, self.classes), -1)
-        return ((1 - self.unimix) * probs + self.unimix / self.classes).log()
+        return self._probs(raw).log()
 
     def prior_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._logits(self.prior_net(h))
@@ -164,9 +167,7 @@ class RSSM(nn.Module):
         transcendentals instead of 12 (softmax, log, exp of the log for the straight-through
         term); sampling was, after the GRU, the largest elementwise cost of a compiled imagination
         step at 4 classes."""
-        raw = self.prior_net(h)
-        probs = torch.softmax(raw.reshape(*raw.shape[:-1], self.stoch, self.classes), -1)
-        probs = (1 - self.unimix) * probs + self.unimix / self.classes
+        probs = self._probs(self.prior_net(h))
         if noise is None:
             noise = exponential_noise(probs.shape, probs.device, probs.dtype)
         index = (probs.detach() / noise).argmax(-1)
