@@ -311,7 +311,8 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
 def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Path, k: int = 4) -> Path:
     """Greedy tours of the first ``k`` dev instances beside the reference solutions (PNG)."""
     inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
-    env = TSPEnv(instances=inst) if problem == "tsp" else CVRPEnv(instances=inst)
+    device = next(model.parameters()).device
+    env = TSPEnv(instances=inst, device=device) if problem == "tsp" else CVRPEnv(instances=inst, device=device)
     was_training = model.training
     model.eval()
     out = rollout(env, model, greedy=True)

@@ -296,6 +296,7 @@ def evaluate_dev(model: PointerActorCritic, data: dict[str, torch.Tensor], *, pr
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
+    device = next(model.parameters()).device  # decode where the model is; results gather on the CPU
     n_inst = data["locs"].shape[0]
     best = torch.full((n_inst,), float("inf"), dtype=torch.float64)
     for a in range(augment):
@@ -312,11 +313,11 @@ def evaluate_dev(model: PointerActorCritic, data: dict[str, torch.Tensor], *, pr
                 starts = range(n_nodes) if problem == "tsp" else range(1, n_nodes + 1)
                 reps = len(starts)
                 inst = {k: v.repeat_interleave(reps, 0) if v.ndim else v for k, v in inst.items()}
-                forced = torch.tensor(list(starts)).repeat(b)
-            env = TSPEnv(instances=inst) if problem == "tsp" else CVRPEnv(instances=inst)
+                forced = torch.tensor(list(starts), device=device).repeat(b)
+            env = TSPEnv(instances=inst, device=device) if problem == "tsp" else CVRPEnv(instances=inst, device=device)
             out = rollout(env, model, greedy=True, first_nodes=forced if multistart else None,
                           group_size=len(starts) if multistart else 1)
-            lengths = out["tour_length"][:, 0].double()
+            lengths = out["tour_length"][:, 0].double().cpu()
             if multistart:
                 lengths = lengths.view(b, -1).min(1).values
             best[sl] = torch.minimum(best[sl], lengths)

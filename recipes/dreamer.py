@@ -296,10 +296,12 @@ def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000) -
     finished = torch.zeros(n, dtype=torch.bool)
     was_random = policy.random_actions
     policy.random_actions = False
+    device = next(policy.parameters()).device  # the env stays on the CPU; the policy may be on cfg.device
     td = env.reset()
+    env_device = env.device if env.device is not None else td.get("done").device  # custom envs may say None
     with set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(max_steps):
-            td = policy(td)
+            td = policy(td.to(device)).to(env_device)
             td, td_next = env.step_and_maybe_reset(td)
             done = td["next", "done"].reshape(n)
             lengths += (~finished).float()

@@ -263,11 +263,11 @@ def tour_diagnostics(agent: DreamerAgent, hooks: RoutingHooks, episodes: TensorD
     context = hooks.actor_context(start)
     saved = hooks.known_reward
     hooks.known_reward = False
-    model = imagine(wm, agent.actor, start["deter"], start["stoch"], torch.ones(start.shape[0]), T - 1, hooks=hooks,
-                    aux=aux, context=context)
+    ones = torch.ones(start.shape[0], device=start.device)
+    model = imagine(wm, agent.actor, start["deter"], start["stoch"], ones, T - 1, hooks=hooks, aux=aux, context=context)
     hooks.known_reward = True
     exact_aux = hooks.start(start)
-    exact_len = torch.zeros(start.shape[0])
+    exact_len = torch.zeros(start.shape[0], device=start.device)
     actions = model["action"]
     correct = total = 0.0
     for t in range(T - 1):

@@ -110,10 +110,10 @@ def test_collected_rows_follow_the_world_model_layout(problem):
 
 
 @pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
-def test_dreamer_routing_smoke_and_algo_switch(env_name, tmp_runs):
+def test_dreamer_routing_smoke_and_algo_switch(env_name, tmp_runs, device_args):
     args = ["--algo", "dreamer", "--env", env_name, *TINY, f"run.root={tmp_runs}", "train.iterations=4",
             "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
-            "eval.every=2", "eval.diag_starts=4"]
+            "eval.every=2", "eval.diag_starts=4", *device_args]
     run_dir = routing.main(args)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]

@@ -81,8 +81,8 @@ def test_evaluate_dev_gap_multistart_and_augment(problem):
 
 
 @pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
-def test_ppo_routing_smoke(env_name, tmp_runs):
-    run_dir = main(["--env", env_name, "train.iterations=2", "eval.every=1", "ppo.batch_instances=16",
+def test_ppo_routing_smoke(env_name, tmp_runs, device_args):
+    run_dir = main(["--env", env_name, *device_args, "train.iterations=2", "eval.every=1", "ppo.batch_instances=16",
                     "ppo.minibatch_instances=8", "ppo.epochs=1", "model.embed_dim=32", "model.n_layers=1",
                     "model.n_heads=4", "model.ff_dim=64", "run.progress=false", "run.tensorboard=false",
                     f"run.root={tmp_runs}"])

@@ -23,9 +23,9 @@ def _records(run_dir):
 
 
 @pytest.mark.parametrize("env_name", ["cartpole", "cartpole_pixels", "lunarlander", "pendulum"])
-def test_smoke_every_env_yaml(env_name, tmp_runs):
+def test_smoke_every_env_yaml(env_name, tmp_runs, device_args):
     run_dir = dreamer.main(["--env", env_name, *TINY, f"run.root={tmp_runs}", "train.env_steps=96",
-                            "eval.every=64", "env.max_episode_steps=30"])
+                            "eval.every=64", "env.max_episode_steps=30", *device_args])
     records = _records(run_dir)
     last = records[-1]
     assert last["train/env_steps"] >= 96 and last["train/updates"] > 0
@@ -97,9 +97,9 @@ def test_custom_factory_env_and_terminal_rows(tmp_runs):
     assert _records(run_dir)[-1]["train/episode_reward_sum"] == 8.0
 
 
-def test_resume_continues_counters_parameters_and_replay(tmp_runs):
+def test_resume_continues_counters_parameters_and_replay(tmp_runs, device_args):
     args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
-            "eval.every=0", "run.checkpoint_every=64"]
+            "eval.every=0", "run.checkpoint_every=64", *device_args]
     run_dir = dreamer.main([*args, "train.env_steps=64"])
     first = load_checkpoint(run_dir)
     assert first["env_steps"] == 64 and first["updates"] > 0

@@ -31,8 +31,8 @@ def _records(run_dir):
 
 
 @pytest.mark.parametrize("scenario", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if p.stem != "base"))
-def test_smoke_every_scenario_yaml(scenario, tmp_runs):
-    run_dir = main(["--env", scenario, *_tiny(), f"run.root={tmp_runs}"])
+def test_smoke_every_scenario_yaml(scenario, tmp_runs, device_args):
+    run_dir = main(["--env", scenario, *_tiny(), f"run.root={tmp_runs}", *device_args])
     expected_env = "envs.goal_reaching.make_env" if scenario == "custom" else scenario
     assert run_dir.parent.name == expected_env and run_dir.parent.parent.name == "mappo_vmas"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint.pt").is_file()

@@ -162,7 +162,9 @@ class DreamerPolicy(TensorDictModuleBase):
         """Env action -> actor units (what the world model is trained on)."""
         if self.discrete:
             return action.to(torch.float32)
-        return (2.0 * (action - self.action_low) / (self.action_high - self.action_low) - 1.0).clamp(-1.0, 1.0)
+        # the replay writer calls this on CPU rows while the bounds live with the policy (cfg.device)
+        low, high = self.action_low.to(action.device), self.action_high.to(action.device)
+        return (2.0 * (action - low) / (high - low) - 1.0).clamp(-1.0, 1.0)
 
     def _random_action(self, n: int, mask: torch.Tensor | None, device) -> torch.Tensor:
         rssm = self.world_model.rssm

@@ -124,6 +124,11 @@ class DreamerUpdate:
                  actor_loss: ActorLoss, imagination: ImaginationModule, optimizer: torch.optim.Optimizer,
                  *, timing: bool = True) -> None:
         self.agent = agent
+        # the losses hold buffers of their own (the actor's return-scale EMA, slow-critic copies): put them
+        # where the networks are, so that ``agent.to("cuda")`` before building the update is enough
+        device = next(agent.parameters()).device
+        for module in (world_model_loss, critic_loss, actor_loss, imagination):
+            module.to(device)
         self.world_model_loss, self.critic_loss, self.actor_loss = world_model_loss, critic_loss, actor_loss
         self.imagination, self.optimizer, self.timing = imagination, optimizer, timing
         self.groups = {g.get("name", str(i)): g["params"] for i, g in enumerate(optimizer.param_groups)}
