@@ -162,3 +162,24 @@ def test_config_errors_before_any_work(override, message, tmp_runs):
     with pytest.raises(ConfigError, match=message):
         dreamer.main(["--env", "cartpole", f"run.root={tmp_runs}", override])
     assert not tmp_runs.exists()
+
+
+def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypatch, capsys):
+    """benchmarks/dreamer_cartpole_episode_ends.py: plays mode-action episodes from a run's checkpoint
+    and names why each ended; the ends it reports agree with the episode lengths it prints."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64", "eval.every=0"])
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("dreamer_cartpole_episode_ends", None)
+    diag = importlib.import_module("dreamer_cartpole_episode_ends")
+    out = diag.main([str(run_dir), "--episodes", "3", "--max-steps", "40", "--last", "2"])
+    assert out["env_steps"] == 64
+    assert sum(out["ends"].values()) == 3 and set(out["ends"]) <= {"x-out", "angle-out", "truncated"}
+    text = capsys.readouterr().out
+    assert text.count("episode ") == 3 and "continue" in text and "decoder mean absolute error" in text
+    assert all(len(v) == 4 for v in out["decoder_error_by_abs_x"].values())
+    # an untrained policy on CartPole fails by the pole angle within 40 steps, never by truncation
+    assert out["ends"].get("angle-out", 0) + out["ends"].get("x-out", 0) >= 1
