@@ -18,6 +18,7 @@ Only for CartPole's 4-float state vector.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -29,16 +30,23 @@ from recipes import dreamer as D
 from torchrl_dreamer.checkpoint import load_checkpoint
 from torchrl_dreamer.dreamer.functional import symexp
 
-X_LIMIT, THETA_LIMIT = 2.4, 12 * 2 * 3.141592653589793 / 360
+X_LIMIT, THETA_LIMIT = 2.4, math.radians(12)  # CartPole-v1's termination bounds
 
 
 def play(run_dir: Path, episodes: int, max_steps: int = 500):
     """Agent, and per episode its observations ``[L+1, 4]`` (terminal one included) and one-hot actions ``[L, A]``."""
+    if not (run_dir / "config.yaml").is_file():
+        raise SystemExit(f"{run_dir}: no config.yaml here; pass a Dreamer run directory (runs/dreamer/<env>/<stamp>)")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig), OmegaConf.load(run_dir / "config.yaml")))
     cfg.model.compile = False
     cfg.device = "cpu"
     state = load_checkpoint(run_dir, map_location="cpu")
     env = D.make_env_from_config(cfg, num_envs=episodes, seed=cfg.seed + 20_000)
+    shape = tuple(env.observation_spec["observation"].shape[len(env.batch_size):]) \
+        if "observation" in env.observation_spec.keys() else None
+    if cfg.env.pixels or shape != (4,):
+        raise SystemExit(f"{run_dir}: not a CartPole state-vector run (observation shape {shape}, "
+                         f"pixels={cfg.env.pixels}); this script reads x, v, theta, omega")
     agent, policy = D.build_agent(cfg, env)
     agent.load_state_dict(state["agent"])
     D.with_policy_state(env, policy)

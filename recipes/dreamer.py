@@ -299,9 +299,10 @@ def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000) -
     device = next(policy.parameters()).device  # the env stays on the CPU; the policy may be on cfg.device
     td = env.reset()
     env_device = env.device if env.device is not None else td.get("done").device  # custom envs may say None
+    move = torch.device(env_device) != device  # on one device, no per-step copies
     with set_exploration_type(ExplorationType.DETERMINISTIC):
         for _ in range(max_steps):
-            td = policy(td.to(device)).to(env_device)
+            td = policy(td.to(device)).to(env_device) if move else policy(td)
             td, td_next = env.step_and_maybe_reset(td)
             done = td["next", "done"].reshape(n)
             lengths += (~finished).float()

@@ -20,7 +20,7 @@ TEST_DEVICE = os.environ.get("TORCHRL_DREAMER_TEST_DEVICE", "cpu")
 @pytest.fixture
 def device_args():
     """``device=...`` override for recipe tests ([] on the default cpu)."""
-    if TEST_DEVICE != "cpu" and TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    if TEST_DEVICE.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip(f"TORCHRL_DREAMER_TEST_DEVICE={TEST_DEVICE} but CUDA is not available")
     return [] if TEST_DEVICE == "cpu" else [f"device={TEST_DEVICE}"]
 

@@ -183,3 +183,5 @@ def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypat
     assert all(len(v) == 4 for v in out["decoder_error_by_abs_x"].values())
     # an untrained policy on CartPole fails by the pole angle within 40 steps, never by truncation
     assert out["ends"].get("angle-out", 0) + out["ends"].get("x-out", 0) >= 1
+    with pytest.raises(SystemExit, match="no config.yaml"):
+        diag.main([str(run_dir.parent / "missing")])
