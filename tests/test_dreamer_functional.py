@@ -167,3 +167,31 @@ def test_two_hot_loss_compiled_form_equals_gather_form_values_and_gradients():
     # float32 differences up to ~ulp(20) / bin width ~ 1e-5
     torch.testing.assert_close(g1, g0, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(g0, torch.softmax(raw, -1) - codec.encode(targets), atol=1e-6, rtol=1e-5)
+
+
+def test_two_hot_mixture_loss_equals_the_weighted_sum_of_single_losses():
+    """The critic's two targets (lambda-return and slow critic) share one logsumexp: the mixture
+    loss equals ``loss(l, a) + s * loss(l, b)`` in value and logits gradient, eager and compiled;
+    mismatched scales are refused."""
+    codec = TwoHot(num_bins=255)
+    torch.manual_seed(1)
+    a = symexp(torch.randn(6, 7) * 4)
+    b = symexp(torch.randn(6, 7) * 4)
+    a[0, 0], b[0, 1] = 1e9, -1e9  # out of range: edge bins
+    raw = torch.randn(6, 7, 255)
+
+    def reference(logits):
+        return codec.loss(logits, a) + 0.7 * codec.loss(logits, b)
+
+    results = []
+    for fn in (reference, lambda lg: codec.mixture_loss(lg, (a, b), (1.0, 0.7)),
+               torch.compile(lambda lg: codec.mixture_loss(lg, (a, b), (1.0, 0.7)), dynamic=False)):
+        logits = raw.clone().requires_grad_(True)
+        loss = fn(logits)
+        loss.sum().backward()
+        results.append((loss.detach(), logits.grad))
+    for loss, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, results[0][1], atol=3e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="as many scales"):
+        codec.mixture_loss(raw, (a, b), (1.0,))

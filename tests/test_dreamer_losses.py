@@ -416,8 +416,9 @@ def test_sampling_from_predrawn_noise_has_the_policy_distribution_and_respects_t
     assert freq[1] == 0
     torch.testing.assert_close(freq, probs[0], atol=5e-3, rtol=0)
     agent = _agent()
-    act_noise, z_noise = draw_noise(agent.actor, agent.world_model.rssm, 5, H)
-    assert act_noise.shape == (H, 5, 3) and z_noise.shape == (H, 5, 4, 4)
+    act_noise, z_gumbel, z_mix = draw_noise(agent.actor, agent.world_model.rssm, 5, H)
+    assert act_noise.shape == (H, 5, 3) and z_gumbel.shape == (H, 5, 4, 4) and z_mix.shape == (H, 5, 4)
+    assert ((z_mix >= 0) & (z_mix < 1)).all()
     from torchrl_dreamer.dreamer.nets import BoundedNormalDist
     d = BoundedNormalDist(torch.zeros(2, 1), torch.full((2, 1), 0.5))
     assert torch.equal(d.sample_from_noise(torch.ones(2, 1)), torch.full((2, 1), 0.5))

@@ -68,24 +68,39 @@ def test_compiled_scan_equals_the_eager_scan_values_and_gradients():
         eager.enable_compile(mode="graph")
 
 
-def test_prior_sample_is_the_gumbel_max_sample_of_the_prior_for_the_same_uniforms():
-    """RSSM.prior_sample (imagination's sampler: argmax(probs / E), E = -log u) picks exactly what
-    Gumbel-max on the unimixed prior log-probs picks for the same u; without autograd it is an
-    exact one-hot, with it the straight-through gradient reaches the prior net."""
+def test_prior_sample_is_a_sample_of_the_unimixed_prior():
+    """RSSM.prior_sample (imagination's sampler) draws the unimix mixture directly: above
+    ``unimix`` the mixture uniform leaves Gumbel-max on the raw prior logits (what ``sample`` on
+    the prior log-probs picks for the same Gumbel noise whenever the uniform part does not
+    change the argmax), below it a uniform class; frequencies follow the unimixed probabilities;
+    without autograd it is an exact one-hot, with it the straight-through gradient reaches the
+    prior net."""
     rssm = _rssm()
     torch.manual_seed(0)
     h = torch.randn(64, rssm.deter)
-    u = torch.rand(64, rssm.stoch, rssm.classes).clamp(1e-20, 1 - 1e-7)
+    gumbel = -torch.log(-torch.log(torch.rand(64, rssm.stoch, rssm.classes).clamp(1e-20, 1 - 1e-7)))
     with torch.no_grad():
-        gumbel = rssm.sample(rssm.prior_logits(h), -torch.log(-torch.log(u)))
-        race = rssm.prior_sample(h, -torch.log(u))
-    assert torch.equal(race.argmax(-1), gumbel.argmax(-1))
-    assert torch.equal(race, F.one_hot(race.argmax(-1), rssm.classes).float())
-    # empirical frequencies follow the prior's probabilities
+        raw = rssm.prior_net(h).reshape(64, rssm.stoch, rssm.classes)
+        z = rssm.prior_sample(h, (gumbel, torch.ones(64, rssm.stoch)))  # never the uniform branch
+        assert torch.equal(z.argmax(-1), (raw + gumbel).argmax(-1))
+        assert torch.equal(z, F.one_hot(z.argmax(-1), rssm.classes).float())
+        # below unimix: class floor(mix / unimix * C), whatever the logits say
+        mix = torch.full((64, rssm.stoch), 0.999 * rssm.unimix)
+        assert (rssm.prior_sample(h, (gumbel, mix)).argmax(-1) == rssm.classes - 1).all()
+        assert (rssm.prior_sample(h, (gumbel, torch.zeros(64, rssm.stoch))).argmax(-1) == 0).all()
+    # empirical frequencies follow the unimixed prior's probabilities
     with torch.no_grad():
         draws = torch.stack([rssm.prior_sample(h[:1]) for _ in range(4000)])
         probs = rssm.prior_logits(h[:1]).exp()
     torch.testing.assert_close(draws.mean(0), probs, atol=0.03, rtol=0)
+    # a class with (nearly) zero softmax mass keeps exactly unimix / C
+    rssm_peaked = _rssm()
+    with torch.no_grad():
+        rssm_peaked.prior_net[-1].weight.zero_()
+        rssm_peaked.prior_net[-1].bias.copy_(torch.tensor([50.0] + [0.0] * (rssm.classes - 1)).repeat(rssm.stoch))
+        many = torch.stack([rssm_peaked.prior_sample(h[:1]) for _ in range(20000)]).mean(0)
+    torch.testing.assert_close(many[..., 1:], torch.full_like(many[..., 1:], rssm.unimix / rssm.classes),
+                               atol=2e-3, rtol=0)
     z = rssm.prior_sample(h)
     (z * torch.randn_like(z)).sum().backward()
     assert rssm.prior_net[0].weight.grad.abs().sum() > 0

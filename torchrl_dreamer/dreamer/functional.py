@@ -96,6 +96,29 @@ class TwoHot(nn.Module):
         pair = logits.gather(-1, torch.stack([lower, lower + 1], -1))
         return torch.logsumexp(logits, -1) - (1 - w_up) * pair[..., 0] - w_up * pair[..., 1]
 
+    def mixture_loss(self, logits: torch.Tensor, targets: tuple[torch.Tensor, ...],
+                     scales: tuple[float, ...]) -> torch.Tensor:
+        """``sum_i scales[i] * loss(logits, targets[i])`` with one ``logsumexp`` (the critic's
+        lambda-return and slow-critic terms share their logits): ``sum(scales) * lse - sum_i
+        scales[i] * (two-hot_i . logits)``. Equal to the sum of :meth:`loss` calls
+        (``tests/test_dreamer_functional.py``); under ``torch.compile`` the softmax of the
+        backward is computed once instead of once per target."""
+        if len(targets) != len(scales) or not targets:
+            raise ValueError("mixture_loss needs as many scales as targets (at least one)")
+        lse = torch.logsumexp(logits, -1)
+        if torch.compiler.is_compiling():
+            inv_step = (len(self.bins) - 1) / (self.bins[-1] - self.bins[0])
+            weights = sum(scale * (1 - (self.bins - symlog(t.detach()).clamp(self.bins[0], self.bins[-1])
+                                        .unsqueeze(-1)).abs() * inv_step).clamp_min(0)
+                          for t, scale in zip(targets, scales))
+            return sum(scales) * lse - (weights * logits).sum(-1)
+        out = sum(scales) * lse
+        for t, scale in zip(targets, scales):
+            lower, w_up = self._neighbours(t.detach())
+            pair = logits.gather(-1, torch.stack([lower, lower + 1], -1))
+            out = out - scale * ((1 - w_up) * pair[..., 0] + w_up * pair[..., 1])
+        return out
+
     def _neighbours(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index of the bin just below ``symlog(target)`` and the weight of the bin above it."""
         x = symlog(target).clamp(self.bins[0], self.bins[-1])

@@ -29,7 +29,7 @@ from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 from .nets import clip_action
-from .rssm import exponential_noise, gumbel_noise
+from .rssm import gumbel_noise
 from .world_model import WorldModel
 
 __all__ = ["ImaginationHooks", "imagine", "draw_noise", "ImaginationModule"]
@@ -73,10 +73,11 @@ class ImaginationHooks:
 
 
 def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bool, model_action=None,
-                              noise: tuple[torch.Tensor, torch.Tensor] | None = None):
+                              noise: tuple[torch.Tensor, ...] | None = None):
     """One imagined step: act at ``(h, z)``, advance the prior. Plain tensors in and out, so it can
     be compiled (:meth:`ImaginationModule.enable_compile`). ``noise``: this step's pre-drawn
-    ``(action noise, stoch exponential noise)`` (see :func:`draw_noise`), else random ops run here."""
+    ``(action noise, stoch Gumbel noise, stoch mixture uniforms)`` (see :func:`draw_noise`), else random
+    ops run here."""
     dist = actor(feat if grad else feat.detach(), **inputs, **context)
     if noise is not None:
         action = dist.sample_from_noise(noise[0])
@@ -87,28 +88,30 @@ def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bo
     # (clipped to [-1, 1], straight-through; a no-op on one-hot actions)
     moved = action if getattr(actor, "discrete", False) else clip_action(action)
     h = rssm.img_step(h, z, moved if model_action is None else model_action(moved, context))
-    z = rssm.prior_sample(h, None if noise is None else noise[1])
+    z = rssm.prior_sample(h, None if noise is None else (noise[1], noise[2]))
     return action, log_prob, entropy, h, z
 
 
 def draw_noise(actor: nn.Module, rssm, n: int, horizon: int, device=None, dtype=torch.float32):
-    """All the randomness of an imagined rollout, drawn at once: ``(action noise [H, N, A],
-    stoch exponential noise [H, N, G, C])`` (for :meth:`RSSM.prior_sample`); action noise is standard Gumbel for discrete actors
-    (Gumbel-max sampling), standard normal for continuous ones. Same distribution as drawing
-    per step; one eager random call instead of inductor's per-element generator in the graph."""
+    """All the randomness of an imagined rollout, drawn at once: ``(action noise [H, N, A], stoch
+    Gumbel noise [H, N, G, C], stoch mixture uniforms [H, N, G])`` (the last two for
+    :meth:`RSSM.prior_sample`); action noise is standard Gumbel for discrete actors (Gumbel-max
+    sampling), standard normal for continuous ones. Same distribution as drawing per step; one
+    eager random call each instead of inductor's per-element generator in the graph."""
     a = actor.action_dim
     if getattr(actor, "discrete", False):
         action_noise = gumbel_noise((horizon, n, a), device, dtype)
     else:
         action_noise = torch.randn(horizon, n, a, device=device, dtype=dtype)
-    return action_noise, exponential_noise((horizon, n, rssm.stoch, rssm.classes), device, dtype)
+    return (action_noise, gumbel_noise((horizon, n, rssm.stoch, rssm.classes), device, dtype),
+            torch.rand(horizon, n, rssm.stoch, device=device, dtype=dtype))
 
 
 def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
             start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
             context: dict[str, torch.Tensor] | None = None, grad: bool = False,
             step_fn=None, cont_mode: str = "prob",
-            noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+            noise: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
     """Rolls ``actor`` through the prior of ``world_model`` for ``horizon`` steps.
 
     Args:
@@ -144,7 +147,7 @@ def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoc
             inputs = hooks.actor_inputs(aux)
             for k, v in inputs.items():
                 extras.setdefault(k, []).append(v)
-            step_noise = None if noise is None else (noise[0][t], noise[1][t])
+            step_noise = None if noise is None else tuple(x[t] for x in noise)
             action, log_prob, entropy, h, z = step(rssm, actor, h, z, feat, inputs, context, grad, model_action,
                                                    step_noise)
             actions.append(action)

@@ -319,7 +319,8 @@ class CriticLoss(_DreamerLoss):
         with torch.no_grad():
             slow_value = self.slow_critic.mean(self.slow_critic(feat[:, :-1]))
         head = logits[:, :-1]
-        per_step = self.critic.loss(head, ret) + self.slow_reg_scale * self.critic.loss(head, slow_value)
+        # lambda-return and slow-critic targets share one logsumexp (one softmax in the backward)
+        per_step = self.critic.codec.mixture_loss(head, (ret, slow_value), (1.0, self.slow_reg_scale))
         loss_critic = (per_step * weight[:, :-1]).mean()
         stats = torch.stack([value.min(), value.max(), value.mean(), ret.min(), ret.max(), ret.mean(),
                              reward[:, 1:].mean(), cont[:, 1:].mean()]).detach()

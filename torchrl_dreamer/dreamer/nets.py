@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import TwoHot, symlog, unimix_masked_probs
-from .rssm import RMSNorm
+from .rssm import BiasLinear, RMSNorm
 
 __all__ = [
     "NormMLP",
@@ -55,7 +55,7 @@ class NormMLP(nn.Module):
             size = units
         self.body = nn.Sequential(*blocks)
         self.out_features = size if out_features is None else out_features
-        self.head = None if out_features is None else nn.Linear(size, out_features)
+        self.head = None if out_features is None else BiasLinear(size, out_features)
         if self.head is not None and zero_init_output:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)

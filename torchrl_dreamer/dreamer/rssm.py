@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "BlockGRU", "RSSM", "gumbel_noise", "exponential_noise"]
+__all__ = ["RMSNorm", "BiasLinear", "BlockGRU", "RSSM", "gumbel_noise", "exponential_noise"]
 
 
 class RMSNorm(nn.Module):
@@ -37,6 +37,26 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm: x * rsqrt(mean(x^2) + eps) * scale, one dispatch instead of six (~10% faster on CPU)
         return F.rms_norm(x, self.scale.shape, self.scale, self.eps)
+
+
+def _add_bias(product: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``product + bias``; under ``torch.compile`` written as ``product - (-bias)`` (exact), which
+    inductor leaves as a matmul plus an add fused into the consumer kernel. ``mm + bias`` is
+    pattern-matched into ``addmm``, which on CPU first copies the broadcast bias into the output:
+    an extra pass and dispatch per layer (~280 copies per update at the benchmark sizes)."""
+    if torch.compiler.is_compiling():
+        return torch.sub(product, -bias)
+    return product + bias
+
+
+class BiasLinear(nn.Linear):
+    """``nn.Linear`` (same parameters and ``state_dict``) whose bias is added by the consumer
+    kernel when compiled (see :func:`_add_bias`); eager it is ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None or not torch.compiler.is_compiling():
+            return super().forward(x)
+        return _add_bias(torch.matmul(x, self.weight.t()), self.bias)
 
 
 def exponential_noise(shape, device=None, dtype=torch.float32, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,7 +113,8 @@ class BlockGRU(nn.Module):
         per = self.deter // self.blocks
         x = F.silu(self.in_norm(self.z_in(z_flat) + action_in))
         rec = torch.bmm(h.reshape(B, self.blocks, per).transpose(0, 1), self.w_h).transpose(0, 1)  # [B, g, 3per]
-        gates = rec + (torch.addmm(self.bias, x, self.w_x)).reshape(B, self.blocks, 3 * per)
+        x_in = torch.addmm(self.bias, x, self.w_x) if not torch.compiler.is_compiling() else _add_bias(x @ self.w_x, self.bias)
+        gates = rec + x_in.reshape(B, self.blocks, 3 * per)
         gates = self.gate_norm(gates)
         reset, cand, update = gates.chunk(3, -1)  # per block: its own gates
         cand = _tanh(torch.sigmoid(reset) * cand)
@@ -120,11 +141,11 @@ class RSSM(nn.Module):
         self.gru = BlockGRU(stoch * classes, action_dim, deter, hidden, blocks)
         self.init_deter = nn.Parameter(torch.zeros(deter))
         self.prior_net = nn.Sequential(nn.Linear(deter, hidden, bias=False), RMSNorm(hidden), nn.SiLU(),
-                                       nn.Linear(hidden, stoch * classes))
+                                       BiasLinear(hidden, stoch * classes))
         # posterior input layer split into its h part and its embedding part (precomputed per sequence)
         self.post_h = nn.Linear(deter, hidden, bias=False)
         self.post_e = nn.Linear(embed_dim, hidden, bias=False)
-        self.post_out = nn.Sequential(RMSNorm(hidden), nn.SiLU(), nn.Linear(hidden, stoch * classes))
+        self.post_out = nn.Sequential(RMSNorm(hidden), nn.SiLU(), BiasLinear(hidden, stoch * classes))
         self._compiled_step = None
         self._compiled_scan = None
 
@@ -158,21 +179,31 @@ class RSSM(nn.Module):
     def prior_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self._logits(self.prior_net(h))
 
-    def prior_sample(self, h: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Straight-through one-hot sample ``[..., G, C]`` of the unimixed prior at ``h``, the
-        imagination step's sampler: the same distribution (and, for the same uniforms, the same
-        sample) as :meth:`sample` on :meth:`prior_logits`, without the log-probabilities.
-        ``argmax(probs / E)`` with ``E`` from :func:`exponential_noise` (``noise``) replaces
-        Gumbel-max; outside autograd the value is the bare one-hot. Per latent that is 4
-        transcendentals instead of 12 (softmax, log, exp of the log for the straight-through
-        term); sampling was, after the GRU, the largest elementwise cost of a compiled imagination
-        step at 4 classes."""
-        probs = self._probs(self.prior_net(h))
+    def prior_sample(self, h: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One-hot sample ``[..., G, C]`` of the unimixed prior at ``h``, imagination's sampler,
+        drawn as the mixture it is: with probability ``unimix`` a uniform class, otherwise
+        Gumbel-max on the raw prior logits (``argmax(raw + gumbel)`` samples ``softmax(raw)``
+        exactly, with no softmax, max or normalisation). ``noise``: ``(gumbel [..., G, C], mix
+        [..., G])`` (standard Gumbel and uniform [0, 1)), e.g. pre-drawn by
+        :func:`~.imagination.draw_noise`; the mix uniform picks the branch and, below ``unimix``,
+        the class (``floor(mix / unimix * C)``, uniform given the branch). The same distribution
+        as :meth:`sample` on :meth:`prior_logits` (tested), and no transcendental per latent in
+        the step: with 4 classes the softmax was the largest elementwise cost of a compiled
+        imagination step after the GRU. Under autograd the straight-through term of the unimixed
+        probabilities is added (value unchanged, gradient reaches the prior net)."""
+        raw = self.prior_net(h)
+        raw = raw.reshape(*raw.shape[:-1], self.stoch, self.classes)
         if noise is None:
-            noise = exponential_noise(probs.shape, probs.device, probs.dtype)
-        index = (probs.detach() / noise).argmax(-1)
-        hard = (index.unsqueeze(-1) == torch.arange(self.classes, device=h.device)).to(probs.dtype)
-        if probs.requires_grad:
+            noise = (gumbel_noise(raw.shape, raw.device, raw.dtype),
+                     torch.rand(raw.shape[:-1], device=raw.device, dtype=raw.dtype))
+        gumbel, mix = noise
+        index = (raw.detach() + gumbel).argmax(-1)
+        if self.unimix > 0:
+            uniform = (mix * (self.classes / self.unimix)).long().clamp_max(self.classes - 1)
+            index = torch.where(mix < self.unimix, uniform, index)
+        hard = (index.unsqueeze(-1) == torch.arange(self.classes, device=h.device)).to(raw.dtype)
+        if raw.requires_grad:
+            probs = (1 - self.unimix) * torch.softmax(raw, -1) + self.unimix / self.classes
             return hard + probs - probs.detach()
         return hard
 

@@ -29,16 +29,18 @@ __all__ = ["make_optimizer", "CompiledDreamerV3Optimizer", "DreamerUpdate"]
 
 
 def _laprop_update(params: list[torch.Tensor], grads: list[torch.Tensor], rms: list[torch.Tensor],
-                   momentum: list[torch.Tensor], lr: torch.Tensor, rms_correction: torch.Tensor,
-                   momentum_correction: torch.Tensor, agc: float, parameter_norm_min: float, beta1: float,
-                   beta2: float, eps: float) -> None:
-    """The arithmetic of TorchRL's ``DreamerV3Optimizer.step`` for one group (float32 parameters),
-    written per tensor so that ``torch.compile`` fuses it; the step-dependent scalars are 0-d
-    tensors, so one graph serves every step."""
-    for p, g, v, m in zip(params, grads, rms, momentum):
+                   momentum: list[torch.Tensor], scalars: torch.Tensor, group_of: tuple[int, ...], agc: float,
+                   parameter_norm_min: float, beta1: float, beta2: float, eps: float) -> None:
+    """The arithmetic of TorchRL's ``DreamerV3Optimizer.step`` (float32 parameters), written per
+    tensor so that ``torch.compile`` fuses it. ``scalars [groups, 3]`` holds each param group's
+    step-dependent ``(lr * warmup, rms correction, momentum correction)`` and ``group_of[i]`` the
+    row of tensor ``i``: one graph serves every step and every group sharing the other
+    hyper-parameters."""
+    for i, (p, g, v, m) in enumerate(zip(params, grads, rms, momentum)):
+        lr, rms_correction, momentum_correction = scalars[group_of[i], 0], scalars[group_of[i], 1], scalars[group_of[i], 2]
         g = g.float()
         if agc:
-            max_norm = torch.linalg.vector_norm(p.detach().float()).clamp_min(parameter_norm_min) * agc
+            max_norm = torch.linalg.vector_norm(p.float()).clamp_min(parameter_norm_min) * agc
             g = g * (max_norm / torch.maximum(torch.linalg.vector_norm(g), max_norm))
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         m.mul_(beta1).add_(g / ((v / rms_correction).sqrt() + eps), alpha=1 - beta1)
@@ -47,9 +49,12 @@ def _laprop_update(params: list[torch.Tensor], grads: list[torch.Tensor], rms: l
 
 class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
     """TorchRL's ``DreamerV3Optimizer`` (same hyper-parameters, state and ``state_dict``) with the
-    per-group update compiled into one graph. On CPU the multi-tensor ``_foreach`` ops of the
+    update compiled into one graph for all param groups that share ``agc``/``betas``/``eps`` (the
+    usual case: only the learning rates differ). On CPU the multi-tensor ``_foreach`` ops of the
     original run tensor by tensor (~15 ops x 63 tensors: ~3-5 ms per step at the benchmark sizes);
-    the compiled update is tested equal to it (``tests/test_dreamer_losses.py``). float32
+    the compiled update is tested equal to it (``tests/test_dreamer_losses.py``). Parameters enter
+    the graph as ``detach()``ed views of the same storage, so their in-place update happens inside
+    the graph (a parameter that requires grad would be updated by a copy after it). float32
     parameters only (what the Dreamer networks use)."""
 
     def __init__(self, *args, **kwargs) -> None:
@@ -64,6 +69,9 @@ class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
                 loss = closure()
         if not any(p.grad is not None for group in self.param_groups for p in group["params"]):
             raise RuntimeError("DreamerV3 optimizer received no parameter gradients.")
+        # one compiled call per set of shared hyper-parameters (one set unless groups differ beyond lr)
+        buckets: dict[tuple, list] = {}
+        rows = []
         for group in self.param_groups:
             group["step"] += 1
             step, warmup_steps = group["step"], group["warmup_steps"]
@@ -78,13 +86,19 @@ class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
                 if not state:
                     state["rms"] = torch.zeros_like(p, dtype=torch.float32)
                     state["momentum"] = torch.zeros_like(p, dtype=torch.float32)
-            device = params[0].device
-            scalars = torch.tensor([group["lr"] * warmup, 1 - group["beta2"] ** step, 1 - group["beta1"] ** step],
-                                   dtype=torch.float32)
-            scalars = scalars.to(device, non_blocking=True)
-            self._update(params, [p.grad for p in params], [self.state[p]["rms"] for p in params],
-                         [self.state[p]["momentum"] for p in params], scalars[0], scalars[1], scalars[2],
-                         group["agc"], group["parameter_norm_min"], group["beta1"], group["beta2"], group["eps"])
+            key = (group["agc"], group["parameter_norm_min"], group["beta1"], group["beta2"], group["eps"],
+                   params[0].device)
+            buckets.setdefault(key, []).append((len(rows), params))
+            rows.append([group["lr"] * warmup, 1 - group["beta2"] ** step, 1 - group["beta1"] ** step])
+        scalars = torch.tensor(rows, dtype=torch.float32)
+        for (agc, norm_min, beta1, beta2, eps, device), members in buckets.items():
+            params = [p for _, ps in members for p in ps]
+            # rows of this bucket, renumbered from 0
+            rows_here = [row for row, _ in members]
+            group_of = tuple(j for j, (_, ps) in enumerate(members) for _ in ps)
+            self._update([p.detach() for p in params], [p.grad for p in params],
+                         [self.state[p]["rms"] for p in params], [self.state[p]["momentum"] for p in params],
+                         scalars[rows_here].to(device, non_blocking=True), group_of, agc, norm_min, beta1, beta2, eps)
         return loss
 
 
