@@ -53,9 +53,8 @@ class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
     usual case: only the learning rates differ). On CPU the multi-tensor ``_foreach`` ops of the
     original run tensor by tensor (~15 ops x 63 tensors: ~3-5 ms per step at the benchmark sizes);
     the compiled update is tested equal to it (``tests/test_dreamer_losses.py``). Parameters enter
-    the graph as ``detach()``ed views of the same storage, so their in-place update happens inside
-    the graph (a parameter that requires grad would be updated by a copy after it). float32
-    parameters only (what the Dreamer networks use)."""
+    the graph as ``detach()``ed views of their own storage (updated in place, outside autograd).
+    float32 parameters only (what the Dreamer networks use)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
