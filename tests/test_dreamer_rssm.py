@@ -69,12 +69,11 @@ def test_compiled_scan_equals_the_eager_scan_values_and_gradients():
 
 
 def test_prior_sample_is_a_sample_of_the_unimixed_prior():
-    """RSSM.prior_sample (imagination's sampler) draws the unimix mixture directly: above
-    ``unimix`` the mixture uniform leaves Gumbel-max on the raw prior logits (what ``sample`` on
-    the prior log-probs picks for the same Gumbel noise whenever the uniform part does not
-    change the argmax), below it a uniform class; frequencies follow the unimixed probabilities;
-    without autograd it is an exact one-hot, with it the straight-through gradient reaches the
-    prior net."""
+    """RSSM.prior_sample (imagination's sampler) draws the unimix mixture directly: with the
+    mixture uniform >= unimix it is Gumbel-max on the raw prior logits, below it the class
+    floor(mix / unimix * C); frequencies follow the unimixed probabilities (a class with no
+    softmax mass keeps unimix / C); without autograd it is an exact one-hot, with it the
+    straight-through gradient reaches the prior net."""
     rssm = _rssm()
     torch.manual_seed(0)
     h = torch.randn(64, rssm.deter)

@@ -88,13 +88,9 @@ class TwoHot(nn.Module):
             # fuses into the log-softmax passes, forward and backward (~3 ms less per update at
             # the benchmark sizes). Same value up to float32 rounding of the interpolation weight
             # (tests/test_dreamer_functional.py).
-            x = symlog(target.detach()).clamp(self.bins[0], self.bins[-1])
-            inv_step = (len(self.bins) - 1) / (self.bins[-1] - self.bins[0])
-            weights = (1 - (self.bins - x.unsqueeze(-1)).abs() * inv_step).clamp_min(0)
-            return torch.logsumexp(logits, -1) - (weights * logits).sum(-1)
-        lower, w_up = self._neighbours(target.detach())
-        pair = logits.gather(-1, torch.stack([lower, lower + 1], -1))
-        return torch.logsumexp(logits, -1) - (1 - w_up) * pair[..., 0] - w_up * pair[..., 1]
+            return torch.logsumexp(logits, -1) - (self._tent(target) * logits).sum(-1)
+        lo, hi, w_up = self._pair(logits, target)
+        return torch.logsumexp(logits, -1) - (1 - w_up) * lo - w_up * hi
 
     def mixture_loss(self, logits: torch.Tensor, targets: tuple[torch.Tensor, ...],
                      scales: tuple[float, ...]) -> torch.Tensor:
@@ -107,17 +103,27 @@ class TwoHot(nn.Module):
             raise ValueError("mixture_loss needs as many scales as targets (at least one)")
         lse = torch.logsumexp(logits, -1)
         if torch.compiler.is_compiling():
-            inv_step = (len(self.bins) - 1) / (self.bins[-1] - self.bins[0])
-            weights = sum(scale * (1 - (self.bins - symlog(t.detach()).clamp(self.bins[0], self.bins[-1])
-                                        .unsqueeze(-1)).abs() * inv_step).clamp_min(0)
-                          for t, scale in zip(targets, scales))
+            weights = sum(scale * self._tent(t) for t, scale in zip(targets, scales))
             return sum(scales) * lse - (weights * logits).sum(-1)
         out = sum(scales) * lse
         for t, scale in zip(targets, scales):
-            lower, w_up = self._neighbours(t.detach())
-            pair = logits.gather(-1, torch.stack([lower, lower + 1], -1))
-            out = out - scale * ((1 - w_up) * pair[..., 0] + w_up * pair[..., 1])
+            lo, hi, w_up = self._pair(logits, t)
+            out = out - scale * ((1 - w_up) * lo + w_up * hi)
         return out
+
+    def _tent(self, target: torch.Tensor) -> torch.Tensor:
+        """Dense two-hot weights ``[..., num_bins]`` of a (detached) target as the "tent"
+        ``max(0, 1 - |bin - symlog(target)| / step)`` (the compiled form, see :meth:`loss`)."""
+        x = symlog(target.detach()).clamp(self.bins[0], self.bins[-1])
+        inv_step = (len(self.bins) - 1) / (self.bins[-1] - self.bins[0])
+        return (1 - (self.bins - x.unsqueeze(-1)).abs() * inv_step).clamp_min(0)
+
+    def _pair(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The logits at the two bins around a (detached) target and the upper bin's weight
+        (the eager form, see :meth:`loss`)."""
+        lower, w_up = self._neighbours(target.detach())
+        pair = logits.gather(-1, torch.stack([lower, lower + 1], -1))
+        return pair[..., 0], pair[..., 1], w_up
 
     def _neighbours(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Index of the bin just below ``symlog(target)`` and the weight of the bin above it."""
