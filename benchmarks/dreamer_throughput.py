@@ -35,6 +35,7 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).parent))
 from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
 
+from torchrl_dreamer.cpu import inductor_options  # noqa: E402
 from torchrl_dreamer.dreamer.agent import make_agent, preset  # noqa: E402
 from torchrl_dreamer.dreamer.imagination import ImaginationModule  # noqa: E402
 from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss  # noqa: E402
@@ -42,8 +43,11 @@ from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer  # noqa
 
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
-               compile_scan: bool = False, compile_full: bool = False):
-    """Our update at the sizes of ``s`` (or a named preset). Returns (fn, param counts)."""
+               compile_scan: bool = False, compile_full: bool = False, cpp_wrapper: bool = True):
+    """Our update at the sizes of ``s`` (or a named preset). Returns (fn, param counts). Compiled
+    as the recipe compiles it (``inductor_options``: on CPU inductor's C++ wrapper unless
+    ``cpp_wrapper=False``)."""
+    kw = inductor_options("cpu", cpp_wrapper) if (compile_scan or compile_full) else {}
     torch.manual_seed(seed)
     sizes = preset(size) if size else preset("tiny", deter=s.deter, hidden=s.hidden, units=s.hidden,
                                                layers=s.mlp_layers, stoch=s.stoch, classes=s.classes,
@@ -51,24 +55,24 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     agent = make_agent({"observation": (s.obs_dim,)}, s.action_dim, True, sizes)
     imagination = ImaginationModule(agent.world_model, agent.actor, s.horizon)
     if compile_scan:
-        agent.world_model.rssm.enable_compile()
-        imagination.enable_compile()
+        agent.world_model.rssm.enable_compile(**kw)
+        imagination.enable_compile(**kw)
     if compile_full:  # whole posterior scan (fwd + bwd) and whole imagination rollout as single graphs (as the
         # recipe's model.compile_mode=full)
-        agent.world_model.rssm.enable_compile(mode="scan")
-        imagination.enable_compile(mode="loop")
+        agent.world_model.rssm.enable_compile(mode="scan", **kw)
+        imagination.enable_compile(mode="loop", **kw)
     critic = CriticLoss(agent.critic, replay_scale=replay_value)
     actor = ActorLoss(agent.actor)
     for loss in (critic, actor):
         loss.make_value_estimator(gamma=0.997, lmbda=0.95)
         if compile_full:  # the critic and actor losses' tensor cores, forward and backward
-            loss.enable_compile()
+            loss.enable_compile(**kw)
     wm_loss = WorldModelLoss(agent.world_model)
-    if compile_full:
-        wm_loss.enable_compile()
+    if compile_full:  # the whole world-model loss (encoder, posterior scan, heads, KL), forward and backward
+        wm_loss.enable_compile(**kw)
     update = DreamerUpdate(agent, wm_loss, critic, actor,
                            imagination,
-                           make_optimizer(agent, warmup_steps=0, compile=compile_full))
+                           make_optimizer(agent, warmup_steps=0, compile=compile_full, compile_kwargs=kw))
     g = torch.Generator().manual_seed(seed)
     B, T = s.batch, s.seq_len
     is_first = torch.zeros(B, T, dtype=torch.bool)
@@ -117,11 +121,14 @@ def main() -> None:
     parser.add_argument("--compile-full", action="store_true",
                         help="torch.compile our whole RSSM scan, whole imagination loop (noise drawn up front) and "
                              "the world-model/critic/actor losses and the optimizer step (recipe: model.compile=true model.compile_mode=full)")
+    parser.add_argument("--no-cpp-wrapper", action="store_true",
+                        help="compiled: inductor's Python host code instead of its C++ one (recipe: model.compile_cpp_wrapper=false)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)
-    ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile, compile_full=args.compile_full)
+    ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile, compile_full=args.compile_full,
+                                  cpp_wrapper=not args.no_cpp_wrapper)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch}x{args.seq_len}, "
           f"horizon {args.horizon}")
     print("ours     parameters: " + ", ".join(f"{k} {v:,}" for k, v in our_counts.items()))
@@ -151,6 +158,7 @@ def main() -> None:
     phases = {k: statistics.median(r["ours_phases"][k] for r in rounds) for k in rounds[0]["ours_phases"]}
     total = sum(phases.values())
     result = {"threads": args.threads, "compile": "full" if args.compile_full else ("step" if args.compile else "none"),
+              "cpp_wrapper": (args.compile or args.compile_full) and not args.no_cpp_wrapper,
               "ours_warmup_s": warmup_s, "batch": args.batch, "seq_len": args.seq_len, "horizon": args.horizon,
               "ours_params": our_counts, "ours_updates_per_s": med("ours"), "ours_phase_s": phases,
               "rounds": rounds}

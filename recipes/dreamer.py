@@ -30,7 +30,7 @@ from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
-from torchrl_dreamer.cpu import compile_unavailable, tune_malloc
+from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
 from torchrl_dreamer.dreamer.agent import PRESETS, DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
 from torchrl_dreamer.dreamer.imagination import ImaginationModule
@@ -78,6 +78,9 @@ class ModelConfig:
                                      "update rate (CartPole YAML: 12-14.7 vs 6.4 updates/s), but compile time grows with "
                                      "replay.seq_len and ac.horizon: at the CartPole YAML's 32 x 32 batches ~4.5-5 "
                                      "minutes on a cold inductor cache, ~50 s with a warm one. Measure first.")
+    compile_cpp_wrapper: bool = doc(True, "With compile=true on CPU: inductor's C++ host code for the compiled graphs "
+                                          "(cpp_wrapper; ~4% more updates/s at the benchmark sizes). false: its "
+                                          "Python host code (e.g. if the C++ wrapper fails to build).")
 
 
 @dataclass
@@ -264,19 +267,20 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(agent.world_model, agent.actor, ac.horizon, start_fraction=ac.start_fraction,
                                     grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode)
+    kw = inductor_options(cfg.device, cfg.model.compile_cpp_wrapper) if cfg.model.compile else {}
     if cfg.model.compile and cfg.model.compile_mode == "full":
-        agent.world_model.rssm.enable_compile(mode="scan")
-        imagination.enable_compile(mode="loop")
-        wm_loss.enable_compile()
-        critic_loss.enable_compile()
-        actor_loss.enable_compile()  # its compiled core is the REINFORCE one (actor_grad=dynamics stays eager)
+        agent.world_model.rssm.enable_compile(mode="scan", **kw)
+        imagination.enable_compile(mode="loop", **kw)
+        wm_loss.enable_compile(**kw)
+        critic_loss.enable_compile(**kw)
+        actor_loss.enable_compile(**kw)  # its compiled core is the REINFORCE one (actor_grad=dynamics stays eager)
     elif cfg.model.compile:
-        agent.world_model.rssm.enable_compile()
-        imagination.enable_compile()
+        agent.world_model.rssm.enable_compile(**kw)
+        imagination.enable_compile(**kw)
     oc = cfg.optim
     optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
                                agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps,
-                               compile=cfg.model.compile and cfg.model.compile_mode == "full")
+                               compile=cfg.model.compile and cfg.model.compile_mode == "full", compile_kwargs=kw)
     return DreamerUpdate(agent, wm_loss, critic_loss, actor_loss, imagination, optimizer)
 
 

@@ -195,3 +195,34 @@ def test_two_hot_mixture_loss_equals_the_weighted_sum_of_single_losses():
         torch.testing.assert_close(grad, results[0][1], atol=3e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="as many scales"):
         codec.mixture_loss(raw, (a, b), (1.0,))
+
+
+def test_two_hot_decode_and_lse_compiled_form_equals_softmax_and_logsumexp():
+    """``decode_and_lse`` (the critic's value and log-normaliser of the same logits): eager it is
+    ``symexp(softmax @ bins)`` and ``logsumexp``; compiled, both come from one ``exp(l - max)``
+    with the max detached. Values and logits gradients agree (the gradient through the detached
+    max is zero in exact arithmetic), including large logits where a plain ``exp`` overflows; a
+    precomputed ``lse`` of the wrong shape is refused by ``mixture_loss``."""
+    codec = TwoHot(num_bins=255)
+    torch.manual_seed(2)
+    raw = torch.randn(5, 6, 255) * 3
+    raw[0, 0] += 200.0  # exp(200) overflows float32 without the shift
+    weights = torch.randn(5, 6)
+
+    def run(fn):
+        logits = raw.clone().requires_grad_(True)
+        value, lse = fn(logits)
+        ((value * weights).sum() + (lse * weights.flip(0)).sum()).backward()
+        return value.detach(), lse.detach(), logits.grad
+
+    ref = run(lambda lg: (symexp(torch.softmax(lg, -1) @ codec.bins), torch.logsumexp(lg, -1)))
+    for fn in (codec.decode_and_lse, torch.compile(codec.decode_and_lse, dynamic=False)):
+        value, lse, grad = run(fn)
+        assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+        torch.testing.assert_close(value, ref[0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(grad, ref[2], atol=1e-5, rtol=1e-4)
+    compiled_decode = torch.compile(codec.decode, dynamic=False)
+    torch.testing.assert_close(compiled_decode(raw), ref[0], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        codec.mixture_loss(raw, (weights,), (1.0,), lse=torch.zeros(5))

@@ -34,12 +34,17 @@ def test_smoke_every_env_yaml(env_name, tmp_runs, device_args):
     assert (run_dir / "config.yaml").is_file()
 
 
-def test_full_compile_mode_trains_and_logs(tmp_runs):
+def test_full_compile_mode_trains_and_logs(tmp_runs, monkeypatch):
     """model.compile=true model.compile_mode=full: compiled scan, imagination loop and losses run
-    inside the recipe (prefill, updates, evaluation, checkpoint) and give finite losses."""
+    inside the recipe (prefill, updates, evaluation, checkpoint) and give finite losses; on CPU the
+    graphs are built with inductor's C++ wrapper (model.compile_cpp_wrapper, default true)."""
+    asked = []
+    real = dreamer.inductor_options
+    monkeypatch.setattr(dreamer, "inductor_options", lambda *a: asked.append(a) or real(*a))
     run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "eval.every=0", "env.max_episode_steps=30", "model.compile=true",
                             "model.compile_mode=full"])
+    assert asked == [("cpu", True)]
     last = _records(run_dir)[-1]
     assert last["train/updates"] > 0
     assert all(torch.isfinite(torch.tensor(last[k])) for k in ("loss/world_model", "loss/critic", "loss/actor"))
@@ -74,6 +79,13 @@ def test_compile_unavailable_reports_a_failing_compile(monkeypatch):
         return run
     monkeypatch.setattr(cpu.torch, "compile", broken)
     assert cpu.compile_unavailable() == "RuntimeError: InvalidCxxCompiler: No working C++ compiler found"
+
+
+def test_inductor_options_ask_for_the_cpp_wrapper_on_cpu_only():
+    from torchrl_dreamer.cpu import inductor_options
+    assert inductor_options("cpu") == {"options": {"cpp_wrapper": True}}
+    assert inductor_options(torch.device("cpu"), cpp_wrapper=False) == {}
+    assert inductor_options("cuda") == {} and inductor_options("cuda:1") == {}
 
 
 def test_cartpole_yaml_defaults_to_the_compiled_update():

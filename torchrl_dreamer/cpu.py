@@ -48,3 +48,16 @@ def compile_unavailable(device: str | torch.device = "cpu") -> str | None:
     except Exception as exc:  # noqa: BLE001 - any failure means "run eager"
         return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     return None
+
+
+def inductor_options(device: str | torch.device = "cpu", cpp_wrapper: bool = True) -> dict:
+    """``torch.compile`` keyword arguments for the Dreamer update graphs on ``device``.
+
+    On CPU (and with ``cpp_wrapper``) inductor writes each graph's host code (the calls of its
+    kernels and matmuls, buffer views and size checks) in C++ instead of Python. The Dreamer graphs
+    are hundreds of small kernels and matmuls, so that Python cost is a few milliseconds per update
+    (same-process A/B at the throughput benchmark's sizes: ~4% more updates/s; compile time about
+    the same). Elsewhere: no options (inductor's defaults)."""
+    if cpp_wrapper and torch.device(device).type == "cpu":
+        return {"options": {"cpp_wrapper": True}}
+    return {}

@@ -169,9 +169,10 @@ class RoutingWorldModel(WorldModel):
 
     # --- WorldModel interface -------------------------------------------------------------------
     def observe(self, obs: Mapping[str, torch.Tensor], action: torch.Tensor, is_first: torch.Tensor,
-                state=None) -> dict[str, torch.Tensor]:
+                state=None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``obs``: the routing observations ``[B, T, ...]`` (every row of a sequence belongs to
-        one instance: sequences are whole episodes). ``action``: one-hot ``[B, T, n]``."""
+        one instance: sequences are whole episodes). ``action``: one-hot ``[B, T, n]``. ``noise``:
+        the posterior samples' Gumbel noise (see :meth:`RSSM.observe`)."""
         if state is not None:
             raise ValueError("RoutingWorldModel.observe starts every sequence at an episode start")
         locs = obs["locs"][:, 0]
@@ -185,7 +186,7 @@ class RoutingWorldModel(WorldModel):
         first = obs["first_node"].reshape(visited.shape[:2])
         embed = self.step_embedding(node_emb, current, first, visited, step_fraction, remaining)
         prev = shift_actions(self.action_vector(action, node_emb))
-        out = self.rssm.observe(embed, prev, is_first)
+        out = self.rssm.observe(embed, prev, is_first, noise=noise)
         ctx = self.context_features(graph, node_emb, visited, step_fraction, remaining)
         out.update(embed=embed, node_emb=node_emb, graph=graph, feat=self.full_features(out["deter"], out["stoch"], ctx))
         T = action.shape[1]

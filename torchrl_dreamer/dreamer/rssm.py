@@ -291,7 +291,8 @@ class RSSM(nn.Module):
         return torch.stack(deters, 1), torch.stack(stochs, 1), torch.stack(posts, 1)
 
     def observe(self, embed: torch.Tensor, prev_action: torch.Tensor, is_first: torch.Tensor,
-                state: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Posterior scan over time.
 
         Args:
@@ -299,6 +300,8 @@ class RSSM(nn.Module):
             prev_action: ``[B, T, A]``: the action taken *before* step t (zeroed where is_first).
             is_first: ``[B, T]`` bool: step t starts an episode (state and previous action reset).
             state: ``(h, z)`` before step 0, or ``None`` for the initial state.
+            noise: standard Gumbel noise ``[B, T, G, C]`` of the posterior samples (drawn here
+                when ``None``), e.g. drawn eagerly by a caller that compiles this call.
 
         Returns ``deter [B, T, D]``, ``stoch``/``posterior_logits``/``prior_logits`` ``[B, T, G, C]``.
         """
@@ -308,8 +311,11 @@ class RSSM(nn.Module):
         first = is_first.to(embed.dtype).unsqueeze(-1)  # [B, T, 1]
         action_in = self.gru.action_input(prev_action) * (1 - first)  # previous action reset at is_first
         post_embed = self.post_e(embed)
-        noise = gumbel_noise((B, T, self.stoch, self.classes), embed.device, embed.dtype)
-        if self._compiled_scan is not None:
+        if noise is None:
+            noise = gumbel_noise((B, T, self.stoch, self.classes), embed.device, embed.dtype)
+        if torch.compiler.is_compiling():  # traced inside a larger compiled graph: the masked scan
+            deter, stoch, post = self._scan(h, z, h0, z0, first, action_in, post_embed, noise)
+        elif self._compiled_scan is not None:
             deter, stoch, post = self._compiled_scan(h, z, h0, z0, first, action_in, post_embed, noise)
         else:
             resets = is_first.any(0).tolist()  # one host sync for the whole sequence

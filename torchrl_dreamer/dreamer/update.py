@@ -54,11 +54,12 @@ class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
     original run tensor by tensor (~15 ops x 63 tensors: ~3-5 ms per step at the benchmark sizes);
     the compiled update is tested equal to it (``tests/test_dreamer_losses.py``). Parameters enter
     the graph as ``detach()``ed views of their own storage (updated in place, outside autograd).
-    float32 parameters only (what the Dreamer networks use)."""
+    float32 parameters only (what the Dreamer networks use). ``compile_kwargs``: extra
+    ``torch.compile`` arguments (e.g. :func:`~torchrl_dreamer.cpu.inductor_options`)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, compile_kwargs: dict | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._update = torch.compile(_laprop_update, dynamic=False)
+        self._update = torch.compile(_laprop_update, dynamic=False, **(compile_kwargs or {}))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -103,16 +104,20 @@ class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
 
 def make_optimizer(agent: DreamerAgent, *, world_model_lr: float = 4e-5, actor_lr: float = 4e-5,
                    critic_lr: float = 4e-5, agc: float = 0.3, eps: float = 1e-20, warmup_steps: int = 1000,
-                   beta1: float = 0.9, beta2: float = 0.999, compile: bool = False) -> DreamerV3Optimizer:
+                   beta1: float = 0.9, beta2: float = 0.999, compile: bool = False,
+                   compile_kwargs: dict | None = None) -> DreamerV3Optimizer:
     """TorchRL's ``DreamerV3Optimizer`` with param groups ``world_model``, ``actor``, ``critic``
-    (``compile=True``: :class:`CompiledDreamerV3Optimizer`, the same update as one compiled graph)."""
+    (``compile=True``: :class:`CompiledDreamerV3Optimizer`, the same update as one compiled graph,
+    compiled with ``compile_kwargs``)."""
     groups = [
         {"params": list(agent.world_model.parameters()), "lr": world_model_lr, "name": "world_model"},
         {"params": list(agent.actor.parameters()), "lr": actor_lr, "name": "actor"},
         {"params": list(agent.critic.parameters()), "lr": critic_lr, "name": "critic"},
     ]
-    cls = CompiledDreamerV3Optimizer if compile else DreamerV3Optimizer
-    return cls(groups, lr=world_model_lr, agc=agc, eps=eps, warmup_steps=warmup_steps, beta1=beta1, beta2=beta2)
+    kwargs = dict(lr=world_model_lr, agc=agc, eps=eps, warmup_steps=warmup_steps, beta1=beta1, beta2=beta2)
+    if compile:
+        return CompiledDreamerV3Optimizer(groups, compile_kwargs=compile_kwargs, **kwargs)
+    return DreamerV3Optimizer(groups, **kwargs)
 
 
 def _grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -70,11 +70,12 @@ class WorldModel(nn.Module):
         return torch.cat([self.encoders[k](obs[k]) for k in self.obs_names], -1)
 
     def observe(self, obs: Mapping[str, torch.Tensor], action: torch.Tensor, is_first: torch.Tensor,
-                state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                state: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Posterior states of a ``[B, T]`` slice. ``action`` is a_t (taken at row t).
 
         ``state = (h, z, prev_action)`` continues from a carried state; ``None`` starts from the
-        initial state. Returns ``embed``, ``deter``, ``stoch``, ``posterior_logits``,
+        initial state. ``noise``: the posterior samples' Gumbel noise (see :meth:`RSSM.observe`). Returns ``embed``, ``deter``, ``stoch``, ``posterior_logits``,
         ``prior_logits`` and ``feat`` (``[B, T, D + G*C]``)."""
         if action.ndim != 3 or is_first.shape != action.shape[:2]:
             raise ValueError(
@@ -82,7 +83,7 @@ class WorldModel(nn.Module):
             )
         embed = self.embed(obs)
         prev = shift_actions(action, None if state is None else state[2])
-        out = self.rssm.observe(embed, prev, is_first, None if state is None else state[:2])
+        out = self.rssm.observe(embed, prev, is_first, None if state is None else state[:2], noise)
         out["embed"] = embed
         out["feat"] = self.rssm.features(out["deter"], out["stoch"])
         return out
