@@ -73,6 +73,8 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     update = DreamerUpdate(agent, wm_loss, critic, actor,
                            imagination,
                            make_optimizer(agent, warmup_steps=0, compile=compile_full, compile_kwargs=kw))
+    if compile_full:  # critic + return normalisation + actor + replay value as one graph (as the recipe)
+        update.enable_compile(**kw)
     g = torch.Generator().manual_seed(seed)
     B, T = s.batch, s.seq_len
     is_first = torch.zeros(B, T, dtype=torch.bool)

@@ -281,7 +281,10 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
     optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
                                agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps,
                                compile=cfg.model.compile and cfg.model.compile_mode == "full", compile_kwargs=kw)
-    return DreamerUpdate(agent, wm_loss, critic_loss, actor_loss, imagination, optimizer)
+    update = DreamerUpdate(agent, wm_loss, critic_loss, actor_loss, imagination, optimizer)
+    if cfg.model.compile and cfg.model.compile_mode == "full":
+        update.enable_compile(**kw)  # critic + actor + replay value as one graph (REINFORCE actors)
+    return update
 
 
 def with_policy_state(env: EnvBase, policy: DreamerPolicy) -> EnvBase:

@@ -280,6 +280,52 @@ def test_update_guard_stops_before_optimizer_step():
     assert str(opt.state_dict()["state"]) == str(moments["state"])
 
 
+@pytest.mark.parametrize("start_fraction", [1.0, 0.5])
+def test_fused_compiled_actor_critic_update_equals_the_separate_losses(start_fraction):
+    """DreamerUpdate.enable_compile: critic, return normalisation, REINFORCE actor and replay-value
+    terms as one compiled graph give the separate losses' values, diagnostics, return-scale EMA
+    and gradients (imagination from all starts bootstraps the replay loss from imagined returns,
+    from a subset from the critic)."""
+    results = []
+    for fused in (False, True):
+        agent = _agent()
+        wm, _, actor = _losses(agent)
+        critic = CriticLoss(agent.critic, replay_scale=0.3)
+        critic.make_value_estimator(gamma=0.99, lmbda=0.9)
+        imagination = ImaginationModule(agent.world_model, agent.actor, H, start_fraction=start_fraction)
+        update = DreamerUpdate(agent, wm, critic, actor, imagination, make_optimizer(agent, warmup_steps=0))
+        if fused:
+            update.enable_compile()
+        torch.manual_seed(4)
+        metrics = update(_batch())
+        assert update._fusable() == fused
+        # the gradients of the update's last backward (actor + critic + replay value; the world
+        # model's came first): LaProp normalises them, so parameters would hide an error
+        results.append((metrics, [p.grad.clone() for p in agent.parameters()],
+                        actor.return_normalizer.low.clone(), actor.return_normalizer.high.clone()))
+    (m0, g0, lo0, hi0), (m1, g1, lo1, hi1) = results
+    keys = [k for k in m0 if not k.startswith("time/")]
+    assert keys == [k for k in m1 if not k.startswith("time/")]
+    assert "loss/replay_value" in keys and "diag/return_scale" in keys and "diag/actor_entropy" in keys
+    for k in keys:
+        torch.testing.assert_close(m1[k], m0[k], atol=1e-5, rtol=1e-4, msg=k)
+    torch.testing.assert_close(lo1, lo0, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(hi1, hi0, atol=1e-6, rtol=1e-5)
+    assert float(hi0) != 0.0  # the EMA moved
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_actor_critic_is_not_used_where_the_actor_needs_per_step_inputs():
+    agent = _agent()
+    wm, critic, _ = _losses(agent)
+    actor = ActorLoss(agent.actor, actor_input_keys=("action_mask",))
+    update = DreamerUpdate(agent, wm, critic, actor, ImaginationModule(agent.world_model, agent.actor, H),
+                           make_optimizer(agent, warmup_steps=0))
+    update.enable_compile()
+    assert not update._fusable()
+
+
 def test_optimizer_is_laprop_with_agc():
     """TorchRL's DreamerV3Optimizer against a direct transcription of the reference chain:
     AGC (0.3 of max(||p||, 1e-3) per tensor) -> RMS scaling (0.999, eps 1e-20, debiased) ->

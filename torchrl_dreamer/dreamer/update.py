@@ -151,6 +151,59 @@ class DreamerUpdate:
         self.imagination, self.optimizer, self.timing = imagination, optimizer, timing
         self.groups = {g.get("name", str(i)): g["params"] for i, g in enumerate(optimizer.param_groups)}
         self.dynamics_grad = actor_loss.actor_grad == "dynamics"
+        self._compiled_actor_critic = None
+
+    def enable_compile(self, **kwargs) -> None:
+        """``torch.compile`` the critic, return-normalisation, actor (REINFORCE) and replay-value
+        terms as *one* graph, forward and backward (:meth:`_actor_critic_core`), instead of the
+        losses' three compiled cores with eager code between them (TensorDicts, the return
+        quantiles, diagnostics) and three compiled backward calls. Same values as the losses'
+        own ``forward`` (tested). Used when the actor is REINFORCE without per-step actor inputs
+        (no action masks or contexts: the recipes' gym envs); otherwise the losses run as usual
+        (compile those with their own ``enable_compile``)."""
+        self._compiled_actor_critic = torch.compile(self._actor_critic_core, dynamic=False, **kwargs)
+
+    def _fusable(self) -> bool:
+        a = self.actor_loss
+        return (self._compiled_actor_critic is not None and a.actor_grad == "reinforce" and not a.actor_input_keys
+                and not a.actor_context_keys)
+
+    def _actor_critic_core(self, feat: torch.Tensor, reward: torch.Tensor, cont: torch.Tensor, action: torch.Tensor,
+                           replay: tuple[torch.Tensor, ...] | None, training: bool):
+        """Critic loss, return normalisation, REINFORCE actor loss and (``replay``: the replayed
+        ``(feat, reward, is_terminal, is_first)``) the replay-value loss on plain tensors; the same
+        calls as ``CriticLoss.forward``, ``ActorLoss.forward`` and ``CriticLoss.replay_loss``."""
+        critic, actor = self.critic_loss, self.actor_loss
+        loss_critic, value, ret, weight, stats = critic._terms(feat, reward, cont)
+        norm = actor.return_normalizer
+        scale = norm.update(ret) if training else norm.scale
+        loss_actor, entropy, advantage, log_prob = actor._reinforce_terms(
+            feat, action[:, :-1], ret, value[:, :-1], scale, weight[:, :-1], {}, True)
+        with torch.no_grad():
+            actor_diag = torch.stack([entropy.mean(), scale, advantage.mean(), advantage.std(), log_prob.min()])
+        loss_replay = None
+        if replay is not None:
+            r_feat, r_reward, r_terminal, r_first = replay
+            imagined = ret[:, 0].reshape(r_feat.shape[:2]) if self.imagination.start_fraction >= 1.0 else None
+            loss_replay = critic._replay_terms(r_feat, r_reward, r_terminal, r_first, imagined)
+        return loss_critic, stats, loss_actor, actor_diag, loss_replay
+
+    _ACTOR_DIAG = ("entropy", "return_scale", "advantage_mean", "advantage_std", "log_prob_min")
+
+    def _fused_actor_critic(self, traj: TensorDictBase, states: TensorDictBase):
+        """:meth:`_actor_critic_core`, compiled, on the imagined trajectory; returns what the
+        separate losses return (as dicts): ``(critic_td, actor_td, loss_replay or None)``."""
+        critic, actor = self.critic_loss, self.actor_loss
+        ck, ak = critic.tensor_keys, actor.tensor_keys
+        replay = None
+        if critic.replay_scale > 0:
+            replay = (states["feat"].detach(), states["reward"], states["is_terminal"], states["is_first"])
+        loss_critic, stats, loss_actor, actor_diag, loss_replay = self._compiled_actor_critic(
+            traj.get(ck.feat).detach(), traj.get(ck.reward).detach(), traj.get(ck.cont).detach(),
+            traj.get(ak.action).detach(), replay, actor.training)
+        critic_td = {"loss_critic": loss_critic, **dict(zip(critic._STATS, stats.unbind(0)))}
+        actor_td = {"loss_actor": loss_actor, **dict(zip(self._ACTOR_DIAG, actor_diag.unbind(0)))}
+        return critic_td, actor_td, loss_replay
 
     def __call__(self, batch: TensorDictBase, *, iteration: int | None = None, run_dir: str | None = None) -> dict[str, torch.Tensor]:
         clock = time.perf_counter
@@ -163,11 +216,15 @@ class DreamerUpdate:
         t1 = clock()
         traj = self.imagination(states)
         t2 = clock()
-        critic_td, targets = self.critic_loss(traj)
-        actor_td = self.actor_loss(traj.update(targets))  # traj is our own fresh TensorDict
+        if self._fusable():
+            critic_td, actor_td, loss_replay = self._fused_actor_critic(traj, states)
+        else:
+            critic_td, targets = self.critic_loss(traj)
+            actor_td = self.actor_loss(traj.update(targets))  # traj is our own fresh TensorDict
+            loss_replay = self._replay_value_loss(states, traj) if self.critic_loss.replay_scale > 0 else None
         ac_losses = {"loss/critic": critic_td["loss_critic"], "loss/actor": actor_td["loss_actor"]}
-        if self.critic_loss.replay_scale > 0:
-            ac_losses["loss/replay_value"] = self._replay_value_loss(states, traj)
+        if loss_replay is not None:
+            ac_losses["loss/replay_value"] = loss_replay
         self._check(ac_losses, iteration, run_dir)
         if self.dynamics_grad:
             # the actor's gradient flows through the world model and the critic: take it for the
