@@ -269,9 +269,8 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
                                     grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode)
     kw = inductor_options(cfg.device, cfg.model.compile_cpp_wrapper) if cfg.model.compile else {}
     if cfg.model.compile and cfg.model.compile_mode == "full":
-        agent.world_model.rssm.enable_compile(mode="scan", **kw)
         imagination.enable_compile(mode="loop", **kw)
-        wm_loss.enable_compile(**kw)
+        wm_loss.enable_compile(**kw)  # the whole world-model loss, its posterior scan included
         critic_loss.enable_compile(**kw)
         actor_loss.enable_compile(**kw)  # its compiled core is the REINFORCE one (actor_grad=dynamics stays eager)
     elif cfg.model.compile:
