@@ -76,7 +76,7 @@ class ModelConfig:
                                      "(the whole posterior scan, the whole imagination rollout with its noise drawn "
                                      "up front, the world-model/critic/actor losses and the optimizer step): ~2x the eager "
                                      "update rate (CartPole YAML: 12-14.7 vs 6.4 updates/s), but compile time grows with "
-                                     "replay.seq_len and ac.horizon: at the CartPole YAML's 32 x 32 batches ~4.5 "
+                                     "replay.seq_len and ac.horizon: at the CartPole YAML's 32 x 32 batches ~3.5 "
                                      "minutes on a cold inductor cache, ~1 min with a warm one. Measure first.")
     compile_cpp_wrapper: bool = doc(True, "With compile=true on CPU: inductor's C++ host code for the compiled graphs "
                                           "(cpp_wrapper; ~4% more updates/s at the benchmark sizes, but a longer cold "
@@ -366,7 +366,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             cfg.model.compile = False
         else:
             print(f"model.compile=true (compile_mode={cfg.model.compile_mode}): the first updates compile the "
-                  "update graphs (minutes on a cold inductor cache, e.g. ~4.5 min for the CartPole YAML on one "
+                  "update graphs (minutes on a cold inductor cache, e.g. ~3.5 min for the CartPole YAML on one "
                   "core; ~1 min once cached); progress resumes after that.", file=sys.stderr, flush=True)
     update = build_update(cfg, agent)
     rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len)

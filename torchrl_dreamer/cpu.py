@@ -56,8 +56,9 @@ def inductor_options(device: str | torch.device = "cpu", cpp_wrapper: bool = Tru
     On CPU (and with ``cpp_wrapper``) inductor writes each graph's host code (the calls of its
     kernels and matmuls, buffer views and size checks) in C++ instead of Python. The Dreamer graphs
     are hundreds of small kernels and matmuls, so that Python cost is a few milliseconds per update
-    (same-process A/B at the throughput benchmark's sizes: ~4% more updates/s; compile time about
-    the same). Elsewhere: no options (inductor's defaults)."""
+    (same-process A/B at the throughput benchmark's sizes: ~4% more updates/s). The cold compile
+    is longer: 465 s against 257 s for the CartPole YAML's graphs, so short runs may do better
+    without it. Elsewhere: no options (inductor's defaults)."""
     if cpp_wrapper and torch.device(device).type == "cpu":
         return {"options": {"cpp_wrapper": True}}
     return {}
