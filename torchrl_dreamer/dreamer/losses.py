@@ -472,15 +472,18 @@ class ActorLoss(_DreamerLoss):
             advantage = ret / scale
             log_prob = dist.log_prob(action.detach())
             loss_actor = -((advantage + self.entropy_coef * entropy) * weight).mean()
-        with torch.no_grad():
-            diag = {
-                "entropy": entropy.mean(),
-                "return_scale": scale.detach().clone() if torch.is_tensor(scale) else torch.tensor(float(scale)),
-                "advantage_mean": advantage.detach().mean(),
-                "advantage_std": advantage.detach().std(),
-                "log_prob_min": log_prob.detach().min(),
-            }
+        scale = scale.detach().clone() if torch.is_tensor(scale) else torch.tensor(float(scale))
+        diag = dict(zip(self.DIAGNOSTICS, self.diagnostics(entropy, scale, advantage, log_prob)))
         return TensorDict({"loss_actor": loss_actor, **diag}, batch_size=[])
+
+    DIAGNOSTICS = ("entropy", "return_scale", "advantage_mean", "advantage_std", "log_prob_min")
+
+    @staticmethod
+    @torch.no_grad()
+    def diagnostics(entropy: torch.Tensor, scale: torch.Tensor, advantage: torch.Tensor,
+                    log_prob: torch.Tensor) -> list[torch.Tensor]:
+        """The values named by :attr:`DIAGNOSTICS` (shared with the fused update's graph)."""
+        return [entropy.mean(), scale, advantage.mean(), advantage.std(), log_prob.min()]
 
     def _reinforce_terms(self, feat: torch.Tensor, action: torch.Tensor, ret: torch.Tensor, value: torch.Tensor,
                          scale: torch.Tensor, weight: torch.Tensor, inputs: dict[str, torch.Tensor],

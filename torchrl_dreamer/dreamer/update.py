@@ -179,16 +179,13 @@ class DreamerUpdate:
         scale = norm.update(ret) if training else norm.scale
         loss_actor, entropy, advantage, log_prob = actor._reinforce_terms(
             feat, action[:, :-1], ret, value[:, :-1], scale, weight[:, :-1], {}, True)
-        with torch.no_grad():
-            actor_diag = torch.stack([entropy.mean(), scale, advantage.mean(), advantage.std(), log_prob.min()])
+        actor_diag = torch.stack(actor.diagnostics(entropy, scale, advantage, log_prob))
         loss_replay = None
         if replay is not None:
             r_feat, r_reward, r_terminal, r_first = replay
             imagined = ret[:, 0].reshape(r_feat.shape[:2]) if self.imagination.start_fraction >= 1.0 else None
             loss_replay = critic._replay_terms(r_feat, r_reward, r_terminal, r_first, imagined)
         return loss_critic, stats, loss_actor, actor_diag, loss_replay
-
-    _ACTOR_DIAG = ("entropy", "return_scale", "advantage_mean", "advantage_std", "log_prob_min")
 
     def _fused_actor_critic(self, traj: TensorDictBase, states: TensorDictBase):
         """:meth:`_actor_critic_core`, compiled, on the imagined trajectory; returns what the
@@ -202,7 +199,7 @@ class DreamerUpdate:
             traj.get(ck.feat).detach(), traj.get(ck.reward).detach(), traj.get(ck.cont).detach(),
             traj.get(ak.action).detach(), replay, actor.training)
         critic_td = {"loss_critic": loss_critic, **dict(zip(critic._STATS, stats.unbind(0)))}
-        actor_td = {"loss_actor": loss_actor, **dict(zip(self._ACTOR_DIAG, actor_diag.unbind(0)))}
+        actor_td = {"loss_actor": loss_actor, **dict(zip(actor.DIAGNOSTICS, actor_diag.unbind(0)))}
         return critic_td, actor_td, loss_replay
 
     def __call__(self, batch: TensorDictBase, *, iteration: int | None = None, run_dir: str | None = None) -> dict[str, torch.Tensor]:
