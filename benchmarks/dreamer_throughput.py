@@ -17,12 +17,20 @@ with the same widths, depths, latent sizes, bins, batch and horizon.
 
 The machine is shared and drifts, so the two are *interleaved*: each round times ``--per-round``
 updates of ours, then of TorchRL's; the ratio reported is the median of the per-round ratios.
+
+Allocator: the process applies :func:`torchrl_dreamer.cpu.tune_malloc` first, as the recipes do
+(``--default-malloc``: glibc's defaults). It is process-wide, so both updates run under it. With
+glibc's defaults the page faults of freed-and-reallocated blocks fall unevenly: interleaved, TorchRL's
+update paid 4-7k minor faults per update and ours ~0, which flattered the ratio. The minor page
+faults per update of each side are printed and stored.
+
 Prints figures and writes ``benchmarks/results/dreamer_throughput.json``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -35,7 +43,7 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).parent))
 from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
 
-from torchrl_dreamer.cpu import inductor_options  # noqa: E402
+from torchrl_dreamer.cpu import inductor_options, tune_malloc  # noqa: E402
 from torchrl_dreamer.dreamer.agent import make_agent, preset  # noqa: E402
 from torchrl_dreamer.dreamer.imagination import ImaginationModule  # noqa: E402
 from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss  # noqa: E402
@@ -97,13 +105,20 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     return fn, counts
 
 
-def timed(fn, n: int) -> tuple[float, dict[str, float]]:
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(fn, n: int) -> tuple[float, dict[str, float], float]:
+    """(updates/s, mean phase seconds, minor page faults per update) over ``n`` updates."""
     phases: dict[str, float] = {}
+    faults = _minor_faults()
     t = time.perf_counter()
     for _ in range(n):
         for k, v in fn().items():
             phases[k] = phases.get(k, 0.0) + v / n
-    return n / (time.perf_counter() - t), phases
+    rate = n / (time.perf_counter() - t)
+    return rate, phases, (_minor_faults() - faults) / n
 
 
 def main() -> None:
@@ -123,14 +138,23 @@ def main() -> None:
                              "the world-model/critic/actor losses and the optimizer step (recipe: model.compile=true model.compile_mode=full)")
     parser.add_argument("--no-cpp-wrapper", action="store_true",
                         help="compiled: inductor's Python host code instead of its C++ one (recipe: model.compile_cpp_wrapper=false)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default allocator settings instead of torchrl_dreamer.cpu.tune_malloc() "
+                             "(which the recipes apply at start-up; process-wide, so it applies to both sides)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    # the recipes' allocator settings, for both updates alike (same process). glibc's defaults
+    # return freed blocks to the OS, and the next update pays for them again in page faults: how
+    # many depends on what else the process allocated, so without this the two sides pay unequally
+    # (measured: TorchRL's update 4-7k minor faults per update, ours ~0 once TorchRL's has grown
+    # the heap; ours alone ~2k)
+    malloc_tuned = False if args.default_malloc else tune_malloc()
     sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)
     ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile, compile_full=args.compile_full,
                                   cpp_wrapper=not args.no_cpp_wrapper)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch}x{args.seq_len}, "
-          f"horizon {args.horizon}")
+          f"horizon {args.horizon}; allocator: {'tune_malloc' if malloc_tuned else 'glibc defaults'}")
     print("ours     parameters: " + ", ".join(f"{k} {v:,}" for k, v in our_counts.items()))
     theirs = None
     if not args.ours_only:
@@ -146,10 +170,10 @@ def main() -> None:
             theirs()
     rounds = []
     for r in range(args.rounds):
-        ours_rate, ours_phases = timed(ours, args.per_round)
-        row = {"ours": ours_rate, "ours_phases": ours_phases}
+        ours_rate, ours_phases, ours_faults = timed(ours, args.per_round)
+        row = {"ours": ours_rate, "ours_phases": ours_phases, "ours_faults_per_update": ours_faults}
         if theirs is not None:
-            row["torchrl"], row["torchrl_phases"] = timed(theirs, args.per_round)
+            row["torchrl"], row["torchrl_phases"], row["torchrl_faults_per_update"] = timed(theirs, args.per_round)
             row["ratio"] = ours_rate / row["torchrl"]
         rounds.append(row)
         print(f"round {r + 1}: ours {ours_rate:6.2f} updates/s" + (
@@ -157,18 +181,20 @@ def main() -> None:
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
     phases = {k: statistics.median(r["ours_phases"][k] for r in rounds) for k in rounds[0]["ours_phases"]}
     total = sum(phases.values())
-    result = {"threads": args.threads, "compile": "full" if args.compile_full else ("step" if args.compile else "none"),
+    result = {"threads": args.threads, "malloc_tuned": malloc_tuned, "compile": "full" if args.compile_full else ("step" if args.compile else "none"),
               "cpp_wrapper": (args.compile or args.compile_full) and not args.no_cpp_wrapper,
               "ours_warmup_s": warmup_s, "batch": args.batch, "seq_len": args.seq_len, "horizon": args.horizon,
               "ours_params": our_counts, "ours_updates_per_s": med("ours"), "ours_phase_s": phases,
               "rounds": rounds}
     print(f"\nours: {med('ours'):.2f} updates/s (median of {args.rounds} rounds x {args.per_round}); breakdown "
-          + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in phases.items()))
+          + ", ".join(f"{k} {v * 1e3:.1f} ms ({v / total:.0%})" for k, v in phases.items())
+          + f"; minor page faults per update {med('ours_faults_per_update'):.0f}")
     if theirs is not None:
         result.update({"torchrl_params": theirs.param_counts, "torchrl_updates_per_s": med("torchrl"),
                        "ratio_median": med("ratio"), "ratio_min": min(r["ratio"] for r in rounds),
                        "ratio_max": max(r["ratio"] for r in rounds)})
-        print(f"TorchRL built-in: {med('torchrl'):.2f} updates/s")
+        print(f"TorchRL built-in: {med('torchrl'):.2f} updates/s; minor page faults per update "
+              f"{med('torchrl_faults_per_update'):.0f}")
         print(f"ratio ours / TorchRL: {med('ratio'):.2f}x (median of per-round ratios; "
               f"min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from torchrl_dreamer.plots import plot_learning_curves
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
+BEST_NAME = "best.pt"  # eval.keep_best: the weights behind the best evaluation of a run
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -141,6 +142,8 @@ class EvalConfig:
     every: int = doc(5000, "Evaluate every N env steps (0 = only at the end).")
     episodes: int = doc(10, "Evaluation episodes (run in parallel, mode actions).")
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
+    keep_best: bool = doc(True, "After each evaluation that beats every earlier one, write the weights to "
+                                "<run>/best.pt (score it with --evaluate <run>/best.pt).")
 
 
 @dataclass
@@ -375,6 +378,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     B, L = cfg.replay.batch_size, cfg.replay.seq_len
 
     env_steps, updates, owed, next_eval, next_ckpt, next_log = 0, 0, 0.0, cfg.eval.every, cfg.run.checkpoint_every, cfg.run.log_every
+    best_return = -math.inf  # best evaluation so far (eval.keep_best)
     if resume_state is not None:
         agent.load_state_dict(resume_state["agent"])
         update.optimizer.load_state_dict(resume_state["optimizer"])
@@ -388,6 +392,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         writer.carry_reward.zero_()
         env_steps, updates, owed = resume_state["env_steps"], resume_state["updates"], resume_state["owed"]
         next_eval, next_ckpt, next_log = resume_state["next_eval"], resume_state["next_ckpt"], resume_state["next_log"]
+        best_return = resume_state.get("best_return", -math.inf)  # absent in checkpoints written before keep_best
         set_rng_state(resume_state["rng"])
     if env_steps >= cfg.train.env_steps:
         raise ConfigError(f"nothing to do: the run already has {env_steps} env steps; raise train.env_steps")
@@ -406,8 +411,14 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             "replay": rb.state_dict() if cfg.run.save_replay else None,
             "writer": writer.state_dict() if cfg.run.save_replay else None,
             "env_steps": env_steps, "updates": updates, "owed": owed, "next_eval": next_eval,
-            "next_ckpt": next_ckpt, "next_log": next_log, "rng": rng_state(),
+            "next_ckpt": next_ckpt, "next_log": next_log, "best_return": best_return, "rng": rng_state(),
         })
+
+    def save_best(score: float) -> None:
+        """The weights behind the best evaluation so far (what ``--evaluate`` needs, no optimizer or
+        replay): the policy at the end of a run is not always its best one."""
+        save_checkpoint(run_dir / BEST_NAME, {"agent": agent.state_dict(), "env_steps": env_steps,
+                                              "updates": updates, "eval/episode_reward_sum": score})
 
     logger = RunLogger(run_dir, total=cfg.train.env_steps, initial=env_steps, unit="step",
                        postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval",
@@ -456,6 +467,12 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 next_eval += cfg.eval.every or cfg.train.env_steps
                 metrics = evaluate(policy, eval_env)
                 evaluated = True
+                score = metrics["eval/episode_reward_sum"]
+                if cfg.eval.keep_best and math.isfinite(score) and score > best_return:
+                    best_return = score
+                    save_best(score)
+                if cfg.eval.keep_best:
+                    metrics["eval/best_episode_reward_sum"] = best_return
                 if cfg.eval.stop_at_return is not None and metrics["eval/episode_reward_sum"] >= cfg.eval.stop_at_return:
                     stop_reason = f"eval return {metrics['eval/episode_reward_sum']:.1f} >= {cfg.eval.stop_at_return}"
                     finished = True
@@ -510,7 +527,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
 
 
 def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
-    """Loads ``run_dir``'s checkpoint and runs ``eval.episodes`` episodes with mode actions."""
+    """Loads ``run_dir``'s checkpoint (or the checkpoint file ``run_dir``, e.g. ``<run>/best.pt``) and
+    runs ``eval.episodes`` episodes with mode actions."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     state = load_checkpoint(run_dir, map_location=cfg.device)

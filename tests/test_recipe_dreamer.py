@@ -166,6 +166,30 @@ def test_evaluate_entry_point(tmp_runs, capsys):
     assert out["eval/episodes"] == 2 and out["eval/episode_reward_sum"] > 0
 
 
+def test_best_checkpoint_holds_the_best_evaluation_across_a_resume(tmp_runs, capsys):
+    """eval.keep_best: <run>/best.pt holds the weights of the best evaluation so far (not the last),
+    ``eval/best_episode_reward_sum`` is the running maximum, a resume carries it on (a worse
+    evaluation after the resume does not replace best.pt), and ``--evaluate <run>/best.pt`` scores
+    that file with the run's config."""
+    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "eval.every=32", "env.max_episode_steps=30"]
+    run_dir = dreamer.main([*args, "train.env_steps=96"])
+    dreamer.main(["--resume", str(run_dir), "train.env_steps=192"])
+    evals = [r for r in _records(run_dir) if "eval/episode_reward_sum" in r]
+    assert len(evals) >= 5
+    scores = [r["eval/episode_reward_sum"] for r in evals]
+    assert [r["eval/best_episode_reward_sum"] for r in evals] == [max(scores[:i + 1]) for i in range(len(scores))]
+    best = load_checkpoint(run_dir / "best.pt")
+    first_best = next(r for r in evals if r["eval/episode_reward_sum"] == max(scores))
+    assert best["eval/episode_reward_sum"] == max(scores) and best["env_steps"] == first_best["train/env_steps"]
+    assert load_checkpoint(run_dir)["best_return"] == max(scores)
+    capsys.readouterr()
+    dreamer.main(["--evaluate", str(run_dir / "best.pt"), "eval.episodes=2"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["env_steps"] == best["env_steps"] and out["eval/episodes"] == 2
+    with pytest.raises(ConfigError, match="does not exist"):
+        dreamer.main(["--evaluate", str(run_dir / "missing.pt")])
+
+
 @pytest.mark.parametrize("override, message", [
     ("model.size=huge", "model.size must be one of"),
     ("env.name=NoSuchEnv-v0", "unknown Gymnasium env id"),

@@ -39,7 +39,8 @@ def parse_recipe_args(
     several algorithms, e.g. routing), the env layer is ``env_config_dir/<env>.yaml`` followed by
     ``config_dir/<env>.yaml`` when that algorithm-specific override exists. With ``--resume RUN_DIR`` the run's saved
     ``config.yaml`` replaces the YAML layers (overrides still apply, e.g. more iterations);
-    ``--evaluate RUN_DIR`` does the same for evaluating that run's checkpoint.
+    ``--evaluate RUN_DIR`` does the same for evaluating that run's checkpoint (``--evaluate FILE``: a
+    checkpoint file inside a run directory, e.g. ``<run>/best.pt``; the config comes from its directory).
     """
     env_dir = env_config_dir or config_dir
     env_yamls = sorted(p.stem for p in env_dir.glob("*.yaml") if p.stem != "base")
@@ -57,12 +58,17 @@ def parse_recipe_args(
     parser.add_argument("--config", action="append", default=[], help="extra YAML merged after the env YAML")
     parser.add_argument("--resume", type=Path, default=None, help="run directory to resume from")
     parser.add_argument("--evaluate", type=Path, default=None,
-                        help="run directory whose checkpoint to evaluate (deterministic actions); no training")
+                        help="run directory whose checkpoint to evaluate, or a checkpoint file in one "
+                             "(e.g. <run>/best.pt); deterministic actions, no training")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
     if args.resume is not None and args.evaluate is not None:
         raise ConfigError("--resume and --evaluate exclude each other")
 
     from_run = args.resume if args.resume is not None else args.evaluate
+    if args.evaluate is not None and not args.evaluate.exists():
+        raise ConfigError(f"cannot evaluate: {args.evaluate} does not exist")
+    if args.evaluate is not None and args.evaluate.is_file():  # a checkpoint file: its run's config
+        from_run = args.evaluate.parent
     if from_run is not None:
         saved = from_run / "config.yaml"
         if not saved.is_file():
