@@ -225,3 +225,31 @@ def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypat
     assert out["ends"].get("angle-out", 0) + out["ends"].get("x-out", 0) >= 1
     with pytest.raises(SystemExit, match="no config.yaml"):
         diag.main([str(run_dir.parent / "missing")])
+
+
+def test_throughput_benchmark_runs_both_sides_under_one_allocator_setting(tmp_path, monkeypatch, capsys):
+    """benchmarks/dreamer_throughput.py at toy sizes (eager): both updates run, the ratio, the phase
+    breakdown and each side's page faults per update are stored, and the allocator setting (the
+    recipes' tune_malloc unless --default-malloc) is recorded."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.modules.pop("dreamer_throughput", None)
+    bench = importlib.import_module("dreamer_throughput")
+    tuned = []
+    monkeypatch.setattr(bench, "tune_malloc", lambda: tuned.append(True) or True)
+    for flags, expect_tuned in (([], True), (["--default-malloc"], False)):
+        out = tmp_path / f"tp{len(flags)}.json"
+        monkeypatch.setattr(sys, "argv", ["dreamer_throughput.py", "--rounds", "2", "--per-round", "1", "--warmup", "1",
+                                          "--batch", "2", "--seq-len", "4", "--horizon", "2", "--out", str(out), *flags])
+        bench.main()
+        result = json.loads(out.read_text())
+        assert result["malloc_tuned"] is expect_tuned and len(tuned) == 1
+        assert result["ours_updates_per_s"] > 0 and result["torchrl_updates_per_s"] > 0
+        ratios = [r["ours"] / r["torchrl"] for r in result["rounds"]]
+        assert result["ratio_median"] == pytest.approx(sum(ratios) / 2)  # the median of the two rounds' ratios
+        assert set(result["ours_phase_s"]) == {"world_model", "imagination", "actor_critic"}
+        assert all(r["ours_faults_per_update"] >= 0 and r["torchrl_faults_per_update"] >= 0 for r in result["rounds"])
+    assert "allocator: glibc defaults" in capsys.readouterr().out
