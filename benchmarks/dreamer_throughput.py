@@ -21,7 +21,7 @@ updates of ours, then of TorchRL's; the ratio reported is the median of the per-
 Allocator: the process applies :func:`torchrl_dreamer.cpu.tune_malloc` first, as the recipes do
 (``--default-malloc``: glibc's defaults). It is process-wide, so both updates run under it. With
 glibc's defaults the page faults of freed-and-reallocated blocks fall unevenly: interleaved, TorchRL's
-update paid 4-7k minor faults per update and ours ~0, which flattered the ratio. The minor page
+update paid 3-8k minor faults per update and ours 0-150, which flattered the ratio. The minor page
 faults per update of each side are printed and stored.
 
 Prints figures and writes ``benchmarks/results/dreamer_throughput.json``.
@@ -147,7 +147,7 @@ def main() -> None:
     # the recipes' allocator settings, for both updates alike (same process). glibc's defaults
     # return freed blocks to the OS, and the next update pays for them again in page faults: how
     # many depends on what else the process allocated, so without this the two sides pay unequally
-    # (measured: TorchRL's update 4-7k minor faults per update, ours ~0 once TorchRL's has grown
+    # (measured: TorchRL's update 3-8k minor faults per update, ours 0-150 once TorchRL's has grown
     # the heap; ours alone ~2k)
     malloc_tuned = False if args.default_malloc else tune_malloc()
     sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)

@@ -393,6 +393,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         env_steps, updates, owed = resume_state["env_steps"], resume_state["updates"], resume_state["owed"]
         next_eval, next_ckpt, next_log = resume_state["next_eval"], resume_state["next_ckpt"], resume_state["next_log"]
         best_return = resume_state.get("best_return", -math.inf)  # absent in checkpoints written before keep_best
+        if (run_dir / BEST_NAME).is_file():  # written after the last checkpoint if the run died in between
+            best_return = max(best_return, load_checkpoint(run_dir / BEST_NAME)["eval/episode_reward_sum"])
         set_rng_state(resume_state["rng"])
     if env_steps >= cfg.train.env_steps:
         raise ConfigError(f"nothing to do: the run already has {env_steps} env steps; raise train.env_steps")

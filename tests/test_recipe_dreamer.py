@@ -188,6 +188,14 @@ def test_best_checkpoint_holds_the_best_evaluation_across_a_resume(tmp_runs, cap
     assert out["env_steps"] == best["env_steps"] and out["eval/episodes"] == 2
     with pytest.raises(ConfigError, match="does not exist"):
         dreamer.main(["--evaluate", str(run_dir / "missing.pt")])
+    # a run that died after writing best.pt but before its next checkpoint: the resume takes the
+    # best score from best.pt, so a worse evaluation later does not replace it
+    state = load_checkpoint(run_dir)
+    state["best_return"] = -1.0
+    torch.save(state, run_dir / "checkpoint.pt")
+    dreamer.main(["--resume", str(run_dir), "train.env_steps=224"])
+    assert load_checkpoint(run_dir / "best.pt")["env_steps"] == best["env_steps"]
+    assert _records(run_dir)[-1]["eval/best_episode_reward_sum"] >= max(scores)
 
 
 @pytest.mark.parametrize("override, message", [
