@@ -473,7 +473,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 if cfg.eval.keep_best and math.isfinite(score) and score > best_return:
                     best_return = score
                     save_best(score)
-                if cfg.eval.keep_best:
+                if cfg.eval.keep_best and math.isfinite(best_return):  # no -inf in metrics.jsonl before a finite score
                     metrics["eval/best_episode_reward_sum"] = best_return
                 if cfg.eval.stop_at_return is not None and metrics["eval/episode_reward_sum"] >= cfg.eval.stop_at_return:
                     stop_reason = f"eval return {metrics['eval/episode_reward_sum']:.1f} >= {cfg.eval.stop_at_return}"
