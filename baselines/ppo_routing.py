@@ -30,7 +30,7 @@ from baselines.routing import (
     compute_advantage, compute_shared_advantage, evaluate_dev, multistart_nodes, ppo_routing_update, rollout,
 )
 from envs.routing import CVRPEnv, TSPEnv, load_npz
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
 from torchrl_dreamer.guards import check_finite
@@ -88,7 +88,8 @@ class PPOConfig:
                                   "(CVRP: customer j+1); forced moves are not trained on. Without symmetric_rollouts "
                                   "the K rollouts share one encoder pass.")
     first_move_coef: float = doc(0.05, "With multistart: weight of the cross-entropy that teaches the first move the "
-                                      "start of each group's shortest tour (greedy decoding chooses its own start).")
+                                      "start of each group's shortest tour (greedy decoding chooses its own start); with "
+                                      "symmetric_rollouts every symmetric view is taught that start.")
     ema_decay: float = doc(0.0, "Keep an exponential moving average of the policy weights (torch.optim.swa_utils."
                                 "AveragedModel), updated after every iteration; eval/gap_pct and --evaluate then use "
                                 "the average and eval/gap_pct_last the last iterate. 0 = off; e.g. 0.99.")
@@ -110,7 +111,7 @@ class EvalConfig:
 class RunConfig:
     root: str = doc("runs", "Runs go to <root>/ppo_routing/<env>/<timestamp>/.")
     checkpoint_every: int = doc(20, "Checkpoint every N iterations (and at the end).")
-    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds (0 = no limit).")
+    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds (0 = no limit; counts across --resume).")
     tensorboard: bool = doc(True, "Write TensorBoard events.")
     progress: bool = doc(True, "Show the tqdm progress bar.")
 
@@ -235,7 +236,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                        postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "time/instances_per_s": "inst/s"},
                        tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     metrics: dict[str, float] = {}
-    t_start = time.perf_counter()
+    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
     try:
         for iteration in range(start + 1, cfg.train.iterations + 1):
             t0 = time.perf_counter()
@@ -257,6 +258,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                 clip_epsilon=cfg.ppo.clip_epsilon, entropy_coef=cfg.ppo.entropy_coef, critic_coef=cfg.ppo.critic_coef,
                 max_grad_norm=cfg.ppo.max_grad_norm, normalize_advantage=cfg.ppo.normalize_advantage,
                 group_size=group_size, first_move_coef=cfg.ppo.first_move_coef if cfg.ppo.multistart else 0.0,
+                instance_group=cfg.ppo.rollouts_per_instance if cfg.ppo.multistart else 0,
                 iteration=iteration, run_dir=rd,
             )
             if ema is not None:
@@ -287,7 +289,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                 save_checkpoint(run_dir / "checkpoint.pt", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                     "ema": ema.state_dict() if ema is not None else None,
-                    "instances": instances, "rng": rng_state(),
+                    "instances": instances, "rng": rng_state(), "elapsed_s": time.perf_counter() - t_start,
                 })
             metrics["time/iteration_s"] = time.perf_counter() - t0
             metrics["time/total_s"] = time.perf_counter() - t_start
@@ -368,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.resume is not None:
         run_dir = args.resume
         resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+        if resume_state["iteration"] >= cfg.train.iterations:
+            raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
+                              f"raise train.iterations")
     else:
         run_dir = make_run_dir(cfg.run.root, RECIPE, f"{cfg.env.problem}{cfg.env.size}")
     save_config(args.cfg, run_dir / "config.yaml")

@@ -171,15 +171,24 @@ def compute_shared_advantage(batch: TensorDict, group_size: int) -> None:
 
 def ppo_minibatch_loss(model: PointerActorCritic, mb: TensorDict, *, clip_epsilon: float, entropy_coef: float,
                        critic_coef: float, normalize_advantage: bool = True, group_size: int = 1,
-                       first_move_coef: float = 0.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                       first_move_coef: float = 0.0,
+                       instance_group: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """PPO losses of a minibatch of whole episodes ``mb [b, T]`` (one encoder pass).
 
     The terms are TorchRL ``ClipPPOLoss``'s (``loss_critic_type="l2"``) evaluated on the *learnable*
     steps only (active and not forced), without flattening the episodes, so the encoder runs once
     per episode (per instance with ``group_size``): tested equal to ``ClipPPOLoss`` on the
     flattened steps. Returns ``(losses, detached diagnostics)``; losses are ``objective``,
-    ``critic``, ``entropy`` (+ ``first_move``)."""
+    ``critic``, ``entropy`` (+ ``first_move``).
+
+    ``instance_group`` (0: ``group_size``): consecutive rows ``[g*G, (g+1)*G)`` are the multi-start
+    rollouts of one instance, for the first-move term. It differs from ``group_size`` (rows that
+    share one encoder pass) with symmetric rollouts: each rollout sees its own symmetry of the
+    instance (so ``group_size`` is 1), and each is taught the group's best start."""
     K = group_size
+    G = instance_group or K
+    if G % K:
+        raise ValueError(f"instance_group {G} must be a multiple of group_size {K}")
     locs = mb["locs"][:, 0]
     demand = mb["demand"][:, 0] if model.problem == "cvrp" else None
     cache = encode_groups(model, locs, demand, K)
@@ -205,11 +214,13 @@ def ppo_minibatch_loss(model: PointerActorCritic, mb: TensorDict, *, clip_epsilo
         "critic": critic_coef * (((value.squeeze(-1) - mb["value_target"]) ** 2) * active).sum() / n_active,
         "entropy": -entropy_coef * (entropy * active).sum() / n_active,
     }
-    if first_move_coef > 0 and K > 1 and "forced" in mb.keys() and bool(mb["forced"][:, 0].all()):
-        episode = (mb["reward"] * mb["active"].float()).sum(1).view(-1, K)  # [m, K] returns
-        best = episode.argmax(1) + torch.arange(episode.shape[0], device=episode.device) * K
-        # every rollout of a group starts from the same state; use the group's first row
-        losses["first_move"] = -first_move_coef * log_probs[::K, 0].gather(-1, mb["action"][best, 0, None]).mean()
+    if first_move_coef > 0 and G > 1 and "forced" in mb.keys() and bool(mb["forced"][:, 0].all()):
+        episode = (mb["reward"] * mb["active"].float()).sum(1).view(-1, G)  # [m, G] returns
+        best = episode.argmax(1) + torch.arange(episode.shape[0], device=episode.device) * G
+        # the rows of one encoder group start from the same state: one row per encoder group
+        # (per instance without symmetries; every row with them), each taught its instance's best start
+        target = mb["action"][best, 0].repeat_interleave(G // K)
+        losses["first_move"] = -first_move_coef * log_probs[::K, 0].gather(-1, target[:, None]).mean()
     with torch.no_grad():
         stats = {
             "diag/entropy": (entropy * active).sum() / n_active,
@@ -233,6 +244,7 @@ def ppo_routing_update(
     normalize_advantage: bool = True,
     group_size: int = 1,
     first_move_coef: float = 0.0,
+    instance_group: int = 0,
     iteration: int | None = None,
     run_dir: str | None = None,
 ) -> dict[str, float]:
@@ -243,21 +255,26 @@ def ppo_routing_update(
     (``forced``) are executed but not trained on: their action was not the policy's choice.
     ``first_move_coef > 0`` (multi-start groups) instead teaches the first move to pick the start
     that gave the group's shortest tour (cross-entropy), so greedy single-start decoding is not
-    left with an untrained first choice."""
+    left with an untrained first choice. ``instance_group`` (0: ``group_size``): the rollouts of
+    one instance when they do not share an encoder pass (symmetric rollouts); minibatches then
+    take whole instance groups, which the first-move term needs."""
     B, T = batch.batch_size
     totals: dict[str, torch.Tensor] = {}
     n = 0
     params = [p for p in model.parameters() if p.requires_grad]
     K = group_size
-    if B % K or minibatch_instances % K:
-        raise ValueError(f"group_size {K} must divide the batch ({B}) and the minibatch ({minibatch_instances})")
+    G = instance_group or K
+    if G % K:
+        raise ValueError(f"instance_group {G} must be a multiple of group_size {K}")
+    if B % G or minibatch_instances % G:
+        raise ValueError(f"group size {G} must divide the batch ({B}) and the minibatch ({minibatch_instances})")
     for _ in range(epochs):
-        perm = (torch.randperm(B // K)[:, None] * K + torch.arange(K)).reshape(-1)  # whole groups, in order
+        perm = (torch.randperm(B // G)[:, None] * G + torch.arange(G)).reshape(-1)  # whole groups, in order
         for start in range(0, B - minibatch_instances + 1, minibatch_instances):
             mb = batch[perm[start:start + minibatch_instances]]
             losses, stats = ppo_minibatch_loss(model, mb, clip_epsilon=clip_epsilon, entropy_coef=entropy_coef,
                                                critic_coef=critic_coef, normalize_advantage=normalize_advantage,
-                                               group_size=K, first_move_coef=first_move_coef)
+                                               group_size=K, first_move_coef=first_move_coef, instance_group=G)
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()

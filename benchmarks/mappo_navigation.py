@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,11 @@ from mappo_plain_reference import iter_plain_mappo  # noqa: E402
 
 from recipes.mappo_vmas import CONFIG_DIR, MAPPOConfig, train  # noqa: E402
 from torchrl_dreamer.config import load_config, to_object  # noqa: E402
+from torchrl_dreamer.cpu import tune_malloc  # noqa: E402
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _show_ref(name: str, r: dict) -> None:
@@ -60,8 +66,10 @@ def run_ours(iters: int, threads: int, seed: int, overrides: list[str], refs: di
           f"ppo.impl={cfg.ppo.impl}, compile={cfg.ppo.compile}"
           + (f"; references {', '.join(refs)} after iterations {sorted(ref_at)}" if refs else "") + " ==", flush=True)
     records: list[dict] = []
+    mark = [_minor_faults()]  # page faults since the end of the previous callback: our iteration only
 
     def show(m: dict) -> None:
+        m = {**m, "ours_minor_faults": _minor_faults() - mark[0]}
         records.append(m)
         ev = m.get("eval/episode_reward_sum")
         it = int(m["train/iteration"])
@@ -74,13 +82,17 @@ def run_ours(iters: int, threads: int, seed: int, overrides: list[str], refs: di
         )
         if it in ref_at:
             for name, ref in refs.items():
+                faults = _minor_faults()
                 record = next(ref["iterator"], None)
                 if record is None:
                     continue
+                record["minor_faults"] = _minor_faults() - faults
                 record["paired_with_ours_iteration"] = it
                 record["ours_iter_s"] = m["time/iteration_s"]
                 ref["records"].append(record)
                 _show_ref(name, record)
+                print(f"  minor page faults: ours {m['ours_minor_faults']}, {name} {record['minor_faults']}", flush=True)
+        mark[0] = _minor_faults()
 
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp), on_iteration=show)
@@ -130,10 +142,15 @@ def main() -> None:
     parser.add_argument("--ref-threads", type=int, default=1, help="threads for the reference (the issue's anchor: 1)")
     parser.add_argument("--ref-threads-also", type=int, default=2,
                         help="also time the reference with this many threads (0 = skip)")
+    parser.add_argument("--tune-malloc", action="store_true",
+                        help="apply torchrl_dreamer.cpu.tune_malloc() first (process-wide: both sides); the MAPPO "
+                             "recipe itself does not, so the default keeps glibc's allocator settings")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mappo_navigation")
     parser.add_argument("overrides", nargs="*", help="config overrides for our recipe (key=value)")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    malloc_tuned = tune_malloc() if args.tune_malloc else False
+    print(f"allocator: {'tune_malloc' if malloc_tuned else 'glibc defaults'}")
 
     ref_threads = [args.ref_threads] + (
         [args.ref_threads_also] if args.ref_threads_also and args.ref_threads_also != args.ref_threads else []
@@ -152,7 +169,7 @@ def main() -> None:
         runs[seed] = {"records": ours, "wall_s": time.perf_counter() - t0}
 
     print("\n== summary ==")
-    summary: dict = {"threads": args.threads, "iterations": args.iters, "seeds": {}}
+    summary: dict = {"threads": args.threads, "iterations": args.iters, "malloc_tuned": malloc_tuned, "seeds": {}}
     for seed, run in runs.items():
         rewards = [m["train/episode_reward_sum"] for m in run["records"]]
         at10 = rewards[9] if len(rewards) >= 10 else float("nan")
@@ -190,8 +207,14 @@ def main() -> None:
         key = name.replace(" ", "_")
         summary[f"{key}_median_s_per_iter"] = statistics.median(r["iter_s"] for r in recs)
         summary[f"speedup_vs_{key}"] = statistics.median(ratios)
+        summary[f"{key}_median_minor_faults"] = statistics.median(r["minor_faults"] for r in recs)
+        ours_faults = [next(m["ours_minor_faults"] for m in runs[args.seeds[0]]["records"]
+                            if int(m["train/iteration"]) == r["paired_with_ours_iteration"]) for r in recs]
+        summary[f"ours_paired_with_{key}_median_minor_faults"] = statistics.median(ours_faults)
         print(f"{name}: median {summary[f'{key}_median_s_per_iter']:.2f} s/iter; speed-up of ours, median of "
-              f"{len(ratios)} adjacent pairs: {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f})")
+              f"{len(ratios)} adjacent pairs: {statistics.median(ratios):.2f}x (min {min(ratios):.2f}, max {max(ratios):.2f}); "
+              f"minor page faults per iteration, median: {name} {summary[f'{key}_median_minor_faults']:.0f}, "
+              f"ours (paired iterations) {summary[f'ours_paired_with_{key}_median_minor_faults']:.0f}")
     result = {
         "summary": summary,
         "ours": {seed: run["records"] for seed, run in runs.items()},

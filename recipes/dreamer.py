@@ -27,7 +27,7 @@ from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, TensorDictPrimer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
@@ -152,7 +152,7 @@ class RunConfig:
     log_every: int = doc(1000, "Log scalars every N env steps.")
     checkpoint_every: int = doc(10_000, "Write the checkpoint every N env steps (and at the end).")
     save_replay: bool = doc(True, "Keep the replay buffer in the checkpoint (exact resume; larger file).")
-    time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit).")
+    time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit; counts across --resume).")
     tensorboard: bool = doc(True, "Write TensorBoard events.")
     progress: bool = doc(True, "Show the tqdm progress bar.")
 
@@ -414,6 +414,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             "writer": writer.state_dict() if cfg.run.save_replay else None,
             "env_steps": env_steps, "updates": updates, "owed": owed, "next_eval": next_eval,
             "next_ckpt": next_ckpt, "next_log": next_log, "best_return": best_return, "rng": rng_state(),
+            "elapsed_s": time.perf_counter() - t_start,
         })
 
     def save_best(score: float) -> None:
@@ -430,7 +431,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     episode_sums: list[float] = []
     episode_lengths: list[float] = []
     metrics: dict[str, float] = {}
-    t_start = time.perf_counter()
+    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
     t_collect = t_update = 0.0
     updates_since, steps_since, t_window = 0, 0, time.perf_counter()
     policy.random_actions = env_steps < cfg.replay.prefill

@@ -29,7 +29,7 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 from baselines.ppo_routing import EnvConfig, plot_decoded_tours, resolve_data_path
 from envs.routing import KOOL_CAPACITY, CVRPEnv, TSPEnv, load_npz
 from recipes.dreamer import OptimConfig, WorldModelLossConfig
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
 from torchrl_dreamer.cpu import tune_malloc
@@ -110,7 +110,7 @@ class RoutingEvalConfig:
 class RoutingRunConfig:
     root: str = doc("runs", "Runs go to <root>/dreamer_routing/<env>/<timestamp>/.")
     checkpoint_every: int = doc(50, "Checkpoint every N iterations (and at the end).")
-    time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit).")
+    time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit; counts across --resume).")
     tensorboard: bool = doc(True, "Write TensorBoard events.")
     progress: bool = doc(True, "Show the tqdm progress bar.")
 
@@ -323,7 +323,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
                                      "diag/imagined_invalid_action_rate": "inv"},
                        tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     metrics: dict[str, float] = {}
-    t_start = time.perf_counter()
+    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
     B = cfg.replay.batch_size
     try:
         for iteration in range(start_iter + 1, cfg.train.iterations + 1):
@@ -371,7 +371,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
                     "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
                     "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
                     "replay": None, "iteration": iteration, "episodes": episodes, "updates": updates, "owed": owed,
-                    "rng": rng_state(),
+                    "rng": rng_state(), "elapsed_s": time.perf_counter() - t_start,
                 })
             metrics["time/iteration_s"] = time.perf_counter() - t0
             metrics["time/total_s"] = time.perf_counter() - t_start
@@ -423,6 +423,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.resume is not None:
         run_dir = args.resume
         resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+        if resume_state["iteration"] >= cfg.train.iterations:
+            raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
+                              f"raise train.iterations")
     else:
         run_dir = make_run_dir(cfg.run.root, RECIPE, f"{cfg.env.problem}{cfg.env.size}")
     save_config(args.cfg, run_dir / "config.yaml")

@@ -24,7 +24,7 @@ from torchrl.collectors import Collector
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
 from torchrl_dreamer.envs import episode_reward_transform, make_env
@@ -99,7 +99,7 @@ class EvalConfig:
 class RunConfig:
     root: str = doc("runs", "Runs go to <root>/mappo_vmas/<env>/<timestamp>/.")
     checkpoint_every: int = doc(5, "Write the checkpoint every N iterations (and at the end).")
-    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds of training (0 = no limit).")
+    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds of training (0 = no limit; counts across --resume).")
     tensorboard: bool = doc(True, "Write TensorBoard events.")
     progress: bool = doc(True, "Show the tqdm progress bar.")
 
@@ -265,6 +265,7 @@ def train(
         save_checkpoint(run_dir / "checkpoint.pt", {
             "policy": policy.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
             "iteration": iteration, "frames": frames, "rng": rng_state(),
+            "elapsed_s": time.perf_counter() - t_start - callback_s,
         })
 
     finite_keys = [(group, "observation"), (group, "action"), ("next", group, "observation"), ("next", group, "reward")]
@@ -275,7 +276,8 @@ def train(
         tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
     )
     metrics: dict[str, float] = {}
-    t_start = t_last = time.perf_counter()
+    t_last = time.perf_counter()
+    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
     callback_s = 0.0  # time spent in on_iteration, excluded from every time/* figure
     try:
         for iteration, batch in enumerate(collector, start=start_iteration + 1):

@@ -137,3 +137,31 @@ def test_dreamer_routing_curriculum_switches_sizes_and_validates(tmp_runs):
     for bad in ("5-10", "1:3", "5:0"):
         with pytest.raises(ConfigError, match="curriculum"):
             routing.main([*args, f"train.curriculum={bad}"])
+
+
+def test_dreamer_routing_resume_continues_counters_parameters_and_clock(tmp_runs, device_args):
+    """``python -m recipes.routing --resume <run>`` (no ``--algo``: the run directory tells) goes on
+    from the checkpoint: iteration, episodes, updates, optimizer steps, training seconds. It used
+    to load the run's config with the PPO schema and fail."""
+    from torchrl_dreamer.checkpoint import load_checkpoint
+
+    args = ["--algo", "dreamer", "--env", "tsp20", *TINY, f"run.root={tmp_runs}", "train.iterations=3",
+            "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
+            "eval.every=100", "eval.diag_starts=4", "env.dev_set=''", *device_args]
+    run_dir = routing.main(args)
+    first = load_checkpoint(run_dir)
+    assert first["iteration"] == 3 and first["updates"] > 0 and first["elapsed_s"] > 0
+    routing.main(["--resume", str(run_dir), "train.iterations=5"])
+    second = load_checkpoint(run_dir)
+    assert second["iteration"] == 5 and second["episodes"] == first["episodes"] + 16
+    assert second["updates"] > first["updates"]
+    steps = [g["step"] for g in second["optimizer"]["param_groups"]]
+    assert all(s == second["updates"] for s in steps)  # the optimizer went on, not restarted
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/iteration"] for r in records] == [1, 2, 3, 4, 5]
+    assert all(r["time/total_s"] >= first["elapsed_s"] for r in records[3:])
+    with pytest.raises(ConfigError, match="nothing to do"):
+        routing.main(["--resume", str(run_dir)])
+    # the entry point took the algorithm from the run directory; a contradicting --algo is refused
+    with pytest.raises(ConfigError, match="is a dreamer run: use --algo dreamer"):
+        routing.main(["--algo", "ppo", "--resume", str(run_dir), "train.iterations=6"])

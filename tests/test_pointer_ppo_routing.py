@@ -143,6 +143,11 @@ def test_ppo_routing_shared_baseline_smoke_and_config_errors(tmp_runs):
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["train/distinct_instances"] == 2 and "loss/first_move" in record
     assert all(map(math.isfinite, (record["loss/first_move"], record["loss/objective"])))
+    # ... and with each rollout under its own symmetry the first-move term still trains
+    run_dir = main(["--env", "cvrp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=8", "ppo.multistart=true",
+                    "ppo.symmetric_rollouts=true", *tiny])
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(record["loss/first_move"])
     with pytest.raises(ConfigError, match="rollouts_per_instance <= env.size"):
         main(["--env", "tsp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=16", "ppo.multistart=true",
               "env.size=10", *tiny])
@@ -215,6 +220,64 @@ def test_first_move_loss_moves_the_first_choice_towards_the_best_start():
                                    first_move_coef=1.0)
     assert "loss/first_move" in stats
     assert (first_logp() > before + 0.1).all()
+
+
+def test_first_move_loss_with_symmetric_rollouts_teaches_every_view_and_keeps_instances_whole(monkeypatch):
+    """Multi-start + symmetric rollouts: each rollout is encoded under its own symmetry (no shared
+    encoder pass), so the first-move term must group rows by instance, not by encoder pass (it
+    used to be silently off), teach every view the instance's best start, and minibatches must
+    hold whole instances."""
+    import baselines.routing as routing
+    from baselines.routing import encode_groups, multistart_nodes, step_groups
+
+    torch.manual_seed(0)
+    K, B, n = 4, 8, 5
+    model = PointerActorCritic("cvrp", embed_dim=16, n_layers=1, n_heads=2, ff_dim=32)
+    env = CVRPEnv(num_customers=n, batch_size=B, capacity=10, seed=2, instance_repeats=K, symmetric_repeats=True)
+    starts = multistart_nodes("cvrp", n, B, K)
+    batch = rollout(env, model, first_nodes=starts, group_size=1)
+    assert not torch.equal(batch["locs"][0, 0], batch["locs"][1, 0])  # the views differ
+    best = 2  # pretend the rollout that started at customer 3 (index 2 of each group) was shortest
+    batch["reward"][:, 1] = torch.where(torch.arange(B) % K == best, 0.0, -1.0)
+    compute_shared_advantage(batch, K)
+    batch["advantage"].zero_()  # only the first-move term trains (the PPO terms would move the views too)
+
+    def first_logp():
+        with torch.no_grad():
+            locs, demand = batch["locs"][:, 0], batch["demand"][:, 0]
+            lp, _ = step_groups(model, encode_groups(model, locs, demand, 1), 1, batch["current_node"][:, :1],
+                                batch["first_node"][:, :1], batch["remaining_capacity"][:, :1],
+                                batch["action_mask"][:, :1])
+        return lp[:, 0, best + 1]  # every row: its own view's first choice
+
+    # exact value on one instance's 4 views: every row's first-step log-prob of the best start
+    losses, _ = routing.ppo_minibatch_loss(model, batch[:K], clip_epsilon=0.2, entropy_coef=0.0, critic_coef=0.0,
+                                           group_size=1, first_move_coef=1.0, instance_group=K)
+    with torch.no_grad():
+        expected = -first_logp()[:K].mean()
+    torch.testing.assert_close(losses["first_move"].detach(), expected)
+    seen = []
+    loss_fn = routing.ppo_minibatch_loss
+
+    def recording(model_, mb, **kw):
+        seen.append(mb["action"][:, 0].clone())
+        return loss_fn(model_, mb, **kw)
+
+    monkeypatch.setattr(routing, "ppo_minibatch_loss", recording)
+    before = first_logp()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(5):
+        stats = ppo_routing_update(model, batch, opt, epochs=1, minibatch_instances=K, clip_epsilon=0.2,
+                                   entropy_coef=0.0, critic_coef=0.0, max_grad_norm=10.0, group_size=1,
+                                   first_move_coef=1.0, instance_group=K)
+    assert "loss/first_move" in stats
+    assert first_logp().mean() > before.mean() + 0.2
+    # each minibatch is one whole instance: its K rollouts with their forced starts in order
+    assert all(torch.equal(first, starts[:K]) for first in seen) and len(seen) == 5 * B // K
+    with pytest.raises(ValueError, match="must divide"):
+        ppo_routing_update(model, batch, opt, epochs=1, minibatch_instances=K + 2, clip_epsilon=0.2,
+                           entropy_coef=0.0, critic_coef=0.0, max_grad_norm=10.0, group_size=1,
+                           first_move_coef=1.0, instance_group=K)
 
 
 @pytest.mark.parametrize("problem", ["tsp", "cvrp"])
@@ -306,6 +369,39 @@ def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
         main(["--env", "tsp20", "ppo.lr_schedule=linear", *tiny])
     with pytest.raises(ConfigError, match="lr_decay_start"):
         main(["--env", "tsp20", "ppo.lr_schedule=cosine", "ppo.lr_decay_start=1.0", *tiny])
+
+
+def test_time_budget_and_lr_schedule_continue_across_resume(tmp_runs):
+    """run.time_budget_s counts the training seconds of every process of a run: the checkpoint
+    stores them, a resume goes on from there (time/total_s, the budget, and a cosine lr schedule
+    over the budget), and a resume whose budget is already spent is a clear error. It used to
+    restart the clock, so the schedule replayed from the top."""
+    from torchrl_dreamer.checkpoint import load_checkpoint, save_checkpoint
+    from torchrl_dreamer.config import ConfigError
+
+    lr = 1e-3
+    tiny = ["eval.every=0", "env.dev_set=''", "ppo.batch_instances=8", "ppo.minibatch_instances=8", "ppo.epochs=1",
+            "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2", "model.ff_dim=32", f"ppo.lr={lr}",
+            "ppo.lr_schedule=cosine", "ppo.lr_final_fraction=0.0", "run.progress=false", "run.tensorboard=false",
+            f"run.root={tmp_runs}"]
+    run_dir = main(["--env", "tsp20", "train.iterations=1", *tiny])
+    state = load_checkpoint(run_dir)
+    assert 0 < state["elapsed_s"] < 300
+    state["elapsed_s"] = 1000.0  # pretend the first process trained for 1000 s
+    save_checkpoint(run_dir / "checkpoint.pt", state)
+    with pytest.raises(ConfigError, match="nothing to do: the run already trained 1000 s"):
+        main(["--resume", str(run_dir), "train.iterations=5", "run.time_budget_s=1000"])
+    main(["--resume", str(run_dir), "train.iterations=5", "run.time_budget_s=2000"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in records if r["train/iteration"] > 1]
+    assert [r["train/iteration"] for r in resumed] == [2, 3, 4, 5]
+    assert all(1000 <= r["time/total_s"] < 1300 for r in resumed)
+    # half the 2000 s budget is spent: the cosine stands at ~0.5 (restarting the clock gave 0.90 at
+    # iteration 2, from the iteration count alone)
+    assert 0.40 * lr < resumed[0]["train/lr"] <= 0.5 * lr
+    assert load_checkpoint(run_dir)["elapsed_s"] >= 1000
+    with pytest.raises(ConfigError, match="nothing to do: the run already has 5 iterations"):
+        main(["--resume", str(run_dir)])
 
 
 def test_ema_of_policy_weights_is_evaluated_checkpointed_and_resumed(tmp_runs, capsys):

@@ -131,6 +131,9 @@ def test_resume_continues_counters_parameters_and_replay(tmp_runs, device_args):
     assert int(streams.max()) >= 2
     records = _records(run_dir)
     assert records[-1]["train/env_steps"] == 128
+    # the training clock (time/total_s, run.time_budget_s) goes on from the checkpoint's seconds
+    assert 0 < first["elapsed_s"] <= second["elapsed_s"]
+    assert all(r["time/total_s"] >= first["elapsed_s"] for r in records if r["train/env_steps"] > 64)
 
 
 def test_resume_restores_exact_parameters(tmp_runs):

@@ -115,6 +115,11 @@ def test_resume_errors(tmp_runs, tmp_path):
     run_dir = main(["--env", "navigation", *_tiny(), f"run.root={tmp_runs}"])
     with pytest.raises(Exception, match="nothing to do"):
         main(["--resume", str(run_dir)])
+    # the time budget counts across resumes: one already spent is refused
+    spent = load_checkpoint(run_dir)["elapsed_s"]
+    assert spent > 0
+    with pytest.raises(Exception, match="nothing to do: the run already trained"):
+        main(["--resume", str(run_dir), "collector.iterations=5", f"run.time_budget_s={spent / 2}"])
 
 
 def test_nan_observation_stops_with_message_and_keeps_last_checkpoint(tmp_runs):

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "latest_checkpoint", "run_clock_start"]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -24,6 +25,22 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def run_clock_start(resume_state: dict[str, Any] | None, time_budget_s: float = 0.0) -> float:
+    """The ``time.perf_counter()`` reading at which a run's training clock stands at 0: now for a new
+    run; for ``--resume``, earlier by the training seconds its checkpoint stored under
+    ``"elapsed_s"``. So ``run.time_budget_s``, ``time/total_s`` and schedules over the time budget
+    continue across a resume instead of starting again (the seconds between the last checkpoint
+    and a crash are not counted: that work is redone). Raises ``ConfigError`` when a resumed run
+    has already used its whole ``time_budget_s`` (> 0)."""
+    elapsed = float((resume_state or {}).get("elapsed_s", 0.0))
+    if resume_state is not None and 0 < time_budget_s <= elapsed:
+        from .config import ConfigError
+
+        raise ConfigError(f"nothing to do: the run already trained {elapsed:.0f} s of its run.time_budget_s="
+                          f"{time_budget_s:g} (the budget counts across --resume); raise run.time_budget_s")
+    return time.perf_counter() - elapsed
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
