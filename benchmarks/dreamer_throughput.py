@@ -29,6 +29,7 @@ Prints figures and writes ``benchmarks/results/dreamer_throughput.json``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import statistics
@@ -43,18 +44,23 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).parent))
 from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
 
-from torchrl_dreamer.cpu import inductor_options, tune_malloc  # noqa: E402
-from torchrl_dreamer.dreamer.agent import make_agent, preset  # noqa: E402
-from torchrl_dreamer.dreamer.imagination import ImaginationModule  # noqa: E402
-from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss  # noqa: E402
-from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer  # noqa: E402
+from torchrl_dreamer.cpu import tune_malloc  # noqa: E402
 
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
-               compile_scan: bool = False, compile_full: bool = False, cpp_wrapper: bool = True):
+               compile_scan: bool = False, compile_full: bool = False, cpp_wrapper: bool = True,
+               package: str = "torchrl_dreamer"):
     """Our update at the sizes of ``s`` (or a named preset). Returns (fn, param counts). Compiled
     as the recipe compiles it (``inductor_options``: on CPU inductor's C++ wrapper unless
-    ``cpp_wrapper=False``)."""
+    ``cpp_wrapper=False``). ``package``: build it from another importable copy of the package
+    (``benchmarks/dreamer_update_ab.py`` compares edited copies in one process)."""
+    mod = lambda name: importlib.import_module(f"{package}.{name}")  # noqa: E731
+    inductor_options = mod("cpu").inductor_options
+    make_agent, preset = mod("dreamer.agent").make_agent, mod("dreamer.agent").preset
+    ImaginationModule = mod("dreamer.imagination").ImaginationModule
+    losses, update_mod = mod("dreamer.losses"), mod("dreamer.update")
+    ActorLoss, CriticLoss, WorldModelLoss = losses.ActorLoss, losses.CriticLoss, losses.WorldModelLoss
+    DreamerUpdate, make_optimizer = update_mod.DreamerUpdate, update_mod.make_optimizer
     kw = inductor_options("cpu", cpp_wrapper) if (compile_scan or compile_full) else {}
     torch.manual_seed(seed)
     sizes = preset(size) if size else preset("tiny", deter=s.deter, hidden=s.hidden, units=s.hidden,

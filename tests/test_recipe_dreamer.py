@@ -238,6 +238,36 @@ def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypat
         diag.main([str(run_dir.parent / "missing")])
 
 
+def test_update_ab_harness_builds_package_copies_and_prints_ratios(tmp_path, monkeypatch, capsys):
+    """benchmarks/dreamer_update_ab.py (eager, tiny round counts): 'cur' is the installed package,
+    another name a copy under --pkgs, which is really imported; a missing copy is a clear error."""
+    import importlib
+    import shutil
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "torchrl_dreamer", tmp_path / "torchrl_dreamer_x", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    sys.modules.pop("dreamer_update_ab", None)
+    ab = importlib.import_module("dreamer_update_ab")
+    monkeypatch.setattr(ab, "tune_malloc", lambda: False)
+    common = ["dreamer_update_ab.py", "--pkgs", str(tmp_path), "--eager", "--rounds", "2", "--per-round", "1", "--warmup", "1"]
+    try:
+        monkeypatch.setattr(sys, "argv", [*common, "cur", "x"])
+        ab.main()
+        out = capsys.readouterr().out
+        assert "torchrl_dreamer_x.dreamer.update" in sys.modules
+        assert "cur: median" in out and "x: median" in out
+        assert "ratio x / cur: median" in out and "2 rounds" in out
+        monkeypatch.setattr(sys, "argv", [*common, "cur", "missing"])
+        with pytest.raises(SystemExit, match="no package copy torchrl_dreamer_missing"):
+            ab.main()
+    finally:
+        for name in [m for m in sys.modules if m.startswith("torchrl_dreamer_x")]:
+            del sys.modules[name]
+
+
 def test_throughput_benchmark_runs_both_sides_under_one_allocator_setting(tmp_path, monkeypatch, capsys):
     """benchmarks/dreamer_throughput.py at toy sizes (eager): both updates run, the ratio, the phase
     breakdown and each side's page faults per update are stored, and the allocator setting (the

@@ -183,8 +183,8 @@ class DreamerUpdate:
         loss_replay = None
         if replay is not None:
             r_feat, r_reward, r_terminal, r_first = replay
-            imagined = ret[:, 0].reshape(r_feat.shape[:2]) if self.imagination.start_fraction >= 1.0 else None
-            loss_replay = critic._replay_terms(r_feat, r_reward, r_terminal, r_first, imagined)
+            loss_replay = critic._replay_terms(r_feat, r_reward, r_terminal, r_first,
+                                               self._replay_bootstrap(ret[:, 0], r_feat.shape[:2]))
         return loss_critic, stats, loss_actor, actor_diag, loss_replay
 
     def _fused_actor_critic(self, traj: TensorDictBase, states: TensorDictBase):
@@ -257,13 +257,16 @@ class DreamerUpdate:
                             "time/update_actor_critic_s": torch.tensor(t3 - t2)})
         return metrics
 
+    def _replay_bootstrap(self, first_returns: torch.Tensor, shape) -> torch.Tensor | None:
+        """The replay-value loss's bootstrap values: the imagined lambda-return from each replayed
+        state (``first_returns [N]``, shaped to the replayed ``[B, T]``) when every replayed state
+        was imagined from (the 2024 reference), else ``None``: the critic itself (TD(lambda) on
+        replay). One place for both paths (the separate losses and the fused graph)."""
+        return first_returns.reshape(shape) if self.imagination.start_fraction >= 1.0 else None
+
     def _replay_value_loss(self, states: TensorDictBase, traj: TensorDictBase) -> torch.Tensor:
-        """Bootstraps from the imagined returns when every replayed state was imagined from
-        (the 2024 reference), else from the critic itself (TD(lambda) on replay)."""
-        B, T = states.batch_size
-        if self.imagination.start_fraction < 1.0:
-            return self.critic_loss.replay_loss(states)
-        return self.critic_loss.replay_loss(states, traj["lambda_return"][:, 0].reshape(B, T))
+        boot = self._replay_bootstrap(traj["lambda_return"][:, 0], states.batch_size)
+        return self.critic_loss.replay_loss(states, boot)
 
     @staticmethod
     def _check(values: dict[str, torch.Tensor], iteration, run_dir, what: str = "loss") -> None:
