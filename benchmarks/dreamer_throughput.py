@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import resource
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ from tensordict import TensorDict
 sys.path.insert(0, str(Path(__file__).parent))
 from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
 
-from torchrl_dreamer.cpu import tune_malloc  # noqa: E402
+from torchrl_dreamer.cpu import minor_page_faults, tune_malloc  # noqa: E402
 
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
@@ -111,20 +110,16 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     return fn, counts
 
 
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def timed(fn, n: int) -> tuple[float, dict[str, float], float]:
     """(updates/s, mean phase seconds, minor page faults per update) over ``n`` updates."""
     phases: dict[str, float] = {}
-    faults = _minor_faults()
+    faults = minor_page_faults()
     t = time.perf_counter()
     for _ in range(n):
         for k, v in fn().items():
             phases[k] = phases.get(k, 0.0) + v / n
     rate = n / (time.perf_counter() - t)
-    return rate, phases, (_minor_faults() - faults) / n
+    return rate, phases, (minor_page_faults() - faults) / n
 
 
 def main() -> None:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import tempfile
@@ -38,11 +37,7 @@ from mappo_plain_reference import iter_plain_mappo  # noqa: E402
 
 from recipes.mappo_vmas import CONFIG_DIR, MAPPOConfig, train  # noqa: E402
 from torchrl_dreamer.config import load_config, to_object  # noqa: E402
-from torchrl_dreamer.cpu import tune_malloc  # noqa: E402
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+from torchrl_dreamer.cpu import minor_page_faults, tune_malloc  # noqa: E402
 
 
 def _show_ref(name: str, r: dict) -> None:
@@ -66,10 +61,10 @@ def run_ours(iters: int, threads: int, seed: int, overrides: list[str], refs: di
           f"ppo.impl={cfg.ppo.impl}, compile={cfg.ppo.compile}"
           + (f"; references {', '.join(refs)} after iterations {sorted(ref_at)}" if refs else "") + " ==", flush=True)
     records: list[dict] = []
-    mark = [_minor_faults()]  # page faults since the end of the previous callback: our iteration only
+    mark = [minor_page_faults()]  # page faults since the end of the previous callback: our iteration only
 
     def show(m: dict) -> None:
-        m = {**m, "ours_minor_faults": _minor_faults() - mark[0]}
+        m = {**m, "ours_minor_faults": minor_page_faults() - mark[0]}
         records.append(m)
         ev = m.get("eval/episode_reward_sum")
         it = int(m["train/iteration"])
@@ -82,17 +77,17 @@ def run_ours(iters: int, threads: int, seed: int, overrides: list[str], refs: di
         )
         if it in ref_at:
             for name, ref in refs.items():
-                faults = _minor_faults()
+                faults = minor_page_faults()
                 record = next(ref["iterator"], None)
                 if record is None:
                     continue
-                record["minor_faults"] = _minor_faults() - faults
+                record["minor_faults"] = minor_page_faults() - faults
                 record["paired_with_ours_iteration"] = it
                 record["ours_iter_s"] = m["time/iteration_s"]
                 ref["records"].append(record)
                 _show_ref(name, record)
                 print(f"  minor page faults: ours {m['ours_minor_faults']}, {name} {record['minor_faults']}", flush=True)
-        mark[0] = _minor_faults()
+        mark[0] = minor_page_faults()
 
     with tempfile.TemporaryDirectory() as tmp:
         train(cfg, Path(tmp), on_iteration=show)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import resource
 import sys
 
 import torch
 
-__all__ = ["tune_malloc", "compile_unavailable"]
+__all__ = ["tune_malloc", "compile_unavailable", "minor_page_faults"]
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 
@@ -34,6 +35,12 @@ def tune_malloc() -> bool:
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_TOP_PAD, 1 << 28))
     return all(mallopt(option, value) == 1 for option, value in settings)
+
+
+def minor_page_faults() -> int:
+    """Minor page faults of this process so far (``getrusage``): what the benchmarks report per
+    update or iteration to show whether the allocator treats two interleaved workloads alike."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def compile_unavailable(device: str | torch.device = "cpu") -> str | None:
