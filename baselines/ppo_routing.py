@@ -15,7 +15,6 @@ logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- C
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -29,14 +28,19 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from baselines.routing import (
     compute_advantage, compute_shared_advantage, evaluate_dev, multistart_nodes, ppo_routing_update, rollout,
 )
-from envs.routing import CVRPEnv, TSPEnv, load_npz
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
+from envs.routing import CVRPEnv, DevSetError, TSPEnv, load_dev_set
+from torchrl_dreamer.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
+    set_rng_state,
+)
 from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
-from torchrl_dreamer.guards import check_finite
-from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
+from torchrl_dreamer.guards import check_finite, check_metrics_finite
+from torchrl_dreamer.logging import RunLogger
+from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.plots import plot_learning_curves, plot_tours
 from torchrl_dreamer.pointer import PointerActorCritic
+from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_routing"
 ENV_CONFIG_DIR = CONFIG_DIR.parent / "routing"  # env YAMLs shared with the Dreamer routing recipe
@@ -48,7 +52,9 @@ class EnvConfig:
     problem: str = doc("tsp", "tsp or cvrp.")
     size: int = doc(20, "Nodes (TSP) or customers (CVRP) per instance.")
     capacity: int = doc(0, "CVRP vehicle capacity (0 = Kool et al.: 20->30, 50->40, 100->50).")
-    dev_set: str = doc("", "Dev set .npz (shared/data format) for eval/gap_pct; '' = no dev eval.")
+    dev_set: str = doc("", "Dev set for eval/gap_pct: a bundled name (tsp20, tsp50, cvrp20, cvrp50; shipped in "
+                           "envs/data) or the path of a .npz in that format (absolute or relative to the current "
+                           "directory); '' = no dev eval.")
 
 
 @dataclass
@@ -129,23 +135,40 @@ class PPORoutingConfig:
     run: RunConfig = doc(RunConfig(), "Run directory, logging, checkpoints.")
 
 
-def resolve_data_path(path: str) -> Path:
-    """A dev-set path as given, or relative to the repository root (``../shared/data/...``)."""
-    candidate = Path(path)
-    if not candidate.is_absolute() and not candidate.exists():
-        candidate = Path(__file__).resolve().parents[1] / path
-    return candidate
+def check_dev_set(cfg) -> None:
+    """``env.dev_set`` (if set) loads and fits ``env.problem`` and ``env.size``; else a ConfigError.
+    Shared with the Dreamer routing recipe (any config with an :class:`EnvConfig` at ``cfg.env``)."""
+    if not cfg.env.dev_set:
+        return
+    try:
+        load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
+    except DevSetError as err:
+        raise ConfigError(f"env.dev_set: {err}") from None
 
 
 def validate(cfg: PPORoutingConfig) -> None:
     if cfg.env.problem not in ("tsp", "cvrp"):
         raise ConfigError(f"env.problem must be tsp or cvrp, got '{cfg.env.problem}'")
+    check_ranges(cfg, {
+        "threads": ">= 0", "env.size": ">= 2", "env.capacity": ">= 0",
+        "model.embed_dim": ">= 1", "model.n_layers": ">= 0", "model.n_heads": ">= 1", "model.ff_dim": ">= 1",
+        "model.tanh_clip": "> 0",
+        "ppo.batch_instances": ">= 1", "ppo.minibatch_instances": ">= 1", "ppo.epochs": ">= 1", "ppo.lr": "> 0",
+        "ppo.clip_epsilon": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.entropy_coef": ">= 0",
+        "ppo.critic_coef": ">= 0", "ppo.max_grad_norm": "> 0", "ppo.first_move_coef": ">= 0",
+        "train.iterations": ">= 1", "eval.every": ">= 0", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
+    })
+    if cfg.model.embed_dim % cfg.model.n_heads:
+        raise ConfigError(f"model.n_heads ({cfg.model.n_heads}) must divide model.embed_dim ({cfg.model.embed_dim})")
+    if cfg.env.problem == "cvrp" and 0 < cfg.env.capacity < 9:
+        raise ConfigError(f"env.capacity ({cfg.env.capacity}) is below the largest customer demand (9): some "
+                          "customers could never be served; use 0 (the standard capacity for env.size) or >= 9")
+    check_device(cfg.device)
     if cfg.ppo.minibatch_instances > cfg.ppo.batch_instances:
         raise ConfigError("ppo.minibatch_instances exceeds ppo.batch_instances")
     if not 1 <= cfg.eval.augment <= 8:
         raise ConfigError(f"eval.augment must be in 1..8, got {cfg.eval.augment}")
-    if cfg.env.dev_set and not resolve_data_path(cfg.env.dev_set).is_file():
-        raise ConfigError(f"env.dev_set not found: {cfg.env.dev_set} (also tried {resolve_data_path(cfg.env.dev_set)})")
+    check_dev_set(cfg)
     if cfg.ppo.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"ppo.lr_schedule must be constant or cosine, got '{cfg.ppo.lr_schedule}'")
     if not 0.0 <= cfg.ppo.lr_final_fraction <= 1.0:
@@ -208,6 +231,26 @@ def lr_factor(cfg: PPORoutingConfig, done_iterations: int, elapsed_s: float) -> 
     return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def load_weights(model: torch.nn.Module, state: dict) -> None:
+    """``model.load_state_dict(state)`` with a :class:`CheckpointError` that says what to do when the
+    checkpoint was written by a differently sized (or other problem's) network."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), lines[0] if lines else "")
+        raise CheckpointError(f"the checkpoint's weights do not fit the network this config builds ({detail[:240]}); "
+                              "resume without model.* / env.problem overrides") from None
+
+
+def preflight(cfg: PPORoutingConfig, resume_state: Optional[dict]) -> None:
+    """Builds the network (and, on resume, loads the checkpoint into it) before anything is written."""
+    model = make_model(cfg)
+    if resume_state is not None:
+        load_weights(model, resume_state["model"])
+
+
 def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -216,7 +259,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ppo.lr)
     start, instances = 0, 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        load_weights(model, resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
     ema = make_ema(cfg, model)
     if resume_state is not None:
@@ -230,9 +273,10 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
         first_nodes = multistart_nodes(cfg.env.problem, cfg.env.size, cfg.ppo.batch_instances,
                                        cfg.ppo.rollouts_per_instance).to(cfg.device)
         group_size = 1 if cfg.ppo.symmetric_rollouts else cfg.ppo.rollouts_per_instance
-    dev = load_npz(resolve_data_path(cfg.env.dev_set)) if cfg.env.dev_set else None
+    dev = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size) if cfg.env.dev_set else None
     rd = str(run_dir)
     logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start, unit="iter",
+                       purge_step=instances + 1 if resume_state is not None else None,
                        postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "time/instances_per_s": "inst/s"},
                        tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
     metrics: dict[str, float] = {}
@@ -285,33 +329,44 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                                 "time/eval_decode_s": ev["decode_s"]})
                 if ema is not None:
                     metrics["eval/gap_pct_last"] = evaluate_dev(model, dev, problem=cfg.env.problem)["gap_pct"]
+            check_metrics_finite(metrics, ("eval/gap_pct", "eval/tour_length", "eval/gap_pct_last"),
+                                 iteration=iteration, run_dir=rd)
+            metrics["time/iteration_s"] = time.perf_counter() - t0
+            metrics["time/total_s"] = time.perf_counter() - t_start
+            # log, then checkpoint: a checkpoint never gets ahead of metrics.jsonl (resume drops the rows after it)
+            logger.log(metrics, step=instances)
             if iteration % cfg.run.checkpoint_every == 0 or last:
-                save_checkpoint(run_dir / "checkpoint.pt", {
+                save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
                     "ema": ema.state_dict() if ema is not None else None,
                     "instances": instances, "rng": rng_state(), "elapsed_s": time.perf_counter() - t_start,
                 })
-            metrics["time/iteration_s"] = time.perf_counter() - t0
-            metrics["time/total_s"] = time.perf_counter() - t_start
-            logger.log(metrics, step=instances)
             logger.advance()
             if out_of_time:
                 logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
                 break
     finally:
         logger.close()
-        try:
-            plot_learning_curves(run_dir, panels=(
-                ("dev gap (%)", ("eval/gap_pct", "eval/gap_pct_last")), ("tour length", ("train/tour_length", "eval/tour_length")),
-                ("losses", ("loss/objective", "loss/critic")), ("seconds", ("time/iteration_s",)),
-            ))
-        except Exception as exc:
-            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
+        # pictures never hide the outcome: a failure is a one-line note on stderr
+        k = cfg.ppo.rollouts_per_instance  # logged step = rollouts decoded (k per distinct instance)
+        draw_picture("curves.png", plot_learning_curves, run_dir, panels=(
+            ("dev gap (%)", ("eval/gap_pct", "eval/gap_pct_last")), ("tour length", ("train/tour_length", "eval/tour_length")),
+            ("losses", ("loss/objective", "loss/critic")), ("seconds", ("time/iteration_s",)),
+        ), x_label="training instances" if k == 1 else f"training rollouts ({k} per instance)")
+        if dev is not None:
+            draw_picture("tours.png", plot_dev_tours, model if ema is None else ema.module, dev, cfg.env.problem,
+                         run_dir / "tours.png", dev_set=cfg.env.dev_set)
+        else:
+            note("tours.png not drawn: no dev set (env.dev_set is empty)")
     return metrics
 
 
-def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Path, k: int = 4) -> Path:
-    """Greedy tours of the first ``k`` dev instances beside the reference solutions (PNG)."""
+def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Path, k: int = 4, *,
+                   dev_set: str = "") -> Path:
+    """Greedy tours of the first ``k`` dev instances beside the reference solutions (PNG); the title
+    names the decoding and the set (``dev_set``: the configured spec). Greedy decoding of fixed
+    instances draws no random numbers: the same weights give the same picture."""
+    k = min(k, data["locs"].shape[0])
     inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
     device = next(model.parameters()).device
     env = TSPEnv(instances=inst, device=device) if problem == "tsp" else CVRPEnv(instances=inst, device=device)
@@ -320,7 +375,7 @@ def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Pa
     out = rollout(env, model, greedy=True)
     model.train(was_training)
     return plot_decoded_tours(data, problem, out["action"].tolist(), out["tour_length"][:, 0].tolist(), path,
-                              title=f"greedy decoding vs reference ({problem})")
+                              title=dev_tours_title("PPO", "greedy", data, k, dev_set))
 
 
 def plot_decoded_tours(data: dict, problem: str, actions: list[list[int]], lengths: list[float], path: Path,
@@ -338,24 +393,71 @@ def plot_decoded_tours(data: dict, problem: str, actions: list[list[int]], lengt
                       ref_costs=data["ref_cost"][:k].tolist(), title=title)
 
 
-def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict[str, float]:
-    """Dev-set evaluation of a run's checkpoint; prints JSON, writes ``run_dir/tours.png``."""
+def dev_set_file(spec: str) -> str:
+    """The file the dev-set spec ``spec`` (``env.dev_set``: a bundled name or a path) names, as a string."""
+    from envs.routing import dev_set_path
+
+    return str(dev_set_path(spec))
+
+
+def dev_tours_title(algo: str, decoding: str, data: dict, k: int, dev_set: str = "") -> str:
+    """Title of a tours picture: the algorithm, the decoding, the set (``dev_set``: the spec; its
+    file's name is shown) and the instances shown."""
+    n, size = data["locs"].shape[:2]  # CVRP: locs are the customers (the depot is separate)
+    problem = "cvrp" if "demand" in data else "tsp"
+    name = f" ({Path(dev_set_file(dev_set)).name})" if dev_set else ""
+    shown = "instance 0" if k == 1 else f"instances 0-{k - 1}"
+    return f"{algo} {decoding} decoding, {problem}{size} dev set{name}, {shown} of {n}, vs reference"
+
+
+def decoding_name(multistart: bool = False, augment: int = 1) -> str:
+    """``"greedy"``, ``"greedy+multistart"``, ``"greedy+augment=8"``, ``"greedy+multistart+augment=8"``."""
+    return "+".join(["greedy"] + (["multistart"] if multistart else []) + ([f"augment={augment}"] if augment > 1 else []))
+
+
+# The keys of a routing ``--evaluate`` record, the same for PPO and Dreamer (printed and in eval.json).
+ROUTING_EVAL_KEYS = ("run_dir", "checkpoint", "algo", "problem", "size", "dev_set", "dev_set_file", "instances",
+                     "decoding", "seed", "iteration", "gap_pct", "tour_length", "decode_s")
+
+
+def routing_eval_record(cfg, *, algo: str, run_dir: Path, checkpoint: Path, decoding: str, iteration: int,
+                        instances: int, gap_pct: float, tour_length: float, decode_s: float) -> dict:
+    """One routing evaluation as a flat dict with :data:`ROUTING_EVAL_KEYS` (``cfg``: either
+    algorithm's config; ``dev_set`` is the spec as configured, ``dev_set_file`` the file it names)."""
+    record = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "algo": algo, "problem": cfg.env.problem,
+              "size": cfg.env.size, "dev_set": cfg.env.dev_set, "dev_set_file": dev_set_file(cfg.env.dev_set),
+              "instances": int(instances), "decoding": decoding, "seed": cfg.seed, "iteration": int(iteration),
+              "gap_pct": float(gap_pct), "tour_length": float(tour_length), "decode_s": float(decode_s)}
+    return record
+
+
+def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict:
+    """Dev-set evaluation of a run's checkpoint (``run_dir``: the run directory or a checkpoint file
+    in one) with the decoding ``eval.multistart`` / ``eval.augment`` ask for (greedy: no random
+    numbers, same weights -> same numbers). Prints the JSON line (:func:`routing_eval_record`, the
+    same keys as Dreamer's) and writes it to ``<run dir>/eval.json`` before drawing
+    ``<run dir>/tours.png`` (greedy tours); a read-only run directory only costs the files."""
     if not cfg.env.dev_set:
         raise ConfigError("--evaluate needs env.dev_set")
-    state = load_checkpoint(run_dir, map_location=cfg.device)
+    target = run_dir
+    run_dir, checkpoint, suffix = evaluation_paths(target)
+    state = load_checkpoint(target, map_location=cfg.device)
     model = make_model(cfg)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"])
     if state.get("ema") is not None:  # the weight average is what eval/gap_pct measured during training
         ema = AveragedModel(model, use_buffers=True)
         ema.load_state_dict(state["ema"])
         model = ema.module
-    data = load_npz(resolve_data_path(cfg.env.dev_set))
+    data = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
     result = evaluate_dev(model, data, problem=cfg.env.problem,
                           multistart=cfg.eval.multistart, augment=cfg.eval.augment)
-    plot_dev_tours(model, data, cfg.env.problem, Path(run_dir) / "tours.png")
-    print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], "multistart": cfg.eval.multistart,
-                      "augment": cfg.eval.augment, **result}))
-    return result
+    record = routing_eval_record(cfg, algo="ppo", run_dir=run_dir, checkpoint=checkpoint,
+                                 decoding=decoding_name(cfg.eval.multistart, cfg.eval.augment),
+                                 iteration=state["iteration"], instances=data["locs"].shape[0], **result)
+    report_evaluation(record, run_dir, f"eval{suffix}.json")
+    draw_picture(f"tours{suffix}.png", plot_dev_tours, model, data, cfg.env.problem, run_dir / f"tours{suffix}.png",
+                 dev_set=cfg.env.dev_set)
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -368,22 +470,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return args.evaluate
     resume_state = None
     if args.resume is not None:
-        run_dir = args.resume
-        resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+        resume_state, _ = load_resume_state(args.resume, map_location=cfg.device,
+                                            required=("model", "optimizer", "iteration", "instances"))
         if resume_state["iteration"] >= cfg.train.iterations:
             raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
                               f"raise train.iterations")
-    else:
-        run_dir = make_run_dir(cfg.run.root, RECIPE, f"{cfg.env.problem}{cfg.env.size}")
-    save_config(args.cfg, run_dir / "config.yaml")
+        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
+    preflight(cfg, resume_state)  # nothing is written before this passes
+    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=f"{cfg.env.problem}{cfg.env.size}",
+                                 resume=args.resume,
+                                 last_step=resume_state["instances"] if resume_state is not None else None)
     print(f"run directory: {run_dir}", flush=True)
-    train(cfg, run_dir, resume_state)
+    try:
+        train(cfg, run_dir, resume_state)
+    finally:
+        lock.release()
     return run_dir
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

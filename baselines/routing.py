@@ -18,7 +18,7 @@ from torchrl.envs.utils import step_mdp
 from torchrl.objectives.value.functional import generalized_advantage_estimate
 
 from envs.routing import SQUARE_SYMMETRIES
-from torchrl_dreamer.guards import NonFiniteError
+from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite
 from torchrl_dreamer.pointer import DecoderCache, PointerActorCritic
 
 __all__ = ["rollout", "encode_groups", "step_groups", "ppo_minibatch_loss", "multistart_nodes", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
@@ -283,6 +283,7 @@ def ppo_routing_update(
                 raise NonFiniteError("loss/total", iteration=iteration, run_dir=run_dir,
                                      detail=" before the optimizer step (step not taken)")
             optimizer.step()
+            check_parameters_finite(params, iteration=iteration, run_dir=run_dir)
             stats = {**{f"loss/{k}": v for k, v in losses.items()}, **stats, "diag/grad_norm": grad_norm}
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach()
@@ -307,7 +308,10 @@ def evaluate_dev(model: PointerActorCritic, data: dict[str, torch.Tensor], *, pr
                  multistart: bool = False, augment: int = 1, chunk: int = 200) -> dict[str, float]:
     """Greedy decoding of a dev set (``load_npz`` dict); optional multi-start (TSP: every node as the
     first node; CVRP: every customer as the first customer) and x``augment`` symmetric copies; the
-    best tour per instance counts. Returns mean tour length, mean gap to ``ref_cost`` (%), time."""
+    best tour per instance counts. Returns mean tour length, mean gap to ``ref_cost`` (%), time.
+
+    Draws no random numbers (greedy decoding of fixed instances, the model in eval mode): the same
+    weights give the same numbers, and the caller's RNG streams are untouched (tested)."""
     from envs.routing import CVRPEnv, TSPEnv
 
     was_training = model.training

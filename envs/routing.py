@@ -25,8 +25,8 @@ are masked; the episode ends when every customer is served and the vehicle is ba
 
 Instances come from a seeded generator (uniform coordinates in the unit square; CVRP demands
 uniform in 1..9 with the capacity of Kool et al. 2019: 20 -> 30, 50 -> 40, 100 -> 50), or from
-fixed tensors (``instances=``), e.g. :func:`load_npz` of the dev sets in ``shared/data``; with
-fixed instances every reset returns the same ``B`` instances. ``instance_repeats=K`` makes each
+fixed tensors (``instances=``), e.g. :func:`load_dev_set` of a dev set bundled in ``envs/data``
+(``load_dev_set("tsp20")``, see ``envs/data/README.md``); with fixed instances every reset returns the same ``B`` instances. ``instance_repeats=K`` makes each
 generated instance appear ``K`` times in a row (``B / K`` distinct instances per reset), so a
 learner can compare several rollouts of one instance (POMO-style shared baseline);
 ``symmetric_repeats=True`` gives copy ``j`` the ``j % 8``-th symmetry of the unit square (same
@@ -35,6 +35,9 @@ optimal tour length, different coordinates).
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -52,6 +55,10 @@ __all__ = [
     "generate_tsp",
     "generate_cvrp",
     "load_npz",
+    "DevSetError",
+    "BUNDLED_DEV_SETS",
+    "dev_set_path",
+    "load_dev_set",
     "tour_length",
     "square_symmetry",
     "SQUARE_SYMMETRIES",
@@ -111,7 +118,9 @@ def square_symmetry(xy: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Loads a dev set from ``shared/data`` (TSP or CVRP format, see its README) as tensors."""
+    """Loads a routing ``.npz`` (TSP or CVRP dev-set format, see ``envs/data/README.md``) as tensors:
+    the numeric arrays, CVRP ``demand`` as float32 and ``capacity`` repeated per instance. No checks;
+    :func:`load_dev_set` resolves bundled names and validates the contents."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"routing data set not found: {path}")
@@ -120,6 +129,115 @@ def load_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if "demand" in out:
         out["demand"] = out["demand"].float()
         out["capacity"] = torch.full((out["locs"].shape[0],), float(out["capacity"]))
+    return out
+
+
+class DevSetError(ValueError):
+    """A dev set that cannot be found or read, or that does not fit the problem or size asked for."""
+
+
+# dev sets installed with the package (envs/data/<name>_dev.npz, described in envs/data/README.md)
+BUNDLED_DEV_SETS = ("tsp20", "tsp50", "cvrp20", "cvrp50")
+DEV_SET_KEYS = {"tsp": ("locs", "ref_cost"), "cvrp": ("depot", "locs", "demand", "capacity", "ref_cost")}
+
+
+def _bundled_name(spec: str) -> str | None:
+    """``tsp20``, ``tsp20_dev`` or ``tsp20_dev.npz`` -> ``tsp20``; None for anything else (a path)."""
+    name = spec.removesuffix(".npz").removesuffix("_dev")
+    return name if name in BUNDLED_DEV_SETS else None
+
+
+def _dev_set_hint(problem: str | None, size: int | None) -> str:
+    """What to put in ``env.dev_set`` instead: the bundled set for ``problem``/``size`` if there is one."""
+    if problem is not None and f"{problem}{size}" in BUNDLED_DEV_SETS:
+        return f"use env.dev_set={problem}{size}"
+    names = [n for n in BUNDLED_DEV_SETS if problem is None or n.startswith(problem)]
+    what = f"a {problem.upper()} .npz" if problem else "an .npz"
+    what += f" of size {size}" if size else ""
+    return f"use a bundled set ({', '.join(names)}) or {what} in the format of envs/data/README.md, or env.dev_set='' for no dev eval"
+
+
+def dev_set_path(spec: str | os.PathLike) -> Path:
+    """The file of a dev set: a bundled name (``tsp20``, ``tsp20_dev`` or ``tsp20_dev.npz``; see
+    :data:`BUNDLED_DEV_SETS`) resolves to the copy installed with the package (``envs/data``), from
+    any working directory; anything else is a path, absolute or relative to the current directory.
+    Raises :class:`DevSetError` when the file does not exist."""
+    given = os.fspath(spec)
+    bundled = _bundled_name(given) if isinstance(given, str) else None
+    if bundled is not None:
+        path = Path(str(files("envs") / "data" / f"{bundled}_dev.npz"))
+        if not path.is_file():
+            raise DevSetError(f"bundled dev set '{given}' is missing from the installed package (expected {path}); "
+                              f"reinstall the package (pip install .) or pass the path of the .npz")
+        return path
+    path = Path(given).expanduser()
+    if not path.is_absolute():
+        path = Path.cwd() / path
+    if not path.is_file():
+        where = "" if Path(given).is_absolute() else f" (looked in {path.parent})"
+        raise DevSetError(f"dev set not found: {given}{where}; give one of the bundled names "
+                          f"({', '.join(BUNDLED_DEV_SETS)}) or the path of an existing .npz (absolute or relative "
+                          f"to the current directory) in the format of envs/data/README.md")
+    return path
+
+
+def load_dev_set(spec: str | os.PathLike, problem: str | None = None, size: int | None = None) -> dict[str, torch.Tensor]:
+    """A dev set (bundled name or path, see :func:`dev_set_path`) as tensors, like :func:`load_npz`:
+    the numeric arrays, CVRP ``demand`` as float32 and ``capacity`` repeated per instance.
+
+    Checks the arrays a problem needs (:data:`DEV_SET_KEYS`) and their shapes; the problem is told by
+    the keys (``depot``/``demand``/``capacity`` -> CVRP, else TSP). With ``problem`` and ``size``
+    (nodes for TSP, customers for CVRP) the set must match them. Every failure is a one-line
+    :class:`DevSetError` naming the file."""
+    if problem is not None and problem not in DEV_SET_KEYS:
+        raise DevSetError(f"problem must be tsp or cvrp, got '{problem}'")
+    path = dev_set_path(spec)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # every .npz is a zip archive
+                raise ValueError("not an .npz (zip) archive")
+        loaded = np.load(path, allow_pickle=False)
+        with loaded:
+            arrays = {k: loaded[k] for k in loaded.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as err:
+        raise DevSetError(f"{path} cannot be read as a dev set .npz ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else 'corrupt file'})") from None
+    keys = sorted(arrays)
+    found = "cvrp" if {"depot", "demand", "capacity"} & set(keys) else "tsp"
+    if problem is not None and problem != found:
+        raise DevSetError(f"{path} is a {found.upper()} dev set (keys {', '.join(keys)}) but env.problem is {problem}; "
+                          f"{_dev_set_hint(problem, size)}")
+    required = DEV_SET_KEYS[found]
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise DevSetError(f"{path} lacks {', '.join(missing)}: a {found.upper()} dev set needs the keys "
+                          f"{', '.join(required)} (found: {', '.join(keys) or 'none'}); see envs/data/README.md")
+    bad_dtype = [k for k in required if arrays[k].dtype.kind not in "fiu"]
+    if bad_dtype:
+        raise DevSetError(f"{path}: {', '.join(bad_dtype)} must be numeric, got "
+                          f"{', '.join(str(arrays[k].dtype) for k in bad_dtype)}")
+    locs = arrays["locs"]
+    if locs.ndim != 3 or locs.shape[-1] != 2 or locs.shape[0] == 0 or locs.shape[1] == 0:
+        raise DevSetError(f"{path}: locs must have shape [instances, nodes, 2], got {list(locs.shape)}")
+    n_inst, n = locs.shape[:2]
+    unit = "nodes" if found == "tsp" else "customers"
+    if size is not None and n != size:
+        raise DevSetError(f"{path} has {n} {unit} per instance but env.size is {size}; "
+                          f"{_dev_set_hint(problem or found, size)}")
+    expected = {"ref_cost": (n_inst,)}
+    if found == "cvrp":
+        expected.update(depot=(n_inst, 2), demand=(n_inst, n))
+    for key, shape in expected.items():
+        if arrays[key].shape != shape:
+            raise DevSetError(f"{path}: {key} has shape {list(arrays[key].shape)} but locs holds {n_inst} instances "
+                              f"of {n} {unit}, so {key} should have shape {list(shape)}")
+    if found == "cvrp" and arrays["capacity"].shape not in ((), (n_inst,)):
+        raise DevSetError(f"{path}: capacity must be a scalar or have shape [{n_inst}], "
+                          f"got {list(arrays['capacity'].shape)}")
+    out = {k: torch.as_tensor(v) for k, v in arrays.items() if v.dtype.kind in "fiu"}
+    if found == "cvrp":
+        out["demand"] = out["demand"].float()
+        out["capacity"] = torch.as_tensor(arrays["capacity"], dtype=torch.float32).expand(n_inst).clone()
     return out
 
 

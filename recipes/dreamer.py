@@ -14,7 +14,6 @@ Loop: collect ``env.num_envs x train.steps_per_collect`` env steps with TorchRL'
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -27,19 +26,25 @@ from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, TensorDictPrimer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
+    set_rng_state,
+)
 from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
 from torchrl_dreamer.dreamer.agent import PRESETS, DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
 from torchrl_dreamer.dreamer.imagination import ImaginationModule
 from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss
-from torchrl_dreamer.dreamer.replay import SequenceWriter, make_replay_buffer
+from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
+                                           replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
-from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.guards import check_metrics_finite, check_tensordict_finite
+from torchrl_dreamer.logging import RunLogger
+from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
 from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
@@ -186,23 +191,33 @@ def validate(cfg: DreamerConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
-    positive = {
-        "env.num_envs": cfg.env.num_envs, "replay.batch_size": cfg.replay.batch_size, "replay.seq_len": cfg.replay.seq_len,
-        "replay.capacity": cfg.replay.capacity, "replay.train_ratio": cfg.replay.train_ratio,
-        "train.env_steps": cfg.train.env_steps, "train.steps_per_collect": cfg.train.steps_per_collect,
-        "ac.horizon": cfg.ac.horizon, "eval.episodes": cfg.eval.episodes, "run.log_every": cfg.run.log_every,
-        "run.checkpoint_every": cfg.run.checkpoint_every, "optim.world_model_lr": cfg.optim.world_model_lr,
-        "optim.actor_lr": cfg.optim.actor_lr, "optim.critic_lr": cfg.optim.critic_lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    if not 0 < cfg.ac.discount <= 1 or not 0 <= cfg.ac.lmbda <= 1:
-        raise ConfigError("ac.discount must be in (0, 1] and ac.lmbda in [0, 1]")
-    if not 0 < cfg.ac.start_fraction <= 1:
-        raise ConfigError(f"ac.start_fraction must be in (0, 1], got {cfg.ac.start_fraction}")
+    check_ranges(cfg, {
+        "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "threads": ">= 0",
+        "model.deter": ">= 0", "model.hidden": ">= 0", "model.units": ">= 0", "model.layers": ">= 0",
+        "model.stoch": ">= 0", "model.classes": ">= 0", "model.blocks": ">= 0", "model.cnn_depth": ">= 0",
+        "model.unimix": "[0, 1)",
+        "loss.dyn_scale": ">= 0", "loss.rep_scale": ">= 0", "loss.free_bits": ">= 0",
+        "loss.reconstruction_scale": ">= 0", "loss.reward_scale": ">= 0", "loss.continue_scale": ">= 0",
+        "loss.terminal_weight": "> 0",
+        "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
+        "ac.start_fraction": "(0, 1]", "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0",
+        "ac.replay_value_scale": ">= 0", "ac.return_decay": "[0, 1)",
+        "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
+        "optim.eps": "> 0", "optim.warmup_steps": ">= 0",
+        "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
+        "replay.train_ratio": "> 0", "replay.prefill": ">= 0",
+        "train.env_steps": ">= 1", "train.steps_per_collect": ">= 1",
+        "eval.every": ">= 0", "eval.episodes": ">= 1",
+        "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
+    })
     if cfg.replay.capacity < cfg.replay.batch_size * cfg.replay.seq_len:
         raise ConfigError("replay.capacity is smaller than one batch (batch_size * seq_len)")
+    if cfg.replay.prefill < cfg.env.num_envs * cfg.replay.seq_len:
+        raise ConfigError(f"replay.prefill ({cfg.replay.prefill}) must be at least env.num_envs * replay.seq_len "
+                          f"({cfg.env.num_envs} x {cfg.replay.seq_len} = {cfg.env.num_envs * cfg.replay.seq_len}) env "
+                          "steps, so that every env's stream holds one whole sequence before the first update")
+    if cfg.eval.stop_at_return is not None and not math.isfinite(cfg.eval.stop_at_return):
+        raise ConfigError(f"eval.stop_at_return must be finite or null, got {cfg.eval.stop_at_return}")
     if cfg.env.pixels and cfg.env.obs_keys and cfg.env.obs_keys != ["pixels"]:
         raise ConfigError("env.pixels=true observes 'pixels' only; leave env.obs_keys empty")
     if not cfg.env.factory:
@@ -210,6 +225,37 @@ def validate(cfg: DreamerConfig) -> None:
 
         if cfg.env.name not in gym_env_ids():
             raise ConfigError(f"unknown Gymnasium env id '{cfg.env.name}' (env.name)")
+    check_device(cfg.device)
+
+
+def preflight(cfg: DreamerConfig, resume_state: Optional[dict]) -> None:
+    """Builds what can fail before anything is written: the env (factory import and call), the
+    agent from its specs and, on resume, the checkpoint's weights loaded into it (shapes)."""
+    env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed)
+    try:
+        agent, _ = build_agent(cfg, env)
+        if resume_state is not None:
+            load_weights(agent, resume_state["agent"], "checkpoint")
+            replay = resume_state.get("replay") or {}
+            rows = int(replay.get("_storage", {}).get("_len", 0)) if replay.get("_format") else 0
+            if rows > cfg.replay.capacity:
+                raise ConfigError(f"replay.capacity={cfg.replay.capacity} is smaller than the {rows} replay rows in "
+                                  f"the checkpoint; resume with replay.capacity >= {rows}")
+    finally:
+        env.close(raise_if_closed=False)
+
+
+def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
+    """``module.load_state_dict(state)`` with a :class:`CheckpointError` that says what to do when
+    the checkpoint was written by a differently sized model."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), first[0] if first else "")
+        raise CheckpointError(f"the {what}'s weights do not fit the model this config builds ({detail[:240]}); "
+                              "resume without model.* / env.* overrides that change network sizes") from None
 
 
 # --- factories ---------------------------------------------------------------------------------
@@ -348,6 +394,21 @@ class _Averager:
         return out
 
 
+def best_score_on_disk(run_dir: Path) -> float:
+    """The score stored in ``<run>/best.pt`` (it may be newer than the last checkpoint if the run died
+    in between), or -inf when there is none; an unreadable ``best.pt`` is reported and ignored, so
+    it never blocks a resume (the next better evaluation replaces it)."""
+    path = run_dir / BEST_NAME
+    if not path.is_file():
+        return -math.inf
+    try:
+        score = float(load_checkpoint(path)["eval/episode_reward_sum"])
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        print(f"warning: ignoring {path}: {exc}", file=sys.stderr, flush=True)
+        return -math.inf
+    return score if math.isfinite(score) else -math.inf
+
+
 def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None,
           on_eval: Optional[Callable[[dict[str, float]], None]] = None) -> dict[str, float]:
     """Trains until ``train.env_steps`` (or the time budget, or ``eval.stop_at_return``); returns the
@@ -380,12 +441,12 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     env_steps, updates, owed, next_eval, next_ckpt, next_log = 0, 0, 0.0, cfg.eval.every, cfg.run.checkpoint_every, cfg.run.log_every
     best_return = -math.inf  # best evaluation so far (eval.keep_best)
     if resume_state is not None:
-        agent.load_state_dict(resume_state["agent"])
+        load_weights(agent, resume_state["agent"], "checkpoint")
         update.optimizer.load_state_dict(resume_state["optimizer"])
         update.critic_loss.load_state_dict(resume_state["critic_loss"])
         update.actor_loss.load_state_dict(resume_state["actor_loss"])
         if resume_state.get("replay") is not None:
-            rb.load_state_dict(resume_state["replay"])
+            load_replay_state_dict(rb, resume_state["replay"])  # also reads older full-capacity states
             writer.load_state_dict(resume_state["writer"])
         # the envs restart: new streams so no replay window joins the old and the new episodes
         writer.stream_offset += cfg.env.num_envs
@@ -393,8 +454,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         env_steps, updates, owed = resume_state["env_steps"], resume_state["updates"], resume_state["owed"]
         next_eval, next_ckpt, next_log = resume_state["next_eval"], resume_state["next_ckpt"], resume_state["next_log"]
         best_return = resume_state.get("best_return", -math.inf)  # absent in checkpoints written before keep_best
-        if (run_dir / BEST_NAME).is_file():  # written after the last checkpoint if the run died in between
-            best_return = max(best_return, load_checkpoint(run_dir / BEST_NAME)["eval/episode_reward_sum"])
+        best_return = max(best_return, best_score_on_disk(run_dir))
         set_rng_state(resume_state["rng"])
     if env_steps >= cfg.train.env_steps:
         raise ConfigError(f"nothing to do: the run already has {env_steps} env steps; raise train.env_steps")
@@ -407,10 +467,10 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     rd = str(run_dir)
 
     def save() -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
+        save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
             "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
             "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
-            "replay": rb.state_dict() if cfg.run.save_replay else None,
+            "replay": replay_state_dict(rb) if cfg.run.save_replay else None,
             "writer": writer.state_dict() if cfg.run.save_replay else None,
             "env_steps": env_steps, "updates": updates, "owed": owed, "next_eval": next_eval,
             "next_ckpt": next_ckpt, "next_log": next_log, "best_return": best_return, "rng": rng_state(),
@@ -426,7 +486,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     logger = RunLogger(run_dir, total=cfg.train.env_steps, initial=env_steps, unit="step",
                        postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval",
                                      "loss/world_model": "wm", "time/updates_per_s": "upd/s"},
-                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+                       purge_step=env_steps + 1 if resume_state is not None else None)
     averager = _Averager()
     episode_sums: list[float] = []
     episode_lengths: list[float] = []
@@ -469,6 +530,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             if (cfg.eval.every and env_steps >= next_eval) or finished:
                 next_eval += cfg.eval.every or cfg.train.env_steps
                 metrics = evaluate(policy, eval_env)
+                check_metrics_finite(metrics, ("eval/episode_reward_sum", "eval/episode_length"),
+                                     iteration=updates, run_dir=rd)
                 evaluated = True
                 score = metrics["eval/episode_reward_sum"]
                 if cfg.eval.keep_best and math.isfinite(score) and score > best_return:
@@ -520,7 +583,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 ("world model", ("loss/reconstruction", "loss/reward", "loss/continue", "loss/dyn")),
                 ("actor / critic", ("loss/actor", "loss/critic", "diag/actor_entropy", "diag/return_scale")),
                 ("speed", ("time/updates_per_s",)),
-            ))
+            ), x_label="env steps (all envs together)")  # logged step = env_steps
         except Exception as exc:  # plotting must never hide the real outcome
             print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
         collector.shutdown()  # closes env too
@@ -531,19 +594,24 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
 
 def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
     """Loads ``run_dir``'s checkpoint (or the checkpoint file ``run_dir``, e.g. ``<run>/best.pt``) and
-    runs ``eval.episodes`` episodes with mode actions."""
+    runs ``eval.episodes`` episodes with mode actions. Prints the JSON line and writes it to
+    ``<run dir>/eval.json`` (``eval_best.json`` for ``best.pt``); a read-only run directory only
+    costs the file (a note on stderr)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     state = load_checkpoint(run_dir, map_location=cfg.device)
     env = make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 20_000)
     agent, policy = build_agent(cfg, env)
-    agent.load_state_dict(state["agent"])
+    load_weights(agent, state["agent"], "checkpoint")
     with_policy_state(env, policy)
     t0 = time.perf_counter()
     metrics = evaluate(policy, env)
     metrics["time/eval_s"] = time.perf_counter() - t0
     env.close()
-    print(json.dumps({"run_dir": str(run_dir), "env_steps": state["env_steps"], "updates": state["updates"], **metrics}))
+    # the numbers first: printed and saved to <run dir>/eval.json (eval_best.json for best.pt)
+    run_dir, checkpoint, suffix = evaluation_paths(run_dir)
+    report_evaluation({"run_dir": str(run_dir), "checkpoint": str(checkpoint), "env_steps": state["env_steps"],
+                       "updates": state["updates"], "seed": cfg.seed, **metrics}, run_dir, f"eval{suffix}.json")
     return metrics
 
 
@@ -557,20 +625,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return args.evaluate
     resume_state = None
     if args.resume is not None:
-        run_dir = args.resume
-        resume_state = load_checkpoint(run_dir, map_location="cpu")
-    else:
-        name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.name + ("-pixels" if cfg.env.pixels else "")
-        run_dir = make_run_dir(cfg.run.root, RECIPE, name)
-    save_config(args.cfg, run_dir / "config.yaml")
+        resume_state, _ = load_resume_state(args.resume, map_location="cpu",
+                                            required=("agent", "env_steps", "updates", "replay"))
+        if resume_state["env_steps"] >= cfg.train.env_steps:
+            raise ConfigError(f"nothing to do: the run already has {resume_state['env_steps']} env steps; "
+                              "raise train.env_steps")
+        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
+    preflight(cfg, resume_state)  # nothing is written before this passes
+    name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.name + ("-pixels" if cfg.env.pixels else "")
+    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=name, resume=args.resume,
+                                 last_step=resume_state["env_steps"] if resume_state is not None else None)
     print(f"run directory: {run_dir}", flush=True)
-    train(cfg, run_dir, resume_state)
+    try:
+        train(cfg, run_dir, resume_state)
+    finally:
+        lock.release()
     return run_dir
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

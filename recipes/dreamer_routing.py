@@ -14,7 +14,6 @@ Design notes: :mod:`torchrl_dreamer.dreamer.routing`.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -26,12 +25,16 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from baselines.ppo_routing import EnvConfig, plot_decoded_tours, resolve_data_path
-from envs.routing import KOOL_CAPACITY, CVRPEnv, TSPEnv, load_npz
+from baselines.ppo_routing import EnvConfig, check_dev_set, plot_decoded_tours
+from baselines.ppo_routing import dev_tours_title, routing_eval_record
+from envs.routing import KOOL_CAPACITY, CVRPEnv, TSPEnv, load_dev_set
 from recipes.dreamer import OptimConfig, WorldModelLossConfig
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
+    set_rng_state,
+)
 from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
 from torchrl_dreamer.cpu import tune_malloc
 from torchrl_dreamer.dreamer.agent import DreamerAgent
 from torchrl_dreamer.dreamer.imagination import ImaginationModule, imagine
@@ -44,8 +47,11 @@ from torchrl_dreamer.dreamer.routing import (
     make_routing_agent,
 )
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
-from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.guards import check_metrics_finite
+from torchrl_dreamer.logging import RunLogger
+from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
 ENV_CONFIG_DIR = Path(__file__).parent / "configs" / "routing"
@@ -135,8 +141,28 @@ class DreamerRoutingConfig:
 def validate(cfg: DreamerRoutingConfig) -> None:
     if cfg.env.problem not in ("tsp", "cvrp"):
         raise ConfigError(f"env.problem must be tsp or cvrp, got '{cfg.env.problem}'")
-    if cfg.env.dev_set and not resolve_data_path(cfg.env.dev_set).is_file():
-        raise ConfigError(f"env.dev_set not found: {cfg.env.dev_set} (also tried {resolve_data_path(cfg.env.dev_set)})")
+    check_ranges(cfg, {
+        "threads": ">= 0", "env.size": ">= 2", "env.capacity": ">= 0",
+        "model.embed_dim": ">= 1", "model.encoder_layers": ">= 0", "model.heads": ">= 1", "model.ff_dim": ">= 1",
+        "model.deter": ">= 1", "model.hidden": ">= 1", "model.units": ">= 1", "model.layers": ">= 0",
+        "model.stoch": ">= 1", "model.classes": ">= 2", "model.blocks": ">= 1", "model.action_dim": ">= 1",
+        "model.tanh_clip": "> 0", "model.unimix": "[0, 1)",
+        "loss.dyn_scale": ">= 0", "loss.rep_scale": ">= 0", "loss.free_bits": ">= 0",
+        "loss.reconstruction_scale": ">= 0", "loss.reward_scale": ">= 0", "loss.continue_scale": ">= 0",
+        "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
+        "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0", "ac.return_decay": "[0, 1)",
+        "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
+        "optim.eps": "> 0", "optim.warmup_steps": ">= 0",
+        "replay.prefill": ">= 0", "train.iterations": ">= 1", "eval.every": ">= 0", "eval.diag_starts": ">= 1",
+        "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
+    })
+    if cfg.model.deter % cfg.model.blocks:
+        raise ConfigError(f"model.blocks ({cfg.model.blocks}) must divide model.deter ({cfg.model.deter})")
+    if cfg.env.problem == "cvrp" and 0 < cfg.env.capacity < 9:
+        raise ConfigError(f"env.capacity ({cfg.env.capacity}) is below the largest customer demand (9): some "
+                          "customers could never be served; use 0 (the standard capacity for env.size) or >= 9")
+    check_device(cfg.device)
+    check_dev_set(cfg)
     if cfg.loss.free_bits_grad not in ("clip", "straight_through"):
         raise ConfigError("loss.free_bits_grad must be clip or straight_through")
     for key, value in {"replay.batch_size": cfg.replay.batch_size, "train.episodes_per_iter": cfg.train.episodes_per_iter,
@@ -147,7 +173,7 @@ def validate(cfg: DreamerRoutingConfig) -> None:
     if not 0 < cfg.ac.start_fraction <= 1:
         raise ConfigError("ac.start_fraction must be in (0, 1]")
     if cfg.model.embed_dim % cfg.model.heads:
-        raise ConfigError("model.embed_dim must be divisible by model.heads")
+        raise ConfigError(f"model.heads ({cfg.model.heads}) must divide model.embed_dim ({cfg.model.embed_dim})")
     curriculum_stages(cfg)
 
 
@@ -220,33 +246,63 @@ def build(cfg: DreamerRoutingConfig):
     return agent, hooks, DreamerUpdate(agent, wm_loss, critic_loss, actor_loss, imagination, optimizer)
 
 
+EVAL_SEED_OFFSET = 20_000  # dev-set decoding draws its latent samples from cfg.seed + this
+EVAL_CHUNK = 200  # dev instances decoded per batched env
+
+
 @torch.no_grad()
-def evaluate_dev(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, chunk: int = 200) -> dict[str, float]:
-    """Greedy decoding of the dev set: mean tour length, mean gap to ``ref_cost`` (%), time."""
+def decode_dev(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, *, chunk: int = EVAL_CHUNK,
+               limit: int | None = None, keep: int = 0) -> tuple[torch.Tensor, list[list[int]]]:
+    """Greedy decoding of the dev set (the first ``limit`` instances, default all): tour lengths
+    ``[n]`` (float64, CPU) and the node sequences of the first ``keep`` instances.
+
+    Greedy means the actor's mode action; the RSSM posterior still samples its latents, so the
+    decoding runs under its own seed, ``cfg.seed + EVAL_SEED_OFFSET``, inside
+    ``torch.random.fork_rng``: the same weights and seed give the same tours, and the caller's
+    (training) RNG streams are exactly as before (torch CPU and CUDA are the only generators the
+    decoding draws from). Chunks are decoded in order, so the first ``chunk`` instances decode
+    the same whether or not the rest follow (the tours picture shows the evaluated tours)."""
+    n = data["locs"].shape[0] if limit is None else min(limit, data["locs"].shape[0])
+    lengths, actions = [], []
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed + EVAL_SEED_OFFSET)
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            inst = {k: v[start:stop] for k, v in data.items() if k in ("locs", "depot", "demand", "capacity")}
+            env = make_env(cfg, batch=0, seed=0, instances=inst)
+            rows, tour = dreamer_rollout(env, agent.world_model, agent.actor, mode="greedy")
+            lengths.append(tour.double().cpu())
+            if len(actions) < keep:
+                moves = rows["valid"] & ~rows["is_terminal"]
+                for i in range(min(keep - len(actions), stop - start)):
+                    actions.append(rows["action"][i][moves[i]].argmax(-1).tolist())
+    return torch.cat(lengths), actions
+
+
+@torch.no_grad()
+def evaluate_dev(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, chunk: int = EVAL_CHUNK) -> dict[str, float]:
+    """Greedy decoding of the dev set (:func:`decode_dev`: seeded, leaves the caller's RNG alone):
+    mean tour length, mean gap to ``ref_cost`` (%), time."""
     t0 = time.perf_counter()
-    lengths = []
-    n = data["locs"].shape[0]
-    for start in range(0, n, chunk):
-        inst = {k: v[start:start + chunk] for k, v in data.items() if k in ("locs", "depot", "demand", "capacity")}
-        env = make_env(cfg, batch=0, seed=0, instances=inst)
-        _, tour = dreamer_rollout(env, agent.world_model, agent.actor, mode="greedy")
-        lengths.append(tour.double().cpu())
-    tour = torch.cat(lengths)
-    gap = (tour / data["ref_cost"].double() - 1) * 100
+    tour, _ = decode_dev(agent, cfg, data, chunk=chunk)
+    gap = (tour / data["ref_cost"].double()[: tour.shape[0]] - 1) * 100
     return {"eval/gap_pct": gap.mean().item(), "eval/tour_length": tour.mean().item(),
             "time/eval_decode_s": time.perf_counter() - t0}
 
 
 @torch.no_grad()
-def plot_dev_tours(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, path: Path, k: int = 4) -> Path:
-    """Greedy Dreamer tours of the first ``k`` dev instances beside the reference solutions (PNG)."""
-    inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
-    rows, tour = dreamer_rollout(make_env(cfg, batch=0, seed=0, instances=inst), agent.world_model, agent.actor,
-                                 mode="greedy")
-    moves = rows["valid"] & ~rows["is_terminal"]
-    actions = [rows["action"][i][moves[i]].argmax(-1).tolist() for i in range(k)]
-    return plot_decoded_tours(data, cfg.env.problem, actions, tour.tolist(), path,
-                              title=f"Dreamer greedy decoding vs reference ({cfg.env.problem})")
+def plot_dev_tours(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, path: Path, k: int = 4, *,
+                   decoded: tuple[torch.Tensor, list[list[int]]] | None = None) -> Path:
+    """Greedy Dreamer tours of the first ``k`` dev instances beside the reference solutions (PNG).
+
+    ``decoded``: :func:`decode_dev`'s output when the caller has it; otherwise the first chunk is
+    decoded under the same seed, which gives the same tours as the dev-set evaluation."""
+    if decoded is None:
+        decoded = decode_dev(agent, cfg, data, limit=EVAL_CHUNK, keep=k)
+    tour, actions = decoded
+    k = min(k, len(actions))
+    return plot_decoded_tours(data, cfg.env.problem, actions[:k], tour[:k].tolist(), path,
+                              title=dev_tours_title("Dreamer", "greedy", data, k, cfg.env.dev_set))
 
 
 @torch.no_grad()
@@ -287,6 +343,26 @@ def tour_diagnostics(agent: DreamerAgent, hooks: RoutingHooks, episodes: TensorD
             "diag/imagined_mask_accuracy": accuracy.item()}
 
 
+def load_weights(agent: DreamerAgent, state: dict) -> None:
+    """``agent.load_state_dict(state)`` with a :class:`CheckpointError` that says what to do when the
+    checkpoint was written by a differently sized (or other problem's) agent."""
+    try:
+        agent.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), lines[0] if lines else "")
+        raise CheckpointError(f"the checkpoint's weights do not fit the agent this config builds ({detail[:240]}); "
+                              "resume without model.* / env.problem overrides") from None
+
+
+def preflight(cfg: DreamerRoutingConfig, resume_state: Optional[dict]) -> None:
+    """Builds the agent (and, on resume, loads the checkpoint into it) before anything is written."""
+    agent, _, _ = build(cfg)
+    if resume_state is not None:
+        load_weights(agent, resume_state["agent"])
+
+
 def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -307,7 +383,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
     env, T, rb = stage(size, 0)
     start_iter, episodes, updates, owed = 0, 0, 0, 0.0
     if resume_state is not None:
-        agent.load_state_dict(resume_state["agent"])
+        load_weights(agent, resume_state["agent"])
         update.optimizer.load_state_dict(resume_state["optimizer"])
         update.critic_loss.load_state_dict(resume_state["critic_loss"])
         update.actor_loss.load_state_dict(resume_state["actor_loss"])
@@ -316,9 +392,10 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
         start_iter, episodes, updates, owed = (resume_state[k] for k in ("iteration", "episodes", "updates", "owed"))
         set_rng_state(resume_state["rng"])
         env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + start_iter, size=size)
-    dev = load_npz(resolve_data_path(cfg.env.dev_set)) if cfg.env.dev_set else None
+    dev = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size) if cfg.env.dev_set else None
     rd = str(run_dir)
     logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start_iter, unit="iter",
+                       purge_step=episodes + 1 if resume_state is not None else None,
                        postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "loss/world_model": "wm",
                                      "diag/imagined_invalid_action_rate": "inv"},
                        tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
@@ -361,54 +438,71 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
             })
             out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start
             last = iteration == cfg.train.iterations or out_of_time
-            if (iteration % cfg.eval.every == 0 or last) and not prefill:
+            if ((cfg.eval.every and iteration % cfg.eval.every == 0) or last) and not prefill:
                 if dev is not None:
                     metrics.update(evaluate_dev(agent, cfg, dev))
                 if len(rb) >= cfg.eval.diag_starts:
                     metrics.update(tour_diagnostics(agent, hooks, rb.sample(cfg.eval.diag_starts), update))
+            check_metrics_finite(metrics, ("eval/gap_pct", "eval/tour_length"), iteration=iteration, run_dir=rd)
+            metrics["time/iteration_s"] = time.perf_counter() - t0
+            metrics["time/total_s"] = time.perf_counter() - t_start
+            # log, then checkpoint: a checkpoint never gets ahead of metrics.jsonl (resume drops the rows after it)
+            logger.log(metrics, step=episodes)
             if iteration % cfg.run.checkpoint_every == 0 or last:
-                save_checkpoint(run_dir / "checkpoint.pt", {
+                save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
                     "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
                     "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
                     "replay": None, "iteration": iteration, "episodes": episodes, "updates": updates, "owed": owed,
                     "rng": rng_state(), "elapsed_s": time.perf_counter() - t_start,
                 })
-            metrics["time/iteration_s"] = time.perf_counter() - t0
-            metrics["time/total_s"] = time.perf_counter() - t_start
-            logger.log(metrics, step=episodes)
             logger.advance()
             if out_of_time:
                 logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
                 break
     finally:
         logger.close()
-        try:
-            plot_learning_curves(run_dir, panels=(
-                ("dev gap (%)", ("eval/gap_pct",)),
-                ("tour length", ("train/tour_length", "eval/tour_length", "diag/imagined_tour_length_model",
-                                 "diag/imagined_tour_length_exact")),
-                ("value / target range", ("diag/value_min", "diag/value_max", "diag/lambda_return_min",
-                                          "diag/lambda_return_max")),
-                ("actor", ("diag/actor_entropy", "diag/imagined_invalid_action_rate")),
-            ))
-            if dev is not None:
-                plot_dev_tours(agent, cfg, dev, run_dir / "tours.png")
-        except Exception as exc:
-            print(f"warning: could not plot learning curves or tours: {exc}", file=sys.stderr)
+        # pictures never hide the outcome: a failure is a one-line note on stderr
+        draw_picture("curves.png", plot_learning_curves, run_dir, panels=(
+            ("dev gap (%)", ("eval/gap_pct",)),
+            ("tour length", ("train/tour_length", "eval/tour_length", "diag/imagined_tour_length_model",
+                             "diag/imagined_tour_length_exact")),
+            ("value / target range", ("diag/value_min", "diag/value_max", "diag/lambda_return_min",
+                                      "diag/lambda_return_max")),
+            ("actor", ("diag/actor_entropy", "diag/imagined_invalid_action_rate")),
+        ), x_label="training episodes (instances decoded, prefill included)")  # logged step = episodes
+        if dev is not None:
+            draw_picture("tours.png", plot_dev_tours, agent, cfg, dev, run_dir / "tours.png")
+        else:
+            note("tours.png not drawn: no dev set (env.dev_set is empty)")
     return metrics
 
 
-def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict[str, float]:
+def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict:
+    """Dev-set evaluation of a run's checkpoint (``run_dir``: the run directory or a checkpoint file
+    in one): greedy decoding under ``cfg.seed + EVAL_SEED_OFFSET`` (same weights and seed, same
+    numbers). Prints the JSON line (:func:`baselines.ppo_routing.routing_eval_record`, the same keys
+    as PPO's) and writes it to ``<run dir>/eval.json`` before drawing ``<run dir>/tours.png`` (the
+    evaluated tours of the first instances); a read-only run directory only costs the files."""
     if not cfg.env.dev_set:
         raise ConfigError("--evaluate needs env.dev_set")
-    state = load_checkpoint(run_dir, map_location=cfg.device)
+    target = run_dir
+    run_dir, checkpoint, suffix = evaluation_paths(target)
+    state = load_checkpoint(target, map_location=cfg.device)
     agent, _, _ = build(cfg)
-    agent.load_state_dict(state["agent"])
-    data = load_npz(resolve_data_path(cfg.env.dev_set))
-    result = evaluate_dev(agent, cfg, data)
-    plot_dev_tours(agent, cfg, data, run_dir / "tours.png")
-    print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], **result}))
-    return result
+    load_weights(agent, state["agent"])
+    data = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
+    t0 = time.perf_counter()
+    decoded = decode_dev(agent, cfg, data, keep=4)
+    decode_s = time.perf_counter() - t0
+    tour = decoded[0]
+    gap = (tour / data["ref_cost"].double() - 1) * 100
+    record = routing_eval_record(cfg, algo="dreamer", run_dir=run_dir, checkpoint=checkpoint, decoding="greedy",
+                                 iteration=state["iteration"], instances=tour.shape[0], gap_pct=gap.mean().item(),
+                                 tour_length=tour.mean().item(), decode_s=decode_s)
+    report_evaluation(record, run_dir, f"eval{suffix}.json")
+    draw_picture(f"tours{suffix}.png", plot_dev_tours, agent, cfg, data, run_dir / f"tours{suffix}.png",
+                 decoded=decoded)
+    return record
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -421,22 +515,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return args.evaluate
     resume_state = None
     if args.resume is not None:
-        run_dir = args.resume
-        resume_state = load_checkpoint(run_dir, map_location=cfg.device)
+        resume_state, _ = load_resume_state(args.resume, map_location=cfg.device,
+                                            required=("agent", "iteration", "episodes", "updates"))
         if resume_state["iteration"] >= cfg.train.iterations:
             raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
                               f"raise train.iterations")
-    else:
-        run_dir = make_run_dir(cfg.run.root, RECIPE, f"{cfg.env.problem}{cfg.env.size}")
-    save_config(args.cfg, run_dir / "config.yaml")
+        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
+    preflight(cfg, resume_state)  # nothing is written before this passes
+    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=f"{cfg.env.problem}{cfg.env.size}",
+                                 resume=args.resume,
+                                 last_step=resume_state["episodes"] if resume_state is not None else None)
     print(f"run directory: {run_dir}", flush=True)
-    train(cfg, run_dir, resume_state)
+    try:
+        train(cfg, run_dir, resume_state)
+    finally:
+        lock.release()
     return run_dir
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

@@ -11,7 +11,6 @@ Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector``
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -24,14 +23,19 @@ from torchrl.collectors import Collector
 from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
-from torchrl_dreamer.checkpoint import load_checkpoint, rng_state, run_clock_start, save_checkpoint, set_rng_state
+from torchrl_dreamer.checkpoint import (
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
+    set_rng_state,
+)
 from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, doc, save_config, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
 from torchrl_dreamer.envs import episode_reward_transform, make_env
-from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.logging import RunLogger, make_run_dir
+from torchrl_dreamer.guards import check_metrics_finite, check_tensordict_finite
+from torchrl_dreamer.logging import RunLogger
 from torchrl_dreamer.nets import MultiAgentMLP, TanhNormalHead
+from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
 from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
 from torchrl_dreamer.ppo import (
     MultiAgentPPOLoss,
     TanhNormalPolicy,
@@ -124,7 +128,7 @@ def agent_group(env: EnvBase) -> str:
     """The single agent group of ``env`` (the prefix of its reward key)."""
     groups = sorted({k[:-1] for k in reward_keys(env)})
     if len(groups) != 1 or len(groups[0]) != 1:
-        raise ValueError(
+        raise ConfigError(
             f"the MAPPO recipe needs exactly one agent group with a ('<group>', 'reward') key; "
             f"the env has reward keys {env.reward_keys}"
         )
@@ -241,8 +245,8 @@ def train(
 
     start_iteration, frames = 0, 0
     if resume_state is not None:
-        policy.load_state_dict(resume_state["policy"])
-        critic.load_state_dict(resume_state["critic"])
+        load_weights(policy, resume_state["policy"], "policy")
+        load_weights(critic, resume_state["critic"], "critic")
         optimizer.load_state_dict(resume_state["optimizer"])
         start_iteration, frames = resume_state["iteration"], resume_state["frames"]
         set_rng_state(resume_state["rng"])
@@ -262,7 +266,7 @@ def train(
     rd = str(run_dir)
 
     def save(iteration: int) -> None:
-        save_checkpoint(run_dir / "checkpoint.pt", {
+        save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
             "policy": policy.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
             "iteration": iteration, "frames": frames, "rng": rng_state(),
             "elapsed_s": time.perf_counter() - t_start - callback_s,
@@ -274,6 +278,7 @@ def train(
         postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/objective": "obj",
                       "loss/critic": "critic", "time/iteration_s": "s/it"},
         tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
+        purge_step=frames + 1 if resume_state is not None else None,
     )
     metrics: dict[str, float] = {}
     t_last = time.perf_counter()
@@ -305,12 +310,14 @@ def train(
             last = iteration == cfg.collector.iterations or out_of_time
             if eval_env is not None and (iteration % cfg.eval.every == 0 or last):
                 metrics.update(evaluate(policy_module, eval_env, max_steps))
-            if iteration % cfg.run.checkpoint_every == 0 or last:
-                save(iteration)
+                check_metrics_finite(metrics, ("eval/episode_reward_sum",), iteration=iteration, run_dir=rd)
             t_end = time.perf_counter()
             metrics["time/iteration_s"] = t_end - t_last
             metrics["time/total_s"] = t_end - t_start - callback_s
+            # log, then checkpoint: a checkpoint never gets ahead of metrics.jsonl (resume drops the rows after it)
             logger.log(metrics, step=frames)
+            if iteration % cfg.run.checkpoint_every == 0 or last:
+                save(iteration)
             logger.advance()
             if on_iteration is not None:
                 on_iteration(dict(metrics))
@@ -322,7 +329,9 @@ def train(
     finally:
         logger.close()
         try:
-            plot_learning_curves(run_dir)  # also after a failure: the curves show what led to it
+            # also after a failure: the curves show what led to it. Logged step = frames = batch.numel():
+            # env steps summed over the vectorised envs (one env step moves every agent)
+            plot_learning_curves(run_dir, x_label="env steps (all vectorised envs, not per agent)")
         except Exception as exc:  # plotting must never hide the real outcome
             print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
         collector.shutdown()
@@ -334,18 +343,21 @@ def train(
 
 def evaluate_checkpoint(cfg: MAPPOConfig, run_dir: Path) -> dict[str, float]:
     """Loads ``run_dir``'s checkpoint and evaluates it: ``eval.num_envs`` full-horizon episodes,
-    deterministic actions. Returns (and prints) the ``eval/*`` metrics."""
+    deterministic actions. Returns the ``eval/*`` metrics; prints them as a JSON line and writes
+    that to ``<run dir>/eval.json`` (a read-only run directory only costs the file: a note on stderr)."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     state = load_checkpoint(run_dir, map_location=cfg.device)
     env = make_env_from_config(cfg, num_envs=cfg.eval.num_envs, seed=cfg.seed + 20_000)
     policy_module, policy, _ = make_agent(env, cfg.model, cfg.device)
-    policy.load_state_dict(state["policy"])
+    load_weights(policy, state["policy"], "policy")
     t0 = time.perf_counter()
     metrics = evaluate(policy_module, env, cfg.env.max_steps)
     metrics["time/eval_s"] = time.perf_counter() - t0
     env.close()
-    print(json.dumps({"run_dir": str(run_dir), "iteration": state["iteration"], "frames": state["frames"], **metrics}))
+    run_dir, checkpoint, suffix = evaluation_paths(run_dir)
+    report_evaluation({"run_dir": str(run_dir), "checkpoint": str(checkpoint), "iteration": state["iteration"],
+                       "frames": state["frames"], "seed": cfg.seed, **metrics}, run_dir, f"eval{suffix}.json")
     return metrics
 
 
@@ -364,14 +376,13 @@ def validate(cfg: MAPPOConfig) -> None:
             raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
     if not cfg.env.factory and cfg.env.scenario not in vmas_scenarios():
         raise ConfigError(f"unknown VMAS scenario '{cfg.env.scenario}'. Available: {', '.join(sorted(vmas_scenarios()))}")
-    positive = {
-        "ppo.epochs": cfg.ppo.epochs, "ppo.minibatch_size": cfg.ppo.minibatch_size, "ppo.lr": cfg.ppo.lr,
-        "collector.frames_per_batch": cfg.collector.frames_per_batch, "collector.iterations": cfg.collector.iterations,
-        "env.max_steps": cfg.env.max_steps, "model.width": cfg.model.width, "run.checkpoint_every": cfg.run.checkpoint_every,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
+    check_ranges(cfg, {
+        "threads": ">= 0", "env.max_steps": ">= 1", "model.width": ">= 1", "model.depth": ">= 0",
+        "ppo.epochs": ">= 1", "ppo.minibatch_size": ">= 1", "ppo.lr": "> 0", "ppo.max_grad_norm": "> 0",
+        "ppo.clip_epsilon": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.entropy_coef": ">= 0",
+        "ppo.critic_coef": ">= 0", "collector.frames_per_batch": ">= 1", "collector.iterations": ">= 1",
+        "eval.every": ">= 0", "eval.num_envs": ">= 0", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
+    })
     if cfg.collector.frames_per_batch % cfg.env.max_steps:
         raise ConfigError(f"collector.frames_per_batch ({cfg.collector.frames_per_batch}) must be a multiple of "
                           f"env.max_steps ({cfg.env.max_steps})")
@@ -380,6 +391,33 @@ def validate(cfg: MAPPOConfig) -> None:
                           f"({cfg.collector.frames_per_batch})")
     if cfg.eval.every < 0 or (cfg.eval.every and cfg.eval.num_envs <= 0):
         raise ConfigError("eval.every must be >= 0 and eval.num_envs > 0 when evaluating")
+    check_device(cfg.device)
+
+
+def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
+    """``module.load_state_dict(state)`` with a :class:`CheckpointError` that says what to do when
+    the checkpoint was written by a differently sized network."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        lines = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in lines if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), lines[0] if lines else "")
+        raise CheckpointError(f"the checkpoint's {what} weights do not fit the network this config builds "
+                              f"({detail[:240]}); resume without model.* / env.* overrides that change sizes") from None
+
+
+def preflight(cfg: MAPPOConfig, resume_state: Optional[dict]) -> None:
+    """Builds what can fail before anything is written: the env (scenario or factory), the
+    networks from its specs and, on resume, the checkpoint's weights loaded into them."""
+    env = make_env_from_config(cfg, num_envs=cfg.collector.frames_per_batch // cfg.env.max_steps, seed=cfg.seed)
+    try:
+        _, policy, critic = make_agent(env, cfg.model, cfg.device)
+        if resume_state is not None:
+            load_weights(policy, resume_state["policy"], "policy")
+            load_weights(critic, resume_state["critic"], "critic")
+    finally:
+        env.close()
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -393,20 +431,28 @@ def main(argv: Sequence[str] | None = None) -> Path:
         return args.evaluate
     resume_state = None
     if args.resume is not None:
-        run_dir = args.resume
-        resume_state = load_checkpoint(run_dir, map_location=cfg.device)
-    else:
-        env_name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario
-        run_dir = make_run_dir(cfg.run.root, RECIPE, env_name)
-    save_config(args.cfg, run_dir / "config.yaml")
+        resume_state, _ = load_resume_state(args.resume, map_location=cfg.device,
+                                            required=("policy", "critic", "iteration", "frames"))
+        if resume_state["iteration"] >= cfg.collector.iterations:
+            raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
+                              "raise collector.iterations")
+        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
+    preflight(cfg, resume_state)  # nothing is written before this passes
+    env_name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario
+    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=env_name, resume=args.resume,
+                                 last_step=resume_state["frames"] if resume_state is not None else None)
     print(f"run directory: {run_dir}", flush=True)
-    train(cfg, run_dir, resume_state)
+    try:
+        train(cfg, run_dir, resume_state)
+    finally:
+        lock.release()
     return run_dir
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

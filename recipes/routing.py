@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from torchrl_dreamer.config import ConfigError
+from torchrl_dreamer.runtime import run_cli
 
 ALGOS = ("ppo", "dreamer")
 
@@ -30,7 +31,11 @@ def _algo_of_run(path: str) -> str | None:
     config = run_dir / "config.yaml"
     if not config.is_file():
         return None
-    return "ppo" if "ppo" in OmegaConf.load(config) else "dreamer"
+    try:
+        saved = OmegaConf.load(config)
+    except Exception as exc:  # a damaged config.yaml: say which file
+        raise ConfigError(f"cannot read {config}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return "ppo" if "ppo" in saved else "dreamer"
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -55,9 +60,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return algo_main(rest)
 
 
+def cli() -> None:
+    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
+    run_cli(main)
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    cli()

@@ -1,8 +1,13 @@
-"""Replay rows from collector transitions, and slices that never mix episodes without is_first."""
+"""Replay rows from collector transitions, slices that never mix episodes without is_first, and
+checkpoints of the rows in use."""
+import io
+
+import pytest
 import torch
 from tensordict import TensorDict
 
-from torchrl_dreamer.dreamer.replay import SequenceWriter, make_replay_buffer
+from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
+                                           replay_state_dict)
 
 
 def _transitions(E, T, done_at, start_obs=0.0, first_at=()):
@@ -100,3 +105,98 @@ def test_replay_state_dict_round_trip():
     w2 = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=2)
     w2.load_state_dict(w.state_dict())
     assert torch.equal(w2.next_step, w.next_step)
+
+
+def _filled(capacity, batches, T=20):
+    """A buffer of ``capacity`` rows after ``batches`` collector batches of 2 envs x ``T`` steps."""
+    w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=2)
+    rb = make_replay_buffer(capacity, batch_size=2, seq_len=4)
+    for i in range(batches):
+        rb.extend(w(_transitions(2, T, done_at=[(0, 5, True), (1, 12, False)], start_obs=100.0 * i,
+                                 first_at=[(0, 0), (1, 0)] if i == 0 else ())))
+    return rb, w
+
+
+def _saved_and_loaded(rb, capacity):
+    """``rb`` through replay_state_dict -> torch.save -> torch.load -> a fresh buffer."""
+    buf = io.BytesIO()
+    torch.save(replay_state_dict(rb), buf)
+    buf.seek(0)
+    rb2 = make_replay_buffer(capacity, batch_size=2, seq_len=4)
+    load_replay_state_dict(rb2, torch.load(buf, weights_only=False))
+    return rb2
+
+
+def _same_rows(a, b):
+    return len(a) == len(b) and (a.storage[:] == b.storage[:]).all()
+
+
+def _same_samples(a, b, seed=0):
+    torch.manual_seed(seed)
+    x = a.sample()
+    torch.manual_seed(seed)
+    y = b.sample()
+    return bool((x == y).all())
+
+
+def _extend_both(a, b, w):
+    more = w(_transitions(2, 15, done_at=[(1, 3, True)], start_obs=5000.0))
+    a.extend(more.clone())
+    b.extend(more.clone())
+
+
+@pytest.mark.parametrize("capacity,batches", [(1000, 2), (100, 4)], ids=["partly_filled", "wrapped"])
+def test_replay_rows_in_use_round_trip(capacity, batches):
+    rb, w = _filled(capacity, batches)
+    state = replay_state_dict(rb)
+    assert state["_storage"]["_storage"]["observation"].shape[0] == len(rb)
+    wrapped = batches == 4
+    assert (len(rb) == capacity and state["_writer"]["_cursor"] != 0) if wrapped else len(rb) < capacity
+    rb2 = _saved_and_loaded(rb, capacity)
+    assert _same_rows(rb, rb2)
+    assert _same_samples(rb, rb2, seed=0) and _same_samples(rb, rb2, seed=1)
+    # the next rows go to the same storage positions (ring order, write cursor) in both
+    _extend_both(rb, rb2, w)
+    assert _same_rows(rb, rb2)
+    assert _same_samples(rb, rb2, seed=2)
+
+
+def test_replay_state_loads_older_full_capacity_checkpoints():
+    rb, w = _filled(1000, 2)
+    rb2 = make_replay_buffer(1000, batch_size=2, seq_len=4)
+    load_replay_state_dict(rb2, rb.state_dict())  # what checkpoints held before replay_state_dict
+    assert _same_rows(rb, rb2) and _same_samples(rb, rb2)
+    _extend_both(rb, rb2, w)
+    assert _same_rows(rb, rb2)
+
+
+def test_replay_state_size_scales_with_rows_in_use_not_capacity():
+    rb, _ = _filled(100_000, 7)  # 2 envs x 20 steps x 7 batches + final rows ~ 300 rows
+    assert 280 <= len(rb) <= 320
+
+    def nbytes(state):
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        return buf.tell()
+
+    small, full = nbytes(replay_state_dict(rb)), nbytes(rb.state_dict())
+    assert small < 0.01 * full, (small, full)
+
+
+def test_replay_state_into_a_smaller_capacity_raises():
+    rb, _ = _filled(1000, 8)
+    n = len(rb)
+    with pytest.raises(ValueError, match=rf"replay.capacity=100 is smaller than the {n} rows in the checkpoint; "
+                                         rf"resume with replay.capacity >= {n}"):
+        _saved_and_loaded(rb, 100)
+
+
+def test_wrapped_replay_into_a_larger_capacity_keeps_ring_order():
+    rb, w = _filled(100, 4)
+    cursor = rb.state_dict()["_writer"]["_cursor"]
+    oldest_first = torch.cat([rb.storage[:][cursor:], rb.storage[:][:cursor]])
+    rb2 = _saved_and_loaded(rb, 150)
+    assert len(rb2) == 100 and (rb2.storage[:] == oldest_first).all()
+    more = w(_transitions(2, 10, done_at=[], start_obs=9000.0))
+    rb2.extend(more)
+    assert len(rb2) == 100 + len(more) and (rb2.storage[:][100:] == more).all()

@@ -1,16 +1,13 @@
 """TSP / CVRP envs: exact tour lengths, masks, rewards, specs, dev-set replay, errors."""
 import itertools
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torchrl.envs.utils import check_env_specs, step_mdp
 
-from envs.routing import CVRPEnv, InvalidActionError, TSPEnv, load_npz, tour_length
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from envs.routing import CVRPEnv, InvalidActionError, TSPEnv, load_dev_set, load_npz, tour_length
 
 
 def _run(env, actions):
@@ -139,15 +136,15 @@ def test_check_env_specs_both_envs():
     check_env_specs(CVRPEnv(num_customers=6, batch_size=4, capacity=10))
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared/data not present")
 def test_dev_set_reference_solutions_replay_to_ref_cost():
-    d = load_npz(DATA / "tsp20_dev.npz")
-    td, _ = _run(TSPEnv(instances={"locs": d["locs"]}), d["ref_tour"])
-    assert td["done"].all()
-    assert (td["tour_length"].squeeze(1) - d["ref_cost"]).abs().max() < 1e-5
-    assert (tour_length(d["locs"], d["ref_tour"]) - d["ref_cost"]).abs().max() < 1e-5
-    for name in ("cvrp20_dev.npz", "cvrp50_dev.npz"):
-        d = load_npz(DATA / name)
+    for name in ("tsp20", "tsp50"):  # the dev sets bundled in envs/data
+        d = load_dev_set(name, "tsp")
+        td, _ = _run(TSPEnv(instances={"locs": d["locs"]}), d["ref_tour"])
+        assert td["done"].all()
+        assert (td["tour_length"].squeeze(1) - d["ref_cost"]).abs().max() < 1e-5
+        assert (tour_length(d["locs"], d["ref_tour"]) - d["ref_cost"]).abs().max() < 1e-5
+    for name in ("cvrp20", "cvrp50"):
+        d = load_dev_set(name, "cvrp")
         env = CVRPEnv(instances={k: d[k] for k in ("depot", "locs", "demand", "capacity")})
         td, _ = _run(env, d["ref_actions"])
         assert td["done"].all()

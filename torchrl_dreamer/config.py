@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-__all__ = ["ConfigError", "doc", "load_config", "help_text", "save_config", "to_object", "valid_keys"]
+__all__ = ["ConfigError", "check_ranges", "doc", "load_config", "help_text", "save_config", "to_object", "valid_keys"]
 
 
 class ConfigError(ValueError):
@@ -131,6 +131,36 @@ def load_config(
             raise _describe(exc, schema, f"command-line override '{item}'") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+_RANGES = {
+    "> 0": (lambda v: v > 0, "> 0"),
+    ">= 0": (lambda v: v >= 0, ">= 0"),
+    ">= 1": (lambda v: v >= 1, ">= 1"),
+    ">= 2": (lambda v: v >= 2, ">= 2"),
+    "(0, 1]": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "[0, 1]": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "(0, 1)": (lambda v: 0 < v < 1, "in (0, 1)"),
+}
+
+
+def check_ranges(cfg: Any, rules: dict[str, str]) -> None:
+    """Checks numeric fields of a config object against ranges: ``{"ppo.lr": "> 0", "ppo.gamma":
+    "(0, 1]", ...}`` (the keys of :data:`_RANGES`). Every value must also be finite (an infinite
+    learning rate or a NaN discount is never meant). Raises :class:`ConfigError` naming the key,
+    the value and the range."""
+    import math
+
+    for key, rule in rules.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        test, text = _RANGES[rule]
+        if not math.isfinite(float(value)):
+            raise ConfigError(f"{key} must be a finite number ({text}), got {value}")
+        if not test(value):
+            raise ConfigError(f"{key} must be {text}, got {value}")
 
 
 def to_object(cfg: DictConfig) -> Any:

@@ -12,10 +12,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torchrl.envs import Compose, EnvBase, TransformedEnv
 
+from .config import ConfigError
 from .transforms import DoneToAgents, EpisodeRewardSum
 
 __all__ = [
     "resolve_factory",
+    "call_factory",
+    "EnvFactoryError",
     "vmas_scenarios",
     "make_vmas_env",
     "make_env",
@@ -24,22 +27,45 @@ __all__ = [
 ]
 
 
+class EnvFactoryError(ConfigError):
+    """``env.factory`` cannot be imported or called, or does not return a TorchRL env."""
+
+
 def resolve_factory(spec: str) -> Callable[..., EnvBase]:
     """``"package.module:function"`` -> the function, with errors that say what is wrong."""
     if ":" not in spec:
-        raise ValueError(f"env factory '{spec}' must look like 'package.module:function'")
+        raise EnvFactoryError(f"env.factory '{spec}' must look like 'package.module:function'")
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"env factory '{spec}': cannot import module '{module_name}' ({exc})") from None
+    except Exception as exc:  # ImportError, or the module itself failing at import
+        raise EnvFactoryError(f"env.factory '{spec}': cannot import module '{module_name}' "
+                              f"({type(exc).__name__}: {exc}); is it installed or on PYTHONPATH?") from None
     try:
         factory = getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"env factory '{spec}': module '{module_name}' has no attribute '{attr}'") from None
+        raise EnvFactoryError(f"env.factory '{spec}': module '{module_name}' has no attribute '{attr}'") from None
     if not callable(factory):
-        raise ValueError(f"env factory '{spec}' is not callable")
+        raise EnvFactoryError(f"env.factory '{spec}' is not callable")
     return factory
+
+
+def call_factory(spec: str, **kwargs: Any) -> EnvBase:
+    """Imports and calls ``env.factory`` with the recipe's keyword arguments; any failure becomes
+    one :class:`EnvFactoryError` naming the factory and the arguments (the traceback is shown with
+    ``TORCHRL_DREAMER_TRACEBACK=1``)."""
+    fn = resolve_factory(spec)
+    try:
+        env = fn(**kwargs)
+    except Exception as exc:
+        args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise EnvFactoryError(f"env.factory '{spec}' failed when called as {spec.partition(':')[2]}({args}): "
+                              f"{type(exc).__name__}: {first}") from exc
+    if not isinstance(env, EnvBase):
+        raise EnvFactoryError(f"env.factory '{spec}' returned {type(env).__name__}, not a TorchRL EnvBase "
+                              "(wrap a Gymnasium env with torchrl.envs.GymWrapper)")
+    return env
 
 
 def vmas_scenarios() -> list[str]:
@@ -90,16 +116,7 @@ def make_env(
     """The env of a recipe: ``factory`` if set, else the VMAS ``scenario``; with shared transforms."""
     kwargs = dict(kwargs)
     if factory:
-        fn = resolve_factory(factory)
-        try:
-            base = fn(num_envs=num_envs, max_steps=max_steps, device=device, seed=seed, **kwargs)
-        except TypeError as exc:
-            raise TypeError(
-                f"env factory '{factory}' was called with num_envs, max_steps, device, seed and "
-                f"env.kwargs={kwargs} and failed: {exc}"
-            ) from exc
-        if not isinstance(base, EnvBase):
-            raise TypeError(f"env factory '{factory}' returned {type(base).__name__}, not a TorchRL EnvBase")
+        base = call_factory(factory, num_envs=num_envs, max_steps=max_steps, device=device, seed=seed, **kwargs)
     else:
         base = make_vmas_env(scenario, num_envs=num_envs, max_steps=max_steps, device=device, seed=seed, **kwargs)
     return with_shared_transforms(base)

@@ -33,6 +33,19 @@ def make_run_dir(root: str | os.PathLike, recipe: str, env_name: str) -> Path:
     raise RuntimeError(f"could not create a fresh run directory under {base}")
 
 
+def _tensorboard_logger(run_dir: Path, purge_step: int | None):
+    """TorchRL's ``TensorboardLogger`` writing to ``run_dir/tensorboard``, with ``purge_step``."""
+    from torchrl.record.loggers.tensorboard import TensorboardLogger
+
+    class _Logger(TensorboardLogger):
+        def _create_experiment(self):
+            from torch.utils.tensorboard import SummaryWriter
+
+            return SummaryWriter(log_dir=os.path.join(self.log_dir, self.exp_name), purge_step=purge_step)
+
+    return _Logger(exp_name="tensorboard", log_dir=str(run_dir))
+
+
 class RunLogger:
     """Writes scalars to TensorBoard (TorchRL's ``TensorboardLogger``), ``metrics.jsonl`` and a tqdm bar.
 
@@ -44,6 +57,9 @@ class RunLogger:
         tensorboard: write TensorBoard events.
         progress: show the tqdm bar (off in tests / non-interactive runs if desired).
         initial: starting position of the bar (resume).
+        purge_step: on resume, the first step after the restored checkpoint: TensorBoard hides the
+            events at and after it that an interrupted process wrote (``SummaryWriter(purge_step=...)``),
+            as ``metrics.jsonl`` drops those rows, so no curve shows a step twice.
     """
 
     def __init__(
@@ -56,15 +72,14 @@ class RunLogger:
         tensorboard: bool = True,
         progress: bool = True,
         initial: int = 0,
+        purge_step: int | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._tb = None
         if tensorboard:
-            from torchrl.record.loggers.tensorboard import TensorboardLogger
-
-            self._tb = TensorboardLogger(exp_name="tensorboard", log_dir=str(self.run_dir))
+            self._tb = _tensorboard_logger(self.run_dir, purge_step)
         if isinstance(postfix_keys, Mapping):
             self._postfix = dict(postfix_keys)
         else:

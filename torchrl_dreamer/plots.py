@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["read_metrics", "plot_learning_curves", "plot_tours"]
+__all__ = ["read_metrics", "learning_curves_figure", "plot_learning_curves", "plot_tours"]
 
 DEFAULT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("episode reward sum", ("train/episode_reward_sum", "eval/episode_reward_sum")),
@@ -26,12 +26,13 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return records
 
 
-def plot_learning_curves(
+def learning_curves_figure(
     run_dir: str | os.PathLike,
     panels: Sequence[tuple[str, Sequence[str]]] = DEFAULT_PANELS,
-    filename: str = "curves.png",
-) -> Path:
-    """Writes ``run_dir/curves.png``: one panel per group of metrics, against env frames."""
+    x_label: str = "env frames",
+):
+    """The matplotlib figure of :func:`plot_learning_curves` (not saved, not closed): one panel per
+    group of metrics against the logged ``step``, whose meaning ``x_label`` names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,13 +49,32 @@ def plot_learning_curves(
                 style = "o--" if key.startswith("eval/") else "-"
                 ax.plot(*zip(*points), style, ms=3, label=key)
         ax.set_title(title)
-        ax.set_xlabel("env frames")
-        ax.legend(fontsize=7)
+        ax.set_xlabel(x_label)
+        if ax.get_legend_handles_labels()[0]:  # a panel whose metrics are all non-finite has no lines
+            ax.legend(fontsize=7)
     fig.suptitle(str(Path(run_dir)), fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_learning_curves(
+    run_dir: str | os.PathLike,
+    panels: Sequence[tuple[str, Sequence[str]]] = DEFAULT_PANELS,
+    filename: str = "curves.png",
+    x_label: str = "env frames",
+) -> Path:
+    """Writes ``run_dir/curves.png``: one panel per group of metrics, against the logged ``step``.
+
+    ``x_label`` says what that step counts (each recipe logs its own unit: env frames, env steps,
+    training instances, episodes); it labels every panel's x-axis."""
+    import matplotlib.pyplot as plt
+
+    fig = learning_curves_figure(run_dir, panels, x_label)
     path = Path(run_dir) / filename
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:  # a failed save (read-only run directory) must not leak the figure
+        plt.close(fig)
     return path
 
 
@@ -124,6 +144,8 @@ def plot_tours(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path

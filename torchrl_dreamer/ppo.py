@@ -30,7 +30,7 @@ from torch import nn
 from torchrl.objectives import ClipPPOLoss, LossModule, ValueEstimators
 from torchrl.objectives.value import GAE
 
-from .guards import NonFiniteError
+from .guards import NonFiniteError, check_parameters_finite
 from .nets import MultiAgentMLP, TanhNormalHead
 
 __all__ = [
@@ -289,6 +289,7 @@ def _guarded_step(
         raise NonFiniteError(name, iteration=iteration, run_dir=run_dir,
                              detail=" before the optimizer step (step not taken)")
     optimizer.step()
+    check_parameters_finite(params, iteration=iteration, run_dir=run_dir)
     return grad_norm.detach()
 
 

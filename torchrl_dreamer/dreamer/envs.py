@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchrl.data import Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, ObservationTransform, SerialEnv, TransformedEnv
 
-from ..envs import resolve_factory
+from ..envs import call_factory
 from ..transforms import EpisodeRewardSum
 
 __all__ = ["PixelsToUint8", "make_gym_env", "make_dreamer_env", "gym_env_ids"]
@@ -85,10 +85,8 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     """The base env (Gymnasium id or ``package.module:function`` factory) with ``is_first``,
     episode reward sums and, for pixels, the uint8 resize."""
     if factory:
-        fn = resolve_factory(factory)
-        base = fn(num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed, **dict(kwargs or {}))
-        if not isinstance(base, EnvBase):
-            raise TypeError(f"env factory '{factory}' returned {type(base).__name__}, not a TorchRL EnvBase")
+        base = call_factory(factory, num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed,
+                            **dict(kwargs or {}))
     else:
         base = make_gym_env(env_id, num_envs=num_envs, pixels=pixels, seed=seed, device=device,
                             max_episode_steps=max_episode_steps, kwargs=kwargs)

@@ -15,14 +15,18 @@ envs interleave in storage. A window may cross an episode boundary; the ``is_fir
 the new episode's first row makes the world model reset there (DreamerV3 samples its replay the
 same way), so no padding is needed and no step is wasted. A window never spans a gap in a
 stream (e.g. rows overwritten by the ring buffer).
+
+:func:`replay_state_dict` / :func:`load_replay_state_dict` checkpoint the buffer with the rows in
+use only: ``ReplayBuffer.state_dict`` holds the whole pre-allocated ``LazyTensorStorage``
+(capacity rows, most of them empty early in a run).
 """
 from __future__ import annotations
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDict, TensorDictBase, is_tensor_collection
 from torchrl.data import LazyTensorStorage, ReplayBuffer, SliceSampler
 
-__all__ = ["SequenceWriter", "make_replay_buffer", "ROW_KEYS"]
+__all__ = ["SequenceWriter", "make_replay_buffer", "replay_state_dict", "load_replay_state_dict", "ROW_KEYS"]
 
 ROW_KEYS = ("action", "reward", "is_first", "is_last", "is_terminal", "stream", "step")
 
@@ -114,3 +118,76 @@ def make_replay_buffer(capacity: int, batch_size: int, seq_len: int, *, device: 
     )
     return ReplayBuffer(storage=LazyTensorStorage(capacity, device=device), sampler=sampler,
                         batch_size=batch_size * seq_len)
+
+
+# marks a replay_state_dict (an older checkpoint holds the plain ReplayBuffer.state_dict instead)
+REPLAY_STATE_FORMAT = "rows_in_use/1"
+
+
+def replay_state_dict(rb: ReplayBuffer) -> dict:
+    """A checkpoint of ``rb`` that holds the ``len(rb)`` rows in use, not the storage's capacity.
+
+    The result is ``rb.state_dict()`` (same keys and layout, so the writer's ``_cursor`` and
+    ``_write_count``, the sampler's state, transforms, batch size and RNG are TorchRL's own) with
+    ``["_storage"]["_storage"]`` cut to the rows in use: the flat ``TensorDict.state_dict`` of
+    ``rb.storage[:]`` (storage rows ``0 .. len(rb) - 1``; once the ring buffer has wrapped, all
+    ``capacity`` rows in storage order, the writer's cursor saying which is oldest). Two more keys:
+    ``"_format"`` (:data:`REPLAY_STATE_FORMAT`) and ``"capacity"`` (the storage's ``max_size``).
+    Partly filled buffers get a copy of their rows (``torch.save`` of a view would write the whole
+    underlying storage); a full one is stored by reference, without a copy.
+    """
+    state = dict(rb.state_dict())
+    storage = dict(state["_storage"])
+    if storage.get("initialized") and len(rb.storage):
+        rows = rb.storage[:]  # a view of rows 0 .. len - 1, the whole storage once it is full
+        if len(rb.storage) < rb.storage.max_size:
+            rows = rows.clone()
+        storage["_storage"] = rows.state_dict() if is_tensor_collection(rows) else rows
+    else:
+        storage["_storage"] = {}
+    state["_storage"] = storage
+    state["_format"] = REPLAY_STATE_FORMAT
+    state["capacity"] = int(rb.storage.max_size)
+    return state
+
+
+def load_replay_state_dict(rb: ReplayBuffer, state: dict) -> None:
+    """Loads :func:`replay_state_dict`'s ``state`` into ``rb`` (a fresh buffer from
+    :func:`make_replay_buffer`); a plain ``ReplayBuffer.state_dict`` (checkpoints written before
+    :func:`replay_state_dict`) goes to ``rb.load_state_dict``.
+
+    With the capacity the state was saved at, the rows land at the same storage positions and
+    the writer's cursor is restored, so ``len(rb)``, the rows, the next write positions and the
+    samples drawn under a given seed match the saved buffer. With a larger capacity, a wrapped
+    buffer's rows are stored oldest first and the cursor goes after the newest.
+
+    Raises:
+        ValueError: ``rb``'s capacity is smaller than the rows in ``state``.
+    """
+    if state.get("_format") is None:  # full-capacity rb.state_dict() of an older checkpoint
+        rb.load_state_dict(state)
+        return
+    if state["_format"] != REPLAY_STATE_FORMAT:
+        raise ValueError(f"unknown replay checkpoint format {state['_format']!r} (expected {REPLAY_STATE_FORMAT!r})")
+    saved = state["_storage"]
+    n, capacity, saved_capacity = int(saved["_len"]), int(rb.storage.max_size), int(state["capacity"])
+    if n > capacity:
+        raise ValueError(f"replay.capacity={capacity} is smaller than the {n} rows in the checkpoint; "
+                         f"resume with replay.capacity >= {n}")
+    state = {k: v for k, v in state.items() if k not in ("_format", "capacity")}
+    if saved.get("initialized") and n:
+        rows = saved["_storage"]
+        if isinstance(rows, dict):  # as LazyTensorStorage.load_state_dict rebuilds a flat state_dict
+            rows = TensorDict().load_state_dict(rows, strict=False)
+        writer = dict(state["_writer"])
+        if capacity != saved_capacity:
+            cursor = int(writer["_cursor"])
+            if n == saved_capacity and cursor:  # wrapped: storage order -> oldest row first
+                rows = torch.cat([rows[cursor:], rows[:cursor]])
+            writer["_cursor"] = n % capacity
+        state["_writer"] = writer
+        # allocates the storage at rb's capacity (lazily, as a first extend would) and writes the rows
+        rb.storage.set(slice(0, n), rows, set_cursor=False)
+    # the storage now holds the rows: its own state (the same tensors, not copied) with the saved length
+    state["_storage"] = {**rb.storage.state_dict(), "_len": n}
+    rb.load_state_dict(state)

@@ -20,7 +20,7 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.trainers.algorithms.dreamer_v3 import DreamerV3Optimizer
 
-from ..guards import NonFiniteError
+from ..guards import NonFiniteError, check_parameters_finite
 from .agent import DreamerAgent
 from .imagination import ImaginationModule
 from .losses import ActorLoss, CriticLoss, WorldModelLoss
@@ -150,6 +150,8 @@ class DreamerUpdate:
         self.world_model_loss, self.critic_loss, self.actor_loss = world_model_loss, critic_loss, actor_loss
         self.imagination, self.optimizer, self.timing = imagination, optimizer, timing
         self.groups = {g.get("name", str(i)): g["params"] for i, g in enumerate(optimizer.param_groups)}
+        # checked after every optimizer step: an infinite learning rate must not reach a checkpoint
+        self.parameters_to_check = [p for g in optimizer.param_groups for p in g["params"]]
         self.dynamics_grad = actor_loss.actor_grad == "dynamics"
         self._compiled_actor_critic = None
 
@@ -236,6 +238,7 @@ class DreamerUpdate:
         norms = {f"diag/grad_norm/{name}": _grad_norm(params) for name, params in self.groups.items()}
         self._check(norms, iteration, run_dir, what="gradient norm")
         self.optimizer.step()
+        check_parameters_finite(self.parameters_to_check, iteration=iteration, run_dir=run_dir)
         self.critic_loss.update_slow_critic()
         t3 = clock()
 

@@ -1,0 +1,92 @@
+"""``--evaluate`` output that loses nothing: the numbers are printed and saved before any picture.
+
+Every recipe's ``evaluate_checkpoint`` computes its numbers, then :func:`report_evaluation` prints
+them as one JSON line and writes the same record to ``<run dir>/eval.json`` (temporary file +
+``os.replace``: readers never see half a file), and only then are pictures drawn, each through
+:func:`draw_picture`. A run directory that cannot be written (read-only mount, someone else's
+files, a full disk) costs the files, never the numbers: each skipped file gets a one-line note on
+stderr saying what was skipped and why, and no traceback.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+__all__ = ["EVAL_NAME", "evaluation_paths", "write_json_atomic", "report_evaluation", "draw_picture", "note"]
+
+EVAL_NAME = "eval.json"
+DEFAULT_CHECKPOINT = "checkpoint.pt"
+T = TypeVar("T")
+
+
+def evaluation_paths(target: str | os.PathLike) -> tuple[Path, Path, str]:
+    """``--evaluate`` argument -> ``(run_dir, checkpoint_file, suffix)``.
+
+    ``target`` is a run directory (its ``checkpoint.pt``) or a checkpoint file in one (e.g.
+    ``<run>/best.pt``). ``suffix`` is ``""`` for the run's ``checkpoint.pt`` and ``"_<stem>"`` for
+    any other file, so that scoring ``best.pt`` writes ``eval_best.json`` beside ``eval.json``
+    instead of overwriting it."""
+    target = Path(target)
+    if target.is_dir():
+        return target, target / DEFAULT_CHECKPOINT, ""
+    suffix = "" if target.name == DEFAULT_CHECKPOINT else f"_{target.stem}"
+    return target.parent, target, suffix
+
+
+def write_json_atomic(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Writes ``record`` as JSON to a temporary file beside ``path``, then renames it over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(record, handle, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"the run directory is not writable ({exc.strerror or exc})"
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+def note(message: str) -> None:
+    """One line on stderr."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def report_evaluation(record: Mapping[str, Any], run_dir: str | os.PathLike, filename: str = EVAL_NAME) -> Path | None:
+    """Prints ``record`` as one JSON line (stdout), then writes it to ``run_dir/filename``.
+
+    Returns the written path, or None (with a note on stderr) when the run directory cannot be
+    written: the printed line is then the only copy, and it is complete."""
+    print(json.dumps(record), flush=True)
+    path = Path(run_dir) / filename
+    try:
+        return write_json_atomic(path, record)
+    except OSError as exc:
+        note(f"{filename} not written: {_why(exc)}; the JSON line above has the numbers")
+        return None
+
+
+def draw_picture(name: str, draw: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """``draw(*args, **kwargs)`` for the picture ``name``; a failure (an unwritable run directory or
+    anything else) becomes a one-line note on stderr instead of a traceback: the numbers were saved
+    before any picture is drawn, and a picture must never hide them."""
+    try:
+        return draw(*args, **kwargs)
+    except OSError as exc:
+        note(f"{name} not drawn: {_why(exc)}")
+    except Exception as exc:  # noqa: BLE001 - plotting must never hide the outcome
+        note(f"{name} not drawn: {type(exc).__name__}: {exc}")
+    return None
