@@ -58,7 +58,7 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
     make_agent, preset = mod("dreamer.agent").make_agent, mod("dreamer.agent").preset
     ImaginationModule = mod("dreamer.imagination").ImaginationModule
     losses, update_mod = mod("dreamer.losses"), mod("dreamer.update")
-    ActorLoss, CriticLoss, WorldModelLoss = losses.ActorLoss, losses.CriticLoss, losses.WorldModelLoss
+    DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss = losses.DreamerPolicyLoss, losses.DreamerCriticLoss, losses.DreamerWorldModelLoss
     DreamerUpdate, make_optimizer = update_mod.DreamerUpdate, update_mod.make_optimizer
     kw = inductor_options("cpu", cpp_wrapper) if (compile_scan or compile_full) else {}
     torch.manual_seed(seed)
@@ -72,13 +72,13 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
         imagination.enable_compile(**kw)
     if compile_full:  # whole imagination rollout as a single graph (as the recipe's model.compile_mode=full)
         imagination.enable_compile(mode="loop", **kw)
-    critic = CriticLoss(agent.critic, replay_scale=replay_value)
-    actor = ActorLoss(agent.actor)
+    critic = DreamerCriticLoss(agent.critic, replay_scale=replay_value)
+    actor = DreamerPolicyLoss(agent.actor)
     for loss in (critic, actor):
         loss.make_value_estimator(gamma=0.997, lmbda=0.95)
         if compile_full:  # the critic and actor losses' tensor cores, forward and backward
             loss.enable_compile(**kw)
-    wm_loss = WorldModelLoss(agent.world_model)
+    wm_loss = DreamerWorldModelLoss(agent.world_model)
     if compile_full:  # the whole world-model loss (encoder, posterior scan, heads, KL), forward and backward
         wm_loss.enable_compile(**kw)
     update = DreamerUpdate(agent, wm_loss, critic, actor,

@@ -15,8 +15,8 @@ import json
 import statistics
 from pathlib import Path
 
-from baselines.ppo_routing import PPORoutingConfig, evaluate_checkpoint
-from baselines.ppo_routing import main as ppo_main
+from recipes.ppo_routing import PPORoutingConfig, evaluate_checkpoint
+from recipes.ppo_routing import main as ppo_main
 from torchrl_dreamer.config import load_config, to_object
 from torchrl_dreamer.plots import read_metrics
 

@@ -33,10 +33,11 @@ from torchrl_dreamer.checkpoint import (
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
+from torchrl_dreamer.dreamer.config import OptimConfig, WorldModelLossConfig
 from torchrl_dreamer.dreamer.agent import PRESETS, DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
 from torchrl_dreamer.dreamer.imagination import ImaginationModule
-from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss
+from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
@@ -91,18 +92,6 @@ class ModelConfig:
 
 
 @dataclass
-class WorldModelLossConfig:
-    dyn_scale: float = doc(0.5, "KL(sg(post) || prior) weight (paper 0.5).")
-    rep_scale: float = doc(0.1, "KL(post || sg(prior)) weight (paper 0.1).")
-    free_bits: float = doc(1.0, "Free nats on the KL summed over latents, per (batch, time).")
-    free_bits_grad: str = doc("clip", "clip (paper: no gradient below free_bits) or straight_through.")
-    reconstruction_scale: float = doc(1.0, "Reconstruction loss weight.")
-    reward_scale: float = doc(1.0, "Reward loss weight.")
-    continue_scale: float = doc(1.0, "Continue loss weight.")
-    terminal_weight: float = doc(1.0, "Weight of (rare) terminal rows in the continue loss (1 = paper).")
-
-
-@dataclass
 class ActorCriticConfig:
     horizon: int = doc(15, "Imagination horizon H.")
     discount: float = doc(0.997, "Discount gamma (paper 0.997 = 1 - 1/333).")
@@ -115,16 +104,6 @@ class ActorCriticConfig:
     slow_reg_scale: float = doc(1.0, "Weight of the critic's regulariser towards the slow critic.")
     replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off; 2024 reference: 0.3).")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
-
-
-@dataclass
-class OptimConfig:
-    world_model_lr: float = doc(4e-5, "World-model learning rate (LaProp).")
-    actor_lr: float = doc(4e-5, "Actor learning rate.")
-    critic_lr: float = doc(4e-5, "Critic learning rate.")
-    agc: float = doc(0.3, "Adaptive gradient clipping: max gradient norm as a fraction of each parameter's norm.")
-    eps: float = doc(1e-20, "LaProp epsilon.")
-    warmup_steps: int = doc(1000, "Linear learning-rate warm-up (updates).")
 
 
 @dataclass
@@ -305,13 +284,13 @@ def build_agent(cfg: DreamerConfig, env: EnvBase) -> tuple[DreamerAgent, Dreamer
 
 def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
     lc, ac = cfg.loss, cfg.ac
-    wm_loss = WorldModelLoss(agent.world_model, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
+    wm_loss = DreamerWorldModelLoss(agent.world_model, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
                              free_bits_grad=lc.free_bits_grad, reconstruction_scale=lc.reconstruction_scale,
                              reward_scale=lc.reward_scale, continue_scale=lc.continue_scale,
                              terminal_weight=lc.terminal_weight)
-    critic_loss = CriticLoss(agent.critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale,
+    critic_loss = DreamerCriticLoss(agent.critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale,
                              replay_scale=ac.replay_value_scale)
-    actor_loss = ActorLoss(agent.actor, entropy_coef=ac.entropy_coef, actor_grad=ac.actor_grad,
+    actor_loss = DreamerPolicyLoss(agent.actor, entropy_coef=ac.entropy_coef, actor_grad=ac.actor_grad,
                            critic=agent.critic if ac.actor_grad == "dynamics" else None, return_decay=ac.return_decay)
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)

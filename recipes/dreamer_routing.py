@@ -25,20 +25,18 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
-from baselines.ppo_routing import EnvConfig, check_dev_set, plot_decoded_tours
-from baselines.ppo_routing import dev_tours_title, routing_eval_record
-from envs.routing import KOOL_CAPACITY, CVRPEnv, TSPEnv, load_dev_set
-from recipes.dreamer import OptimConfig, WorldModelLossConfig
+from envs.routing import KOOL_CAPACITY, CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
+from torchrl_dreamer.dreamer.config import OptimConfig, WorldModelLossConfig
 from torchrl_dreamer.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
     set_rng_state,
 )
 from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, config_errors, doc, to_object
 from torchrl_dreamer.cpu import tune_malloc
 from torchrl_dreamer.dreamer.agent import DreamerAgent
 from torchrl_dreamer.dreamer.imagination import ImaginationModule, imagine
-from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss
+from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 from torchrl_dreamer.dreamer.routing import (
     RoutingHooks,
     RoutingSizes,
@@ -51,6 +49,7 @@ from torchrl_dreamer.guards import check_metrics_finite
 from torchrl_dreamer.logging import RunLogger
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.routing_eval import RoutingEnvConfig, dev_tours_title, plot_decoded_tours, routing_eval_record
 from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
@@ -127,7 +126,7 @@ class DreamerRoutingConfig:
     device: str = doc("cpu", "Device of networks, envs and replay.")
     threads: int = doc(0, "torch intra-op threads (0 = torch default).")
     tune_malloc: bool = doc(True, "glibc mallopt tuning (see torchrl_dreamer/cpu.py).")
-    env: EnvConfig = doc(EnvConfig(), "Problem (shared with the PPO recipe).")
+    env: RoutingEnvConfig = doc(RoutingEnvConfig(), "Problem (shared with the PPO recipe).")
     model: RoutingModelConfig = doc(RoutingModelConfig(), "Networks.")
     loss: WorldModelLossConfig = doc(WorldModelLossConfig(), "World-model loss.")
     ac: RoutingACConfig = doc(RoutingACConfig(), "Imagination, actor, critic.")
@@ -162,7 +161,9 @@ def validate(cfg: DreamerRoutingConfig) -> None:
         raise ConfigError(f"env.capacity ({cfg.env.capacity}) is below the largest customer demand (9): some "
                           "customers could never be served; use 0 (the standard capacity for env.size) or >= 9")
     check_device(cfg.device)
-    check_dev_set(cfg)
+    with config_errors("env.dev_set", DevSetError):
+        if cfg.env.dev_set:
+            load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
     if cfg.loss.free_bits_grad not in ("clip", "straight_through"):
         raise ConfigError("loss.free_bits_grad must be clip or straight_through")
     for key, value in {"replay.batch_size": cfg.replay.batch_size, "train.episodes_per_iter": cfg.train.episodes_per_iter,
@@ -230,12 +231,12 @@ def build(cfg: DreamerRoutingConfig):
     agent = DreamerAgent(wm, actor, critic).to(cfg.device)
     hooks = RoutingHooks(problem, wm, actor, known_reward=cfg.ac.known_reward)
     lc, ac = cfg.loss, cfg.ac
-    wm_loss = WorldModelLoss(wm, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
+    wm_loss = DreamerWorldModelLoss(wm, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
                              free_bits_grad=lc.free_bits_grad, reconstruction_scale=lc.reconstruction_scale,
                              reward_scale=lc.reward_scale, continue_scale=lc.continue_scale)
-    critic_loss = CriticLoss(critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale)
+    critic_loss = DreamerCriticLoss(critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale)
     inputs = ("action_mask", "current_node", "first_node") + (("remaining_capacity",) if problem == "cvrp" else ())
-    actor_loss = ActorLoss(actor, entropy_coef=ac.entropy_coef, return_decay=ac.return_decay, actor_input_keys=inputs,
+    actor_loss = DreamerPolicyLoss(actor, entropy_coef=ac.entropy_coef, return_decay=ac.return_decay, actor_input_keys=inputs,
                            actor_context_keys=("node_emb", "graph", "glimpse_k", "glimpse_v", "logit_k"))
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
@@ -302,7 +303,8 @@ def plot_dev_tours(agent: DreamerAgent, cfg: DreamerRoutingConfig, data: dict, p
     tour, actions = decoded
     k = min(k, len(actions))
     return plot_decoded_tours(data, cfg.env.problem, actions[:k], tour[:k].tolist(), path,
-                              title=dev_tours_title("Dreamer", "greedy", data, k, cfg.env.dev_set))
+                              title=dev_tours_title("Dreamer", "greedy", data, k,
+                                                    str(dev_set_path(cfg.env.dev_set)) if cfg.env.dev_set else ""))
 
 
 @torch.no_grad()
@@ -480,7 +482,7 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
 def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict:
     """Dev-set evaluation of a run's checkpoint (``run_dir``: the run directory or a checkpoint file
     in one): greedy decoding under ``cfg.seed + EVAL_SEED_OFFSET`` (same weights and seed, same
-    numbers). Prints the JSON line (:func:`baselines.ppo_routing.routing_eval_record`, the same keys
+    numbers). Prints the JSON line (:func:`recipes.ppo_routing.routing_eval_record`, the same keys
     as PPO's) and writes it to ``<run dir>/eval.json`` before drawing ``<run dir>/tours.png`` (the
     evaluated tours of the first instances); a read-only run directory only costs the files."""
     if not cfg.env.dev_set:
@@ -497,6 +499,7 @@ def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict:
     tour = decoded[0]
     gap = (tour / data["ref_cost"].double() - 1) * 100
     record = routing_eval_record(cfg, algo="dreamer", run_dir=run_dir, checkpoint=checkpoint, decoding="greedy",
+                                 dev_set_file=str(dev_set_path(cfg.env.dev_set)),
                                  iteration=state["iteration"], instances=tour.shape[0], gap_pct=gap.mean().item(),
                                  tour_length=tour.mean().item(), decode_s=decode_s)
     report_evaluation(record, run_dir, f"eval{suffix}.json")

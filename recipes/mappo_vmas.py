@@ -32,11 +32,11 @@ from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
 from torchrl_dreamer.envs import episode_reward_transform, make_env
 from torchrl_dreamer.guards import check_metrics_finite, check_tensordict_finite
 from torchrl_dreamer.logging import RunLogger
-from torchrl_dreamer.nets import MultiAgentMLP, TanhNormalHead
+from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
 from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
 from torchrl_dreamer.plots import plot_learning_curves
 from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
-from torchrl_dreamer.ppo import (
+from baselines.mappo import (
     MultiAgentPPOLoss,
     TanhNormalPolicy,
     make_torchrl_clip_ppo_loss,
@@ -147,20 +147,20 @@ def make_env_from_config(cfg: MAPPOConfig, *, num_envs: int, seed: int) -> EnvBa
     )
 
 
-def make_agent(env: EnvBase, cfg: ModelConfig, device: str) -> tuple[TensorDictModule, TanhNormalPolicy, MultiAgentMLP]:
+def make_agent(env: EnvBase, cfg: ModelConfig, device: str) -> tuple[TensorDictModule, TanhNormalPolicy, AgentGroupMLP]:
     """Policy (acting module + plain policy) and critic for the env's agent group."""
     group = agent_group(env)
     obs_spec = env.observation_spec[group, "observation"]
     action_spec = env.full_action_spec_unbatched[group, "action"]
     n_agents, obs_dim = obs_spec.shape[-2], obs_spec.shape[-1]
     action_dim = action_spec.shape[-1]
-    backbone = MultiAgentMLP(
+    backbone = AgentGroupMLP(
         obs_dim, 2 * action_dim, n_agents, centralised=False, share_params=cfg.share_policy_params,
         width=cfg.width, depth=cfg.depth, activation=cfg.activation,
     )
     low, high = action_spec.space.low, action_spec.space.high
     policy = TanhNormalPolicy(backbone, TanhNormalHead(low, high)).to(device)
-    critic = MultiAgentMLP(
+    critic = AgentGroupMLP(
         obs_dim, 1, n_agents, centralised=cfg.centralised_critic, share_params=cfg.share_critic_params,
         width=cfg.width, depth=cfg.depth, activation=cfg.activation,
     ).to(device)
@@ -172,7 +172,7 @@ def make_agent(env: EnvBase, cfg: ModelConfig, device: str) -> tuple[TensorDictM
     return policy_module, policy, critic
 
 
-def make_loss(policy: TanhNormalPolicy, critic: MultiAgentMLP, cfg: PPOConfig, group: str):
+def make_loss(policy: TanhNormalPolicy, critic: AgentGroupMLP, cfg: PPOConfig, group: str):
     common = dict(
         clip_epsilon=cfg.clip_epsilon, entropy_coef=cfg.entropy_coef, critic_coef=cfg.critic_coef,
         critic_loss=cfg.critic_loss, normalize_advantage=cfg.normalize_advantage,
@@ -364,7 +364,7 @@ def evaluate_checkpoint(cfg: MAPPOConfig, run_dir: Path) -> dict[str, float]:
 def validate(cfg: MAPPOConfig) -> None:
     """Checks values the type system cannot, before any run directory or env is created."""
     from torchrl_dreamer.envs import vmas_scenarios
-    from torchrl_dreamer.nets import ACTIVATIONS
+    from baselines.mappo_networks import ACTIVATIONS
 
     choices = {
         "ppo.impl": (cfg.ppo.impl, ("fused", "torchrl")),

@@ -7,7 +7,7 @@
 Both read the same env YAMLs (``configs/routing/<env>.yaml``), log the same ``eval/gap_pct`` on
 the same dev sets and accept ``--resume``/``--evaluate`` (which need no ``--algo``: the run
 directory's ``config.yaml`` tells); the remaining arguments go to the algorithm's recipe
-(``baselines/ppo_routing.py`` or ``recipes/dreamer_routing.py``).
+(``recipes/ppo_routing.py`` or ``recipes/dreamer_routing.py``).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise ConfigError(f"{path} is a {written_by} run: use --algo {written_by} (or leave --algo out)")
     args.algo = args.algo or written_by or "ppo"
     if args.algo == "ppo":
-        from baselines.ppo_routing import main as algo_main
+        from recipes.ppo_routing import main as algo_main
     else:
         from recipes.dreamer_routing import main as algo_main
     return algo_main(rest)

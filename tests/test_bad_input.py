@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.ppo_routing import main as ppo_routing_main
+from recipes.ppo_routing import main as ppo_routing_main
 from recipes.dreamer import main as dreamer_main
 from recipes.mappo_vmas import main as mappo_main
 from recipes.routing import main as routing_main

@@ -9,7 +9,7 @@ from tensordict import TensorDict
 from torchrl_dreamer.dreamer.agent import make_agent, preset
 from torchrl_dreamer.dreamer.functional import lambda_returns
 from torchrl_dreamer.dreamer.imagination import ImaginationHooks, ImaginationModule, imagine
-from torchrl_dreamer.dreamer.losses import ActorLoss, CriticLoss, WorldModelLoss, imagination_weight
+from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss, imagination_weight
 from torchrl_dreamer.dreamer.nets import DiscreteActor, OneHotDist
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
 from torchrl_dreamer.guards import NonFiniteError
@@ -38,9 +38,9 @@ def _batch(obs_dim=5, action_dim=3, seed=0):
 
 
 def _losses(agent):
-    wm = WorldModelLoss(agent.world_model)
-    critic = CriticLoss(agent.critic)
-    actor = ActorLoss(agent.actor)
+    wm = DreamerWorldModelLoss(agent.world_model)
+    critic = DreamerCriticLoss(agent.critic)
+    actor = DreamerPolicyLoss(agent.actor)
     for loss in (critic, actor):
         loss.make_value_estimator(gamma=0.99, lmbda=0.9)
     return wm, critic, actor
@@ -59,7 +59,7 @@ def test_world_model_loss_contract_and_weights():
     # no mutation of the input
     assert set(batch.keys()) == set(before) and all(torch.equal(batch[k], v) for k, v in before.items())
     # the named weights are the ones actually applied (danijar's check)
-    wm2 = WorldModelLoss(agent.world_model, dyn_scale=1.0, rep_scale=1.0)
+    wm2 = DreamerWorldModelLoss(agent.world_model, dyn_scale=1.0, rep_scale=1.0)
     torch.manual_seed(1)
     l1, _ = wm(batch)
     torch.manual_seed(1)
@@ -200,8 +200,8 @@ def test_actor_loss_reinforce_uses_normalised_stopgrad_advantage():
 
 def test_actor_loss_dynamics_backprop_for_continuous_actions():
     agent = _agent(discrete=False, action_dim=2)
-    critic = CriticLoss(agent.critic)
-    actor = ActorLoss(agent.actor, actor_grad="dynamics", critic=agent.critic)
+    critic = DreamerCriticLoss(agent.critic)
+    actor = DreamerPolicyLoss(agent.actor, actor_grad="dynamics", critic=agent.critic)
     for loss in (critic, actor):
         loss.make_value_estimator(gamma=0.99, lmbda=0.9)
     rssm = agent.world_model.rssm
@@ -214,7 +214,7 @@ def test_actor_loss_dynamics_backprop_for_continuous_actions():
     grads = torch.autograd.grad(out["loss_actor"], list(agent.actor.parameters()), allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     with pytest.raises(ValueError, match="continuous"):
-        ActorLoss(_agent().actor, actor_grad="dynamics", critic=agent.critic)
+        DreamerPolicyLoss(_agent().actor, actor_grad="dynamics", critic=agent.critic)
 
 
 def test_loss_state_dict_round_trip():
@@ -225,7 +225,7 @@ def test_loss_state_dict_round_trip():
     actor(traj.clone().update(targets))  # moves the return normaliser
     critic.update_slow_critic()
     agent2 = copy.deepcopy(agent)
-    critic2, actor2 = CriticLoss(agent2.critic), ActorLoss(agent2.actor)
+    critic2, actor2 = DreamerCriticLoss(agent2.critic), DreamerPolicyLoss(agent2.actor)
     critic2.load_state_dict(critic.state_dict())
     actor2.load_state_dict(actor.state_dict())
     assert torch.equal(actor2.return_normalizer.high, actor.return_normalizer.high)
@@ -235,7 +235,7 @@ def test_loss_state_dict_round_trip():
 
 def test_slow_critic_is_an_ema():
     agent = _agent()
-    critic = CriticLoss(agent.critic, slow_fraction=0.25)
+    critic = DreamerCriticLoss(agent.critic, slow_fraction=0.25)
     with torch.no_grad():
         for p in agent.critic.parameters():
             p.add_(1.0)
@@ -290,7 +290,7 @@ def test_fused_compiled_actor_critic_update_equals_the_separate_losses(start_fra
     for fused in (False, True):
         agent = _agent()
         wm, _, actor = _losses(agent)
-        critic = CriticLoss(agent.critic, replay_scale=0.3)
+        critic = DreamerCriticLoss(agent.critic, replay_scale=0.3)
         critic.make_value_estimator(gamma=0.99, lmbda=0.9)
         imagination = ImaginationModule(agent.world_model, agent.actor, H, start_fraction=start_fraction)
         update = DreamerUpdate(agent, wm, critic, actor, imagination, make_optimizer(agent, warmup_steps=0))
@@ -319,7 +319,7 @@ def test_fused_compiled_actor_critic_update_equals_the_separate_losses(start_fra
 def test_fused_actor_critic_is_not_used_where_the_actor_needs_per_step_inputs():
     agent = _agent()
     wm, critic, _ = _losses(agent)
-    actor = ActorLoss(agent.actor, actor_input_keys=("action_mask",))
+    actor = DreamerPolicyLoss(agent.actor, actor_input_keys=("action_mask",))
     update = DreamerUpdate(agent, wm, critic, actor, ImaginationModule(agent.world_model, agent.actor, H),
                            make_optimizer(agent, warmup_steps=0))
     update.enable_compile()
@@ -355,9 +355,9 @@ def test_terminal_weight_reweights_only_terminal_rows():
     agent = _agent()
     batch = _batch()
     torch.manual_seed(5)
-    plain, states = WorldModelLoss(agent.world_model)(batch)
+    plain, states = DreamerWorldModelLoss(agent.world_model)(batch)
     torch.manual_seed(5)
-    weighted, _ = WorldModelLoss(agent.world_model, terminal_weight=10.0)(batch)
+    weighted, _ = DreamerWorldModelLoss(agent.world_model, terminal_weight=10.0)(batch)
     logit = agent.world_model.continue_head(states["feat"])
     per_row = F.binary_cross_entropy_with_logits(logit, 1.0 - batch["is_terminal"].float(), reduction="none")
     w = torch.where(batch["is_terminal"], 10.0, 1.0)
@@ -384,7 +384,7 @@ def test_imagined_continue_is_probability_or_mode():
 
 def test_replay_value_targets_respect_episode_boundaries():
     agent = _agent()
-    critic = CriticLoss(agent.critic, replay_scale=1.0)
+    critic = DreamerCriticLoss(agent.critic, replay_scale=1.0)
     critic.make_value_estimator(gamma=0.9, lmbda=0.5)
     T = 6
     feat = torch.randn(1, T, agent.world_model.feat_dim)
@@ -471,7 +471,7 @@ def test_sampling_from_predrawn_noise_has_the_policy_distribution_and_respects_t
 
 
 def test_compiled_critic_and_actor_losses_equal_eager_values_and_gradients():
-    """WorldModelLoss/CriticLoss/ActorLoss.enable_compile: the compiled tensor cores (forward and
+    """DreamerWorldModelLoss/DreamerCriticLoss/DreamerPolicyLoss.enable_compile: the compiled tensor cores (forward and
     backward, incl. the replay-value loss) give eager's losses, targets and parameter gradients."""
     torch.manual_seed(3)
     N = 6
@@ -485,8 +485,8 @@ def test_compiled_critic_and_actor_losses_equal_eager_values_and_gradients():
     results = []
     for compiled in (False, True):
         agent = _agent()
-        critic, actor = CriticLoss(agent.critic, replay_scale=0.3), ActorLoss(agent.actor)
-        wm = WorldModelLoss(agent.world_model, terminal_weight=5.0)
+        critic, actor = DreamerCriticLoss(agent.critic, replay_scale=0.3), DreamerPolicyLoss(agent.actor)
+        wm = DreamerWorldModelLoss(agent.world_model, terminal_weight=5.0)
         if compiled:
             critic.enable_compile()
             actor.enable_compile()
@@ -543,7 +543,7 @@ def test_compiled_optimizer_equals_torchrl_dreamer_v3_optimizer():
 
 
 def test_actor_distribution_slice_equals_the_actor_on_the_slice():
-    """ActorLoss runs the actor on all H+1 states and slices the distribution (``dist[:, :-1]``);
+    """DreamerPolicyLoss runs the actor on all H+1 states and slices the distribution (``dist[:, :-1]``);
     log-probs, entropies and gradients equal running it on the first H states."""
     from torchrl_dreamer.dreamer.nets import ContinuousActor, DiscreteActor
     torch.manual_seed(0)
@@ -591,7 +591,7 @@ def test_actor_loss_with_a_distribution_that_cannot_be_sliced():
         def forward(self, feat, **kw):
             return Plain(self.inner(feat, **kw))
 
-    wrapped = ActorLoss(Wrapped(agent.actor))
+    wrapped = DreamerPolicyLoss(Wrapped(agent.actor))
     wrapped.make_value_estimator(gamma=0.997, lmbda=0.95)
     wrapped.return_normalizer.load_state_dict(actor_loss.return_normalizer.state_dict())
     wrapped.eval(), actor_loss.eval()

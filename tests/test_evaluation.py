@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import baselines.ppo_routing as ppo_routing
+import recipes.ppo_routing as ppo_routing
 import recipes.dreamer_routing as dreamer_routing
 import torchrl_dreamer.evaluation as evaluation
-from baselines.ppo_routing import ROUTING_EVAL_KEYS, EnvConfig
+import torchrl_dreamer.routing_eval as routing_eval
+from torchrl_dreamer.routing_eval import ROUTING_EVAL_KEYS, RoutingEnvConfig
 from envs.routing import generate_cvrp
 from recipes import routing
 from torchrl_dreamer.plots import learning_curves_figure, plot_learning_curves
@@ -41,7 +42,7 @@ def _small_dev_set(tmp_path: Path, problem: str = "tsp", n: int = 6) -> Path:
 def _tiny_dreamer_cfg(problem: str = "cvrp", size: int = 8, seed: int = 0):
     model = dreamer_routing.RoutingModelConfig(embed_dim=16, heads=2, ff_dim=32, encoder_layers=1, deter=16, hidden=8,
                                                units=16, stoch=4, classes=4, blocks=2, action_dim=8)
-    return dreamer_routing.DreamerRoutingConfig(seed=seed, env=EnvConfig(problem=problem, size=size), model=model,
+    return dreamer_routing.DreamerRoutingConfig(seed=seed, env=RoutingEnvConfig(problem=problem, size=size), model=model,
                                                 tune_malloc=False)
 
 
@@ -80,7 +81,7 @@ def test_dreamer_routing_dev_evaluation_is_seeded_and_leaves_the_rng_alone():
 
 
 def test_ppo_routing_dev_evaluation_draws_no_random_numbers():
-    from baselines.routing import evaluate_dev
+    from baselines.pointer_ppo import evaluate_dev
     from torchrl_dreamer.pointer import PointerActorCritic
 
     torch.manual_seed(0)
@@ -148,7 +149,7 @@ def test_evaluate_on_a_read_only_run_directory_still_prints_the_numbers(algo, ro
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(evaluation, "write_json_atomic", read_only)
-    monkeypatch.setattr(ppo_routing, "plot_tours", read_only)  # both recipes draw through it
+    monkeypatch.setattr(routing_eval, "plot_tours", read_only)  # both recipes draw through it
     capsys.readouterr()
     assert routing.main(["--evaluate", str(run_dir)]) == run_dir
     out, err = capsys.readouterr()
@@ -191,7 +192,7 @@ def test_eval_json_is_written_before_the_tours_picture(algo, routing_runs, capsy
         seen["eval.json"] = (run_dir / "eval.json").is_file()
         raise RuntimeError("matplotlib exploded")
 
-    monkeypatch.setattr(ppo_routing, "plot_tours", broken_plot)
+    monkeypatch.setattr(routing_eval, "plot_tours", broken_plot)
     capsys.readouterr()
     routing.main(["--evaluate", str(run_dir)])
     out, err = capsys.readouterr()

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import baselines.ppo_routing as ppo_routing
+import recipes.ppo_routing as ppo_routing
 import recipes.dreamer as dreamer
 from torchrl_dreamer.checkpoint import load_checkpoint, save_checkpoint
 from torchrl_dreamer.guards import NonFiniteError, check_metrics_finite, check_parameters_finite

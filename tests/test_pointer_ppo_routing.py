@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from baselines.ppo_routing import main
-from baselines.routing import augment_xy, compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update, rollout
+from recipes.ppo_routing import main
+from baselines.pointer_ppo import augment_xy, compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update, rollout
 from envs.routing import CVRPEnv, TSPEnv, generate_cvrp, generate_tsp
 from torchrl_dreamer.pointer import AllMaskedError, PointerActorCritic, masked_log_softmax
 
@@ -161,7 +161,7 @@ def test_multistart_groups_share_the_encoder_with_identical_outputs(problem):
     """POMO-style groups: rollouts of one instance encoded once (cache of B/K rows) give the same
     log-probs and values as encoding every row, both for single steps and stored trajectories;
     groups that hold different instances are refused."""
-    from baselines.routing import encode_groups, multistart_nodes, rollout, step_groups
+    from baselines.pointer_ppo import encode_groups, multistart_nodes, rollout, step_groups
     from envs.routing import CVRPEnv, TSPEnv
 
     torch.manual_seed(0)
@@ -194,7 +194,7 @@ def test_multistart_groups_share_the_encoder_with_identical_outputs(problem):
 def test_first_move_loss_moves_the_first_choice_towards_the_best_start():
     """Forced first moves are not trained by PPO; the first-move cross-entropy teaches greedy
     decoding to start where the group's shortest tour started."""
-    from baselines.routing import encode_groups, multistart_nodes, step_groups
+    from baselines.pointer_ppo import encode_groups, multistart_nodes, step_groups
 
     torch.manual_seed(0)
     K, B, n = 4, 8, 5
@@ -228,8 +228,8 @@ def test_first_move_loss_with_symmetric_rollouts_teaches_every_view_and_keeps_in
     encoder pass), so the first-move term must group rows by instance, not by encoder pass (it
     used to be silently off), teach every view the instance's best start, and minibatches must
     hold whole instances."""
-    import baselines.routing as routing
-    from baselines.routing import encode_groups, multistart_nodes, step_groups
+    import baselines.pointer_ppo as routing
+    from baselines.pointer_ppo import encode_groups, multistart_nodes, step_groups
 
     torch.manual_seed(0)
     K, B, n = 4, 8, 5
@@ -289,7 +289,7 @@ def test_routing_ppo_loss_equals_torchrl_clip_ppo_loss(problem):
     from torchrl.modules import MaskedCategorical, ProbabilisticActor
     from torchrl.objectives import ClipPPOLoss
 
-    from baselines.routing import ppo_minibatch_loss
+    from baselines.pointer_ppo import ppo_minibatch_loss
 
     torch.manual_seed(0)
     model = PointerActorCritic(problem, embed_dim=16, n_layers=1, n_heads=2, ff_dim=32)
@@ -340,7 +340,7 @@ def test_routing_ppo_loss_equals_torchrl_clip_ppo_loss(problem):
 
 
 def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
-    from baselines.ppo_routing import PPORoutingConfig, lr_factor
+    from recipes.ppo_routing import PPORoutingConfig, lr_factor
     from torchrl_dreamer.config import ConfigError, load_config, to_object
 
     cfg = to_object(load_config(PPORoutingConfig, [], ["ppo.lr_schedule=cosine", "ppo.lr_final_fraction=0.1",
@@ -409,7 +409,7 @@ def test_ema_of_policy_weights_is_evaluated_checkpointed_and_resumed(tmp_runs, c
     """ppo.ema_decay: after each iteration ema = d * ema + (1 - d) * weights (first: a copy); the dev
     gap is measured on the average (eval/gap_pct) and on the last iterate (eval/gap_pct_last); the
     checkpoint carries the average, --evaluate uses it and --resume continues it."""
-    from baselines.ppo_routing import make_ema, make_model, PPORoutingConfig
+    from recipes.ppo_routing import make_ema, make_model, PPORoutingConfig
     from torchrl_dreamer.checkpoint import load_checkpoint
     from torchrl_dreamer.config import ConfigError
 
@@ -451,7 +451,7 @@ def test_ema_of_policy_weights_is_evaluated_checkpointed_and_resumed(tmp_runs, c
 def test_multistart20_preset_layers_and_validates(env_name):
     """recipes/configs/ppo_routing/multistart20.yaml (the CVRP20 benchmark's settings) is a valid
     layer over base + env YAML, and a typo in it would be refused (strict keys)."""
-    from baselines.ppo_routing import CONFIG_DIR, ENV_CONFIG_DIR, PPORoutingConfig, validate
+    from recipes.ppo_routing import CONFIG_DIR, ENV_CONFIG_DIR, PPORoutingConfig, validate
     from torchrl_dreamer.config import load_config, to_object
 
     files = [CONFIG_DIR / "base.yaml", ENV_CONFIG_DIR / f"{env_name}.yaml", CONFIG_DIR / "multistart20.yaml"]

@@ -7,17 +7,17 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_dreamer.guards import NonFiniteError
-from torchrl_dreamer.nets import MultiAgentMLP, TanhNormalHead
-from torchrl_dreamer.ppo import MultiAgentPPOLoss, TanhNormalPolicy, make_torchrl_clip_ppo_loss, ppo_update
+from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
+from baselines.mappo import MultiAgentPPOLoss, TanhNormalPolicy, make_torchrl_clip_ppo_loss, ppo_update
 
 N, A, D, ACT = 512, 3, 5, 2
 
 
 def _policy_and_critic(seed=0, share=True, centralised=True):
     torch.manual_seed(seed)
-    backbone = MultiAgentMLP(D, 2 * ACT, A, centralised=False, share_params=share, width=32, depth=2)
+    backbone = AgentGroupMLP(D, 2 * ACT, A, centralised=False, share_params=share, width=32, depth=2)
     policy = TanhNormalPolicy(backbone, TanhNormalHead(-torch.ones(ACT) * 2, torch.ones(ACT) * 3))
-    critic = MultiAgentMLP(D, 1, A, centralised=centralised, share_params=share, width=32, depth=2)
+    critic = AgentGroupMLP(D, 1, A, centralised=centralised, share_params=share, width=32, depth=2)
     return policy, critic
 
 
@@ -47,7 +47,7 @@ def _batch(policy, seed=1):
 @pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("centralised", [True, False])
 def test_multiagent_mlp_shapes_and_dependencies(share, centralised):
-    net = MultiAgentMLP(D, 4, A, centralised=centralised, share_params=share, width=16, depth=2)
+    net = AgentGroupMLP(D, 4, A, centralised=centralised, share_params=share, width=16, depth=2)
     x = torch.randn(7, 2, A, D)
     out = net(x)
     assert out.shape == (7, 2, A, 4)
@@ -63,7 +63,7 @@ def test_multiagent_mlp_shapes_and_dependencies(share, centralised):
 
 
 def test_per_agent_parameters_are_independent():
-    net = MultiAgentMLP(D, 2, A, centralised=False, share_params=False, width=8, depth=1)
+    net = AgentGroupMLP(D, 2, A, centralised=False, share_params=False, width=8, depth=1)
     x = torch.randn(4, A, D)
     out = net(x)
     with torch.no_grad():

@@ -16,20 +16,32 @@ Fields document themselves with :func:`doc`::
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-__all__ = ["ConfigError", "check_ranges", "doc", "load_config", "help_text", "save_config", "to_object", "valid_keys"]
+__all__ = ["ConfigError", "config_errors", "check_ranges", "doc", "load_config", "help_text", "save_config", "to_object", "valid_keys"]
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid (unknown key, wrong type, bad syntax, missing file)."""
+
+
+@contextlib.contextmanager
+def config_errors(key: str, *errors: type[BaseException]) -> Iterator[None]:
+    """Turns the listed exception types raised inside the block into a :class:`ConfigError` about
+    ``key`` (e.g. a dev set that does not fit the problem: ``with config_errors("env.dev_set",
+    DevSetError): load_dev_set(...)``), so the command line reports them as one line."""
+    try:
+        yield
+    except errors as err:
+        raise ConfigError(f"{key}: {err}") from None
 
 
 def doc(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at call sites

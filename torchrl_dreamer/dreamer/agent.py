@@ -22,7 +22,7 @@ from torchrl.envs.utils import ExplorationType, exploration_type
 
 from .nets import ConvDecoder, ConvEncoder, ContinueHead, ContinuousActor, DiscreteActor, TwoHotHead, VectorDecoder, VectorEncoder
 from .rssm import RSSM
-from .world_model import WorldModel
+from .world_model import DreamerWorldModel
 
 __all__ = ["ModelSizes", "PRESETS", "preset", "DreamerAgent", "make_world_model", "make_actor", "make_critic",
            "make_agent", "DreamerPolicy", "STATE_KEYS"]
@@ -63,7 +63,7 @@ def preset(name: str, **overrides) -> ModelSizes:
 
 
 def make_world_model(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, sizes: ModelSizes,
-                     unimix: float = 0.01) -> WorldModel:
+                     unimix: float = 0.01) -> DreamerWorldModel:
     """Encoders/decoders per observation (1-d shape: MLP with symlog; ``(3, 64, 64)``: CNN), RSSM,
     reward (two-hot) and continue heads."""
     encoders, decoders, embed_dim = {}, {}, 0
@@ -79,7 +79,7 @@ def make_world_model(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, si
             raise ValueError(f"observation '{name}' has shape {shape}: expected [F] (vector) or [3, 64, 64] (pixels)")
         embed_dim += encoders[name].out_features
     rssm = RSSM(action_dim, embed_dim, sizes.deter, sizes.stoch, sizes.classes, sizes.hidden, sizes.blocks, unimix)
-    return WorldModel(encoders, decoders, rssm, TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins),
+    return DreamerWorldModel(encoders, decoders, rssm, TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins),
                       ContinueHead(feat_dim, sizes.units, sizes.layers))
 
 
@@ -96,7 +96,7 @@ def make_critic(feat_dim: int, sizes: ModelSizes) -> TwoHotHead:
 class DreamerAgent(nn.Module):
     """Container of the trained networks (checkpointing, ``.to(device)``, parameter counts)."""
 
-    def __init__(self, world_model: WorldModel, actor: nn.Module, critic: TwoHotHead) -> None:
+    def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, critic: TwoHotHead) -> None:
         super().__init__()
         self.world_model, self.actor, self.critic = world_model, actor, critic
 
@@ -128,7 +128,7 @@ class DreamerPolicy(TensorDictModuleBase):
     the state. Batch shapes: ``[]`` (one env) or ``[E]``.
     """
 
-    def __init__(self, world_model: WorldModel, actor: nn.Module, *, obs_keys: dict[str, str] | None = None,
+    def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, *, obs_keys: dict[str, str] | None = None,
                  action_low: torch.Tensor | None = None, action_high: torch.Tensor | None = None,
                  mask_key: str | None = None) -> None:
         super().__init__()

@@ -30,7 +30,7 @@ from torch import nn
 
 from .nets import clip_action
 from .rssm import gumbel_noise
-from .world_model import WorldModel
+from .world_model import DreamerWorldModel
 
 __all__ = ["ImaginationHooks", "imagine", "draw_noise", "ImaginationModule"]
 
@@ -62,7 +62,7 @@ class ImaginationHooks:
         """Per-trajectory constant actor inputs (e.g. encoded node embeddings); default none."""
         return {}
 
-    def features(self, world_model: WorldModel, deter: torch.Tensor, stoch: torch.Tensor, aux: Any,
+    def features(self, world_model: DreamerWorldModel, deter: torch.Tensor, stoch: torch.Tensor, aux: Any,
                  context: dict[str, torch.Tensor]) -> torch.Tensor:
         """Features of an imagined state for the heads, critic and actor (default ``[h, z]``)."""
         return world_model.rssm.features(deter, stoch)
@@ -107,7 +107,7 @@ def draw_noise(actor: nn.Module, rssm, n: int, horizon: int, device=None, dtype=
             torch.rand(horizon, n, rssm.stoch, device=device, dtype=dtype))
 
 
-def imagine(world_model: WorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
+def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tensor, stoch: torch.Tensor,
             start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
             context: dict[str, torch.Tensor] | None = None, grad: bool = False,
             step_fn=None, cont_mode: str = "prob",
@@ -205,7 +205,7 @@ class ImaginationModule(TensorDictModuleBase):
     imagines from a random subset of the starts (a CPU budget knob; DreamerV3 uses all).
     """
 
-    def __init__(self, world_model: WorldModel, actor: nn.Module, horizon: int = 15, *,
+    def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, horizon: int = 15, *,
                  hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False,
                  cont_mode: str = "prob") -> None:
         super().__init__()

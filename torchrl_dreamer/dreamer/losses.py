@@ -1,15 +1,15 @@
 """DreamerV3 losses as TorchRL ``LossModule``s.
 
-* :class:`WorldModelLoss`: reconstruction (symlog MSE / pixel MSE), reward (two-hot), continue
+* :class:`DreamerWorldModelLoss`: reconstruction (symlog MSE / pixel MSE), reward (two-hot), continue
   (Bernoulli) and the balanced KL with free bits (``dyn`` 0.5, ``rep`` 0.1, 1 nat on the KL summed
   over latents per (batch, time); ``free_bits_grad`` ``"clip"`` as in the paper or
   ``"straight_through"``). Returns ``(loss_td, states_td)``: the losses and the detached posterior
   states that imagination starts from.
-* :class:`CriticLoss`: two-hot regression of the critic on lambda-returns of the imagined
+* :class:`DreamerCriticLoss`: two-hot regression of the critic on lambda-returns of the imagined
   trajectory, plus the slow-critic regulariser (the slow critic is an EMA copy, fraction 0.02 per
   update) and an optional replay-value loss. Returns ``(loss_td, targets_td)`` with
   ``value``/``lambda_return``/``weight`` for the actor loss.
-* :class:`ActorLoss`: REINFORCE with the stop-gradient advantage divided by
+* :class:`DreamerPolicyLoss`: REINFORCE with the stop-gradient advantage divided by
   ``max(1, EMA of P95 - P5 of the lambda-returns)`` plus entropy 3e-4 (``actor_grad="reinforce"``),
   or backpropagation of the normalised return through the dynamics (``"dynamics"``, continuous
   actions).
@@ -37,9 +37,9 @@ from torchrl.objectives import LossModule, ValueEstimators
 from .functional import ReturnNormalizer, kl_loss, lambda_returns
 from .nets import TwoHotHead
 from .rssm import gumbel_noise
-from .world_model import WorldModel
+from .world_model import DreamerWorldModel
 
-__all__ = ["LambdaReturn", "WorldModelLoss", "CriticLoss", "ActorLoss", "imagination_weight"]
+__all__ = ["LambdaReturn", "DreamerWorldModelLoss", "DreamerCriticLoss", "DreamerPolicyLoss", "imagination_weight"]
 
 
 class LambdaReturn:
@@ -95,11 +95,11 @@ class _DreamerLoss(LossModule):
         self._value_estimator = value
 
 
-class WorldModelLoss(_DreamerLoss):
+class DreamerWorldModelLoss(_DreamerLoss):
     """World-model loss on replayed ``[B, T]`` slices (layout in :mod:`.world_model`).
 
     Args:
-        world_model: the :class:`WorldModel`.
+        world_model: the :class:`DreamerWorldModel`.
         dyn_scale, rep_scale: KL balancing weights (paper: 0.5 and 0.1).
         free_bits: nats, on the KL summed over latents per (batch, time).
         free_bits_grad: ``"clip"`` (paper: no gradient below the threshold, on purpose) or
@@ -139,7 +139,7 @@ class WorldModelLoss(_DreamerLoss):
     default_keys = _AcceptedKeys
     tensor_keys: _AcceptedKeys
 
-    def __init__(self, world_model: WorldModel, *, dyn_scale: float = 0.5, rep_scale: float = 0.1,
+    def __init__(self, world_model: DreamerWorldModel, *, dyn_scale: float = 0.5, rep_scale: float = 0.1,
                  free_bits: float = 1.0, free_bits_grad: Literal["clip", "straight_through"] = "clip",
                  reconstruction_scale: float = 1.0, reward_scale: float = 1.0, continue_scale: float = 1.0,
                  terminal_weight: float = 1.0) -> None:
@@ -165,7 +165,7 @@ class WorldModelLoss(_DreamerLoss):
 
     @staticmethod
     def _flag(td: TensorDictBase, key: NestedKey, shape: torch.Size) -> torch.Tensor:
-        value = _require(td, key, "WorldModelLoss")
+        value = _require(td, key, "DreamerWorldModelLoss")
         if value.shape != shape:
             if value.shape == (*shape, 1):
                 value = value.squeeze(-1)
@@ -175,12 +175,12 @@ class WorldModelLoss(_DreamerLoss):
 
     def forward(self, tensordict: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
         if tensordict.batch_dims != 2:
-            raise ValueError(f"WorldModelLoss expects a [B, T] tensordict, got batch size {tuple(tensordict.batch_size)}")
+            raise ValueError(f"DreamerWorldModelLoss expects a [B, T] tensordict, got batch size {tuple(tensordict.batch_size)}")
         k = self.tensor_keys
         bt = tensordict.batch_size
         wm = self.world_model
-        obs = {n: _require(tensordict, self._obs_key(n), "WorldModelLoss") for n in wm.obs_names}
-        action = _require(tensordict, k.action, "WorldModelLoss")
+        obs = {n: _require(tensordict, self._obs_key(n), "DreamerWorldModelLoss") for n in wm.obs_names}
+        action = _require(tensordict, k.action, "DreamerWorldModelLoss")
         if action.shape[:2] != bt or action.ndim != 3:
             raise ValueError(f"'{k.action}' must be [B, T, A] = {tuple(bt)} + (A,), got {tuple(action.shape)}")
         action = action.to(wm.rssm.init_deter.dtype)
@@ -273,7 +273,7 @@ class WorldModelLoss(_DreamerLoss):
         self.__dict__["_compiled_core"] = torch.compile(self._core, dynamic=False, **kwargs)
 
 
-class CriticLoss(_DreamerLoss):
+class DreamerCriticLoss(_DreamerLoss):
     """Two-hot critic on lambda-returns of imagined trajectories, with a slow EMA critic.
 
     Args:
@@ -284,7 +284,7 @@ class CriticLoss(_DreamerLoss):
 
     ``forward(traj)`` (``[N, H+1]``: ``feat``, ``reward``, ``cont``) returns ``(loss_td,
     targets_td)`` with ``loss_critic`` and ``targets_td`` = ``value [N, H+1]`` (online critic,
-    detached), ``lambda_return [N, H]`` and ``weight [N, H+1]`` for :class:`ActorLoss`.
+    detached), ``lambda_return [N, H]`` and ``weight [N, H+1]`` for :class:`DreamerPolicyLoss`.
     """
 
     @dataclass
@@ -315,8 +315,8 @@ class CriticLoss(_DreamerLoss):
 
     def forward(self, traj: TensorDictBase) -> tuple[TensorDictBase, TensorDictBase]:
         k = self.tensor_keys
-        feat = _require(traj, k.feat, "CriticLoss").detach()
-        reward, cont = _require(traj, k.reward, "CriticLoss").detach(), _require(traj, k.cont, "CriticLoss").detach()
+        feat = _require(traj, k.feat, "DreamerCriticLoss").detach()
+        reward, cont = _require(traj, k.reward, "DreamerCriticLoss").detach(), _require(traj, k.cont, "DreamerCriticLoss").detach()
         fn = self.__dict__.get("_compiled_terms") or self._terms
         loss_critic, value, ret, weight, stats = fn(feat, reward, cont)
         loss_td = TensorDict({"loss_critic": loss_critic, **dict(zip(self._STATS, stats.unbind(0)))}, batch_size=[])
@@ -385,7 +385,7 @@ class CriticLoss(_DreamerLoss):
         return self.replay_scale * (self.critic.loss(logits[:, :-1], ret) * valid).mean()
 
 
-class ActorLoss(_DreamerLoss):
+class DreamerPolicyLoss(_DreamerLoss):
     """Actor loss on imagined trajectories.
 
     Args:
@@ -402,7 +402,7 @@ class ActorLoss(_DreamerLoss):
         actor_context_keys: per-trajectory constants passed to the actor as ``[N, ...]`` (e.g.
             encoded node embeddings).
 
-    ``forward(traj)`` needs ``feat``, ``action`` and, from :class:`CriticLoss`, ``value``,
+    ``forward(traj)`` needs ``feat``, ``action`` and, from :class:`DreamerCriticLoss`, ``value``,
     ``lambda_return`` and ``weight`` (``[N, H+1]``). Returns ``loss_actor`` and diagnostics
     (``entropy``, ``return_scale``, ``advantage_*``, ``log_prob_min``).
     """
@@ -437,7 +437,7 @@ class ActorLoss(_DreamerLoss):
         self.actor = actor
         self.entropy_coef = float(entropy_coef)
         self.actor_grad = actor_grad
-        # not a submodule: the critic belongs to the CriticLoss and must not be trained from here
+        # not a submodule: the critic belongs to the DreamerCriticLoss and must not be trained from here
         self._critic = [critic]
         self.return_normalizer = ReturnNormalizer(return_decay, return_low_q, return_high_q)
         self.actor_input_keys = tuple(actor_input_keys)
@@ -445,11 +445,11 @@ class ActorLoss(_DreamerLoss):
 
     def forward(self, traj: TensorDictBase) -> TensorDictBase:
         k = self.tensor_keys
-        weight = _require(traj, k.weight, "ActorLoss").detach()[:, :-1]
-        feat = _require(traj, k.feat, "ActorLoss")
-        inputs = {name: _require(traj, name, "ActorLoss")[:, :-1] for name in self.actor_input_keys}
+        weight = _require(traj, k.weight, "DreamerPolicyLoss").detach()[:, :-1]
+        feat = _require(traj, k.feat, "DreamerPolicyLoss")
+        inputs = {name: _require(traj, name, "DreamerPolicyLoss")[:, :-1] for name in self.actor_input_keys}
         # per-trajectory constants (stored as [N, H+1] views by imagination): the actor gets [N, ...]
-        inputs.update({name: _require(traj, name, "ActorLoss")[:, 0] for name in self.actor_context_keys})
+        inputs.update({name: _require(traj, name, "DreamerPolicyLoss")[:, 0] for name in self.actor_context_keys})
         action = traj.get(k.action)[:, :-1]
         if self.actor_grad == "reinforce":
             ret = traj.get(k.lambda_return)[:, :-1].detach()

@@ -39,7 +39,7 @@ from .functional import unimix_masked_probs
 from .imagination import ImaginationHooks
 from .nets import ContinueHead, NormMLP, OneHotDist, TwoHotHead
 from .rssm import RSSM, RMSNorm
-from .world_model import WorldModel, shift_actions
+from .world_model import DreamerWorldModel, shift_actions
 
 __all__ = ["RoutingSizes", "RoutingWorldModel", "PointerActor", "RoutingHooks", "routing_mask", "make_routing_agent"]
 
@@ -90,7 +90,7 @@ def _gather_nodes(node_emb: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return out.reshape(*index.shape, d)
 
 
-class RoutingWorldModel(WorldModel):
+class RoutingWorldModel(DreamerWorldModel):
     """World model for TSP / CVRP with the instance encoder as carried static context.
 
     Observations (``[B, T, ...]``; static ones repeated over time): ``locs [n, 2]`` (CVRP: depot
@@ -167,7 +167,7 @@ class RoutingWorldModel(WorldModel):
     def full_features(self, deter, stoch, context_feat) -> torch.Tensor:
         return torch.cat([self.rssm.features(deter, stoch), context_feat], -1)
 
-    # --- WorldModel interface -------------------------------------------------------------------
+    # --- DreamerWorldModel interface -------------------------------------------------------------------
     def observe(self, obs: Mapping[str, torch.Tensor], action: torch.Tensor, is_first: torch.Tensor,
                 state=None, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``obs``: the routing observations ``[B, T, ...]`` (every row of a sequence belongs to
@@ -288,7 +288,7 @@ class RoutingHooks(ImaginationHooks):
         return aux
 
     def actor_context(self, start: TensorDictBase) -> dict[str, torch.Tensor]:
-        # the instance embeddings came with the start rows (WorldModelLoss passes the model's carry)
+        # the instance embeddings came with the start rows (DreamerWorldModelLoss passes the model's carry)
         return self.actor.precompute(start["node_emb"], start["graph"])
 
     def _mask(self, aux) -> torch.Tensor:

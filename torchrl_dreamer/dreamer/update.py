@@ -23,7 +23,7 @@ from torchrl.trainers.algorithms.dreamer_v3 import DreamerV3Optimizer
 from ..guards import NonFiniteError, check_parameters_finite
 from .agent import DreamerAgent
 from .imagination import ImaginationModule
-from .losses import ActorLoss, CriticLoss, WorldModelLoss
+from .losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 
 __all__ = ["make_optimizer", "CompiledDreamerV3Optimizer", "DreamerUpdate"]
 
@@ -138,8 +138,8 @@ class DreamerUpdate:
         timing: record ``time/update_*`` seconds per phase (CPU wall clock).
     """
 
-    def __init__(self, agent: DreamerAgent, world_model_loss: WorldModelLoss, critic_loss: CriticLoss,
-                 actor_loss: ActorLoss, imagination: ImaginationModule, optimizer: torch.optim.Optimizer,
+    def __init__(self, agent: DreamerAgent, world_model_loss: DreamerWorldModelLoss, critic_loss: DreamerCriticLoss,
+                 actor_loss: DreamerPolicyLoss, imagination: ImaginationModule, optimizer: torch.optim.Optimizer,
                  *, timing: bool = True) -> None:
         self.agent = agent
         # the losses hold buffers of their own (the actor's return-scale EMA, slow-critic copies): put them
@@ -174,7 +174,7 @@ class DreamerUpdate:
                            replay: tuple[torch.Tensor, ...] | None, training: bool):
         """Critic loss, return normalisation, REINFORCE actor loss and (``replay``: the replayed
         ``(feat, reward, is_terminal, is_first)``) the replay-value loss on plain tensors; the same
-        calls as ``CriticLoss.forward``, ``ActorLoss.forward`` and ``CriticLoss.replay_loss``."""
+        calls as ``DreamerCriticLoss.forward``, ``DreamerPolicyLoss.forward`` and ``DreamerCriticLoss.replay_loss``."""
         critic, actor = self.critic_loss, self.actor_loss
         loss_critic, value, ret, weight, stats = critic._terms(feat, reward, cont)
         norm = actor.return_normalizer

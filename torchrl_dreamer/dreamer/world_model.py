@@ -14,7 +14,7 @@ Data layout (one row per environment state, DreamerV3 style):
 | ``is_first`` | ``[B, T]`` | x_t starts an episode |
 | ``is_terminal`` | ``[B, T]`` | x_t is terminal (the continue target is ``1 - is_terminal``) |
 
-The RSSM consumes the *previous* action a_{t-1} at step t: :meth:`WorldModel.observe` shifts the
+The RSSM consumes the *previous* action a_{t-1} at step t: :meth:`DreamerWorldModel.observe` shifts the
 actions right by one (zero at the start of a slice and wherever ``is_first``).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from .nets import ContinueHead, TwoHotHead
 from .rssm import RSSM
 
-__all__ = ["WorldModel", "shift_actions"]
+__all__ = ["DreamerWorldModel", "shift_actions"]
 
 
 def shift_actions(action: torch.Tensor, first_prev: torch.Tensor | None = None) -> torch.Tensor:
@@ -36,7 +36,7 @@ def shift_actions(action: torch.Tensor, first_prev: torch.Tensor | None = None) 
     return torch.cat([head, action[:, :-1]], 1)
 
 
-class WorldModel(nn.Module):
+class DreamerWorldModel(nn.Module):
     """Encoders, RSSM, decoders and the reward / continue heads.
 
     Args:

@@ -30,8 +30,8 @@ from torch import nn
 from torchrl.objectives import ClipPPOLoss, LossModule, ValueEstimators
 from torchrl.objectives.value import GAE
 
-from .guards import NonFiniteError, check_parameters_finite
-from .nets import MultiAgentMLP, TanhNormalHead
+from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite
+from .mappo_networks import AgentGroupMLP, TanhNormalHead
 
 __all__ = [
     "TanhNormalPolicy",
@@ -50,7 +50,7 @@ class TanhNormalPolicy(nn.Module):
     of ``action`` (Jacobian included), i.e. what TorchRL stores as ``sample_log_prob``.
     """
 
-    def __init__(self, backbone: MultiAgentMLP, head: TanhNormalHead) -> None:
+    def __init__(self, backbone: AgentGroupMLP, head: TanhNormalHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head

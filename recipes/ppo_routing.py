@@ -1,8 +1,8 @@
 """PPO + pointer network on TSP / CVRP (the routing baseline).
 
-    python -m baselines.ppo_routing --env tsp20                     # train, greedy dev gap logged
-    python -m baselines.ppo_routing --env cvrp20 run.time_budget_s=1800
-    python -m baselines.ppo_routing --evaluate runs/ppo_routing/tsp20/<stamp> eval.multistart=true eval.augment=8
+    python -m recipes.ppo_routing --env tsp20                     # train, greedy dev gap logged
+    python -m recipes.ppo_routing --env cvrp20 run.time_budget_s=1800
+    python -m recipes.ppo_routing --evaluate runs/ppo_routing/tsp20/<stamp> eval.multistart=true eval.augment=8
 
 Each iteration samples ``ppo.batch_instances`` fresh instances, decodes them all with the
 current policy (one batched env, one encoder pass per episode), computes per-step GAE on the
@@ -25,36 +25,29 @@ from typing import Optional, Sequence
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from baselines.routing import (
+from baselines.pointer_ppo import (
     compute_advantage, compute_shared_advantage, evaluate_dev, multistart_nodes, ppo_routing_update, rollout,
 )
-from envs.routing import CVRPEnv, DevSetError, TSPEnv, load_dev_set
+from envs.routing import CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
 from torchrl_dreamer.checkpoint import (
     CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
     set_rng_state,
 )
 from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, config_errors, doc, to_object
 from torchrl_dreamer.guards import check_finite, check_metrics_finite
 from torchrl_dreamer.logging import RunLogger
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
-from torchrl_dreamer.plots import plot_learning_curves, plot_tours
+from torchrl_dreamer.plots import plot_learning_curves
+from torchrl_dreamer.routing_eval import (
+    RoutingEnvConfig, decoding_name, dev_tours_title, plot_decoded_tours, routing_eval_record,
+)
 from torchrl_dreamer.pointer import PointerActorCritic
 from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "ppo_routing"
+CONFIG_DIR = Path(__file__).parent / "configs" / "ppo_routing"
 ENV_CONFIG_DIR = CONFIG_DIR.parent / "routing"  # env YAMLs shared with the Dreamer routing recipe
 RECIPE = "ppo_routing"
-
-
-@dataclass
-class EnvConfig:
-    problem: str = doc("tsp", "tsp or cvrp.")
-    size: int = doc(20, "Nodes (TSP) or customers (CVRP) per instance.")
-    capacity: int = doc(0, "CVRP vehicle capacity (0 = Kool et al.: 20->30, 50->40, 100->50).")
-    dev_set: str = doc("", "Dev set for eval/gap_pct: a bundled name (tsp20, tsp50, cvrp20, cvrp50; shipped in "
-                           "envs/data) or the path of a .npz in that format (absolute or relative to the current "
-                           "directory); '' = no dev eval.")
 
 
 @dataclass
@@ -127,23 +120,12 @@ class PPORoutingConfig:
     seed: int = doc(0, "Seed for torch and the instance generator.")
     device: str = doc("cpu", "Device (cpu, cuda, ...).")
     threads: int = doc(0, "torch intra-op threads (0 = torch default).")
-    env: EnvConfig = doc(EnvConfig(), "Problem.")
+    env: RoutingEnvConfig = doc(RoutingEnvConfig(), "Problem.")
     model: ModelConfig = doc(ModelConfig(), "Pointer network.")
     ppo: PPOConfig = doc(PPOConfig(), "PPO.")
     train: TrainConfig = doc(TrainConfig(), "Training length.")
     eval: EvalConfig = doc(EvalConfig(), "Evaluation.")
     run: RunConfig = doc(RunConfig(), "Run directory, logging, checkpoints.")
-
-
-def check_dev_set(cfg) -> None:
-    """``env.dev_set`` (if set) loads and fits ``env.problem`` and ``env.size``; else a ConfigError.
-    Shared with the Dreamer routing recipe (any config with an :class:`EnvConfig` at ``cfg.env``)."""
-    if not cfg.env.dev_set:
-        return
-    try:
-        load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
-    except DevSetError as err:
-        raise ConfigError(f"env.dev_set: {err}") from None
 
 
 def validate(cfg: PPORoutingConfig) -> None:
@@ -168,7 +150,9 @@ def validate(cfg: PPORoutingConfig) -> None:
         raise ConfigError("ppo.minibatch_instances exceeds ppo.batch_instances")
     if not 1 <= cfg.eval.augment <= 8:
         raise ConfigError(f"eval.augment must be in 1..8, got {cfg.eval.augment}")
-    check_dev_set(cfg)
+    with config_errors("env.dev_set", DevSetError):
+        if cfg.env.dev_set:
+            load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
     if cfg.ppo.lr_schedule not in ("constant", "cosine"):
         raise ConfigError(f"ppo.lr_schedule must be constant or cosine, got '{cfg.ppo.lr_schedule}'")
     if not 0.0 <= cfg.ppo.lr_final_fraction <= 1.0:
@@ -375,60 +359,7 @@ def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Pa
     out = rollout(env, model, greedy=True)
     model.train(was_training)
     return plot_decoded_tours(data, problem, out["action"].tolist(), out["tour_length"][:, 0].tolist(), path,
-                              title=dev_tours_title("PPO", "greedy", data, k, dev_set))
-
-
-def plot_decoded_tours(data: dict, problem: str, actions: list[list[int]], lengths: list[float], path: Path,
-                       title: str) -> Path:
-    """Decoded node sequences of the first ``len(actions)`` dev instances beside the references (PNG)."""
-    k = len(actions)
-    inst = {key: v[:k] for key, v in data.items() if key in ("locs", "depot", "demand", "capacity")}
-    if problem == "tsp":
-        locs, tours, ref_tours = inst["locs"], actions, data["ref_tour"][:k].tolist()
-    else:
-        locs = torch.cat([inst["depot"].unsqueeze(1), inst["locs"]], dim=1)
-        tours = [a[: a.index(0, max(i for i, x in enumerate(a) if x != 0)) + 1] if 0 in a else a for a in actions]
-        ref_tours = data["ref_actions"][:k].tolist()
-    return plot_tours(path, locs, tours, lengths, problem=problem, ref_tours=ref_tours,
-                      ref_costs=data["ref_cost"][:k].tolist(), title=title)
-
-
-def dev_set_file(spec: str) -> str:
-    """The file the dev-set spec ``spec`` (``env.dev_set``: a bundled name or a path) names, as a string."""
-    from envs.routing import dev_set_path
-
-    return str(dev_set_path(spec))
-
-
-def dev_tours_title(algo: str, decoding: str, data: dict, k: int, dev_set: str = "") -> str:
-    """Title of a tours picture: the algorithm, the decoding, the set (``dev_set``: the spec; its
-    file's name is shown) and the instances shown."""
-    n, size = data["locs"].shape[:2]  # CVRP: locs are the customers (the depot is separate)
-    problem = "cvrp" if "demand" in data else "tsp"
-    name = f" ({Path(dev_set_file(dev_set)).name})" if dev_set else ""
-    shown = "instance 0" if k == 1 else f"instances 0-{k - 1}"
-    return f"{algo} {decoding} decoding, {problem}{size} dev set{name}, {shown} of {n}, vs reference"
-
-
-def decoding_name(multistart: bool = False, augment: int = 1) -> str:
-    """``"greedy"``, ``"greedy+multistart"``, ``"greedy+augment=8"``, ``"greedy+multistart+augment=8"``."""
-    return "+".join(["greedy"] + (["multistart"] if multistart else []) + ([f"augment={augment}"] if augment > 1 else []))
-
-
-# The keys of a routing ``--evaluate`` record, the same for PPO and Dreamer (printed and in eval.json).
-ROUTING_EVAL_KEYS = ("run_dir", "checkpoint", "algo", "problem", "size", "dev_set", "dev_set_file", "instances",
-                     "decoding", "seed", "iteration", "gap_pct", "tour_length", "decode_s")
-
-
-def routing_eval_record(cfg, *, algo: str, run_dir: Path, checkpoint: Path, decoding: str, iteration: int,
-                        instances: int, gap_pct: float, tour_length: float, decode_s: float) -> dict:
-    """One routing evaluation as a flat dict with :data:`ROUTING_EVAL_KEYS` (``cfg``: either
-    algorithm's config; ``dev_set`` is the spec as configured, ``dev_set_file`` the file it names)."""
-    record = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "algo": algo, "problem": cfg.env.problem,
-              "size": cfg.env.size, "dev_set": cfg.env.dev_set, "dev_set_file": dev_set_file(cfg.env.dev_set),
-              "instances": int(instances), "decoding": decoding, "seed": cfg.seed, "iteration": int(iteration),
-              "gap_pct": float(gap_pct), "tour_length": float(tour_length), "decode_s": float(decode_s)}
-    return record
+                              title=dev_tours_title("PPO", "greedy", data, k, str(dev_set_path(dev_set)) if dev_set else ""))
 
 
 def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict:
@@ -452,6 +383,7 @@ def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict:
     result = evaluate_dev(model, data, problem=cfg.env.problem,
                           multistart=cfg.eval.multistart, augment=cfg.eval.augment)
     record = routing_eval_record(cfg, algo="ppo", run_dir=run_dir, checkpoint=checkpoint,
+                                 dev_set_file=str(dev_set_path(cfg.env.dev_set)),
                                  decoding=decoding_name(cfg.eval.multistart, cfg.eval.augment),
                                  iteration=state["iteration"], instances=data["locs"].shape[0], **result)
     report_evaluation(record, run_dir, f"eval{suffix}.json")

@@ -1,6 +1,6 @@
 """Plain ``nn.Module`` networks (tensors in, tensors out). TensorDict wiring lives in factories.
 
-:class:`MultiAgentMLP` has the semantics of TorchRL's ``MultiAgentMLP`` (shared or per-agent
+:class:`AgentGroupMLP` has the semantics of TorchRL's ``MultiAgentMLP`` (shared or per-agent
 parameters, centralised or decentralised inputs) but runs per-agent parameters as one batched
 matmul (``baddbmm``) instead of ``vmap`` + ``TensorDict.to_module`` on every call, which is what
 makes it cheap inside PPO minibatch loops.
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "MLP", "MultiAgentMLP", "TanhNormalHead"]
+__all__ = ["ACTIVATIONS", "PlainMLP", "AgentGroupMLP", "TanhNormalHead"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU, "elu": nn.ELU}
 
@@ -25,7 +25,7 @@ def _activation(name: str) -> type[nn.Module]:
         raise ValueError(f"unknown activation '{name}'; choose one of {sorted(ACTIVATIONS)}") from None
 
 
-class MLP(nn.Sequential):
+class PlainMLP(nn.Sequential):
     """``depth`` hidden layers of ``width`` units with ``activation``, then a linear output."""
 
     def __init__(self, in_features: int, out_features: int, *, width: int, depth: int, activation: str) -> None:
@@ -55,7 +55,7 @@ class _BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class MultiAgentMLP(nn.Module):
+class AgentGroupMLP(nn.Module):
     """An MLP per agent (or one shared by all agents).
 
     Args:
@@ -92,7 +92,7 @@ class MultiAgentMLP(nn.Module):
         self.share_params = share_params
         net_in = in_features * n_agents if centralised else in_features
         if share_params:
-            self.net = MLP(net_in, out_features, width=width, depth=depth, activation=activation)
+            self.net = PlainMLP(net_in, out_features, width=width, depth=depth, activation=activation)
         else:
             act = _activation(activation)
             layers: list[nn.Module] = []
