@@ -10,7 +10,7 @@ What is reused from TorchRL and what is not (and why):
 * **Not reused in the hot loop (``impl="fused"``, the default):** the 450 minibatch steps per
   iteration of the VMAS settings index flat tensors and call :meth:`MultiAgentPPOLoss.losses`
   directly. The objective, critic and entropy terms are the same as ``ClipPPOLoss`` with
-  ``TanhNormal`` (``tests/test_ppo.py`` checks the values against ``ClipPPOLoss`` on the same
+  ``TanhNormal`` (``tests/mappo/test_mappo_ppo.py`` checks the values against ``ClipPPOLoss`` on the same
   batch); what is saved is per-minibatch TensorDict/distribution overhead, and ``atanh`` of
   stored actions: the pre-squash sample is stored at collection time instead.
 """

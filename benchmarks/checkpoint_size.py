@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 from recipes import dreamer  # noqa: E402
 from torchrl_dreamer.dreamer.replay import load_replay_state_dict, make_replay_buffer  # noqa: E402
 
-# the recipe tests' tiny settings (tests/test_recipe_dreamer.py), with few updates and no evaluation
+# the recipe tests' tiny settings (tests/helpers.py DREAMER_TINY), with few updates and no evaluation
 TINY = [
     "model.size=tiny", "model.deter=32", "model.hidden=16", "model.units=16", "model.stoch=4", "model.classes=4",
     "model.blocks=2", "model.cnn_depth=4", "replay.batch_size=2", "replay.seq_len=8", "replay.train_ratio=1",

@@ -77,7 +77,7 @@ from torchrl_dreamer.checkpoint import (  # noqa: E402
 
 NUM_ENVS, STEPS_PER_COLLECT = 2, 8
 BATCH = NUM_ENVS * STEPS_PER_COLLECT  # env steps per collector batch = log and checkpoint interval
-# the recipe tests' tiny settings (tests/test_recipe_dreamer.py TINY), a train ratio of 4 (4 updates
+# the recipe tests' tiny settings (tests/helpers.py DREAMER_TINY), a train ratio of 4 (4 updates
 # per batch once the prefill is done), no evaluation before the end, short episodes
 TINY = [
     "model.size=tiny", "model.deter=32", "model.hidden=16", "model.units=16", "model.stoch=4", "model.classes=4",

@@ -27,25 +27,23 @@ from torchrl.envs import EnvBase, TensorDictPrimer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_dreamer.checkpoint import (
-    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
-    set_rng_state,
+    CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
-from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, doc
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
-from torchrl_dreamer.dreamer.config import OptimConfig, WorldModelLossConfig
-from torchrl_dreamer.dreamer.agent import PRESETS, DreamerAgent, DreamerPolicy, make_agent, preset
+from torchrl_dreamer.dreamer.config import (ActorGrad, CompileMode, ContMode, ModelSize, OptimConfig,
+                                           WorldModelLossConfig)
+from torchrl_dreamer.dreamer.agent import DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
 from torchrl_dreamer.dreamer.imagination import ImaginationModule
 from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
-from torchrl_dreamer.guards import check_metrics_finite, check_tensordict_finite
-from torchrl_dreamer.logging import RunLogger
+from torchrl_dreamer.guards import check_tensordict_finite
 from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
-from torchrl_dreamer.plots import plot_learning_curves
-from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
+from torchrl_dreamer.runtime import check_device, run_cli
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
@@ -68,7 +66,8 @@ class EnvConfig:
 
 @dataclass
 class ModelConfig:
-    size: str = doc("tiny", "Size preset: tiny, xs, s, m, l (DreamerV3 paper widths from xs up).")
+    size: ModelSize = doc(ModelSize.tiny, "Size preset: nano and tiny are CPU sizes, xs and up the DreamerV3 paper's "
+                                          "widths.")
     deter: int = doc(0, "Override: GRU state size (0 = preset).")
     hidden: int = doc(0, "Override: GRU input/hidden size (0 = preset).")
     units: int = doc(0, "Override: MLP width of encoder/decoder/heads/actor/critic (0 = preset).")
@@ -79,7 +78,7 @@ class ModelConfig:
     cnn_depth: int = doc(0, "Override: channels of the first conv layer (0 = preset).")
     unimix: float = doc(0.01, "Uniform mix of latent and (discrete) policy distributions.")
     compile: bool = doc(False, "torch.compile parts of the update (optional; see compile_mode; measure first).")
-    compile_mode: str = doc("step", "With compile=true: step (the RSSM scan step and the imagination step) or full "
+    compile_mode: CompileMode = doc(CompileMode.step, "With compile=true: step (the RSSM scan step and the imagination step) or full "
                                      "(the whole posterior scan, the whole imagination rollout with its noise drawn "
                                      "up front, the world-model/critic/actor losses and the optimizer step): ~2x the eager "
                                      "update rate (CartPole YAML: 12-14.7 vs 6.4 updates/s), but compile time grows with "
@@ -97,12 +96,14 @@ class ActorCriticConfig:
     discount: float = doc(0.997, "Discount gamma (paper 0.997 = 1 - 1/333).")
     lmbda: float = doc(0.95, "Lambda of the lambda-returns.")
     entropy_coef: float = doc(3e-4, "Actor entropy bonus (paper 3e-4).")
-    actor_grad: str = doc("reinforce", "reinforce (any action space) or dynamics (continuous: backprop through the model).")
+    actor_grad: ActorGrad = doc(ActorGrad.reinforce, "reinforce (any action space) or dynamics (continuous: backprop through the model).")
     start_fraction: float = doc(1.0, "Imagine from this fraction of the replayed states (1 = all, as the paper; CPU knob).")
-    cont_mode: str = doc("prob", "Imagined continue flag: prob (continue-head probability, 2024 reference) or mode (0/1).")
+    cont_mode: ContMode = doc(ContMode.prob, "Imagined continue flag: prob (continue-head probability, 2024 reference) "
+                                             "or mode (0/1, the 2023 paper).")
     slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic per update.")
     slow_reg_scale: float = doc(1.0, "Weight of the critic's regulariser towards the slow critic.")
-    replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off; 2024 reference: 0.3).")
+    replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off, for its CPU cost; 2024 "
+                                         "reference: 0.3).")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
 
 
@@ -122,7 +123,7 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class DreamerEvalConfig(EvalConfig):
     every: int = doc(5000, "Evaluate every N env steps (0 = only at the end).")
     episodes: int = doc(10, "Evaluation episodes (run in parallel, mode actions).")
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
@@ -131,18 +132,17 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
-    root: str = doc("runs", "Runs go to <root>/dreamer/<env>/<timestamp>/.")
-    log_every: int = doc(1000, "Log scalars every N env steps.")
+class DreamerRunConfig(RunConfig):
     checkpoint_every: int = doc(10_000, "Write the checkpoint every N env steps (and at the end).")
-    save_replay: bool = doc(True, "Keep the replay buffer in the checkpoint (exact resume; larger file).")
     time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit; counts across --resume).")
-    tensorboard: bool = doc(True, "Write TensorBoard events.")
-    progress: bool = doc(True, "Show the tqdm progress bar.")
+    log_every: int = doc(1000, "Log scalars every N env steps.")
+    save_replay: bool = doc(True, "Keep the replay rows in the checkpoint (exact resume; larger file).")
 
 
 @dataclass
 class DreamerConfig:
+    """Every default of the recipe (the DreamerV3 paper's values unless a field's help says otherwise);
+    ``configs/dreamer/<env>.yaml`` sets only what differs for that env."""
     seed: int = doc(0, "Seed for torch, numpy, python and the envs.")
     device: str = doc("cpu", "Device of the networks and updates (cpu, cuda, ...); envs and replay stay on CPU.")
     threads: int = doc(0, "torch intra-op threads (0 = torch's default).")
@@ -154,22 +154,13 @@ class DreamerConfig:
     optim: OptimConfig = doc(OptimConfig(), "Optimiser (LaProp + AGC, TorchRL's DreamerV3Optimizer).")
     replay: ReplayConfig = doc(ReplayConfig(), "Replay buffer and train ratio.")
     train: TrainConfig = doc(TrainConfig(), "Training length and collection.")
-    eval: EvalConfig = doc(EvalConfig(), "Evaluation.")
-    run: RunConfig = doc(RunConfig(), "Run directory, logging and checkpoints.")
+    eval: DreamerEvalConfig = doc(DreamerEvalConfig(), "Evaluation.")
+    run: DreamerRunConfig = doc(DreamerRunConfig(), "Run directory, logging and checkpoints.")
 
 
 def validate(cfg: DreamerConfig) -> None:
-    """Checks values the type system cannot, before any run directory or env is created."""
-    choices = {
-        "model.size": (cfg.model.size, tuple(PRESETS)),
-        "loss.free_bits_grad": (cfg.loss.free_bits_grad, ("clip", "straight_through")),
-        "ac.actor_grad": (cfg.ac.actor_grad, ("reinforce", "dynamics")),
-        "ac.cont_mode": (cfg.ac.cont_mode, ("prob", "mode")),
-        "model.compile_mode": (cfg.model.compile_mode, ("step", "full")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
+    """Checks values the type system cannot, before any run directory or env is created (choice
+    fields are enums: load_config already rejected values outside them)."""
     check_ranges(cfg, {
         "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "threads": ">= 0",
         "model.deter": ">= 0", "model.hidden": ">= 0", "model.units": ">= 0", "model.layers": ">= 0",
@@ -355,22 +346,60 @@ def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000) -
 # --- training ----------------------------------------------------------------------------------
 
 
-class _Averager:
-    """Sums of metric tensors between two logs (one host sync per log, not per update)."""
+@dataclass
+class Progress:
+    """The counters a Dreamer run carries across ``--resume`` (stored in its checkpoint)."""
+
+    env_steps: int = 0
+    updates: int = 0
+    owed: float = 0.0  # updates owed by the train ratio, not yet run
+    next_eval: int = 0
+    next_ckpt: int = 0
+    next_log: int = 0
+    best_return: float = -math.inf  # best evaluation so far (eval.keep_best)
+
+
+class LogWindow:
+    """What happens between two log rows: summed update metrics (one host sync per row, not per
+    update), finished episodes, and where the time went."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
+        self.episode_sums: list[float] = []
+        self.episode_lengths: list[float] = []
+        self.updates = self.steps = 0
+        self.t_collect = self.t_update = 0.0
+        self.t_start = time.perf_counter()
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add_update(self, metrics: dict[str, torch.Tensor]) -> None:
         for k, v in metrics.items():
             self.sums[k] = self.sums[k] + v.detach().float() if k in self.sums else v.detach().float().clone()
         self.count += 1
+        self.updates += 1
 
-    def pop(self) -> dict[str, float]:
-        out = {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
-        self.sums, self.count = {}, 0
-        return out
+    def add_batch(self, batch) -> None:
+        self.steps += batch.numel()
+        done = batch["next", "done"].reshape(-1)
+        if bool(done.any()):
+            self.episode_sums += batch["next", "episode_reward"].reshape(-1)[done].tolist()
+            if ("next", "step_count") in batch.keys(True):
+                self.episode_lengths += batch["next", "step_count"].reshape(-1)[done].float().tolist()
+
+    def row(self, elapsed_s: float) -> dict[str, float]:
+        """The window's metrics (means over its updates and episodes, rates, seconds)."""
+        row = {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
+        sums, lengths = self.episode_sums, self.episode_lengths
+        row.update({
+            "train/episode_reward_sum": sum(sums) / len(sums) if sums else math.nan,
+            "train/episodes_finished": len(sums),
+            "time/updates_per_s": self.updates / max(self.t_update, 1e-9) if self.updates else 0.0,
+            "time/env_steps_per_s": self.steps / max(time.perf_counter() - self.t_start, 1e-9),
+            "time/collect_s": self.t_collect, "time/update_s": self.t_update, "time/total_s": elapsed_s,
+        })
+        if lengths:
+            row["train/episode_length"] = sum(lengths) / len(lengths)
+        return row
 
 
 def best_score_on_disk(run_dir: Path) -> float:
@@ -388,6 +417,46 @@ def best_score_on_disk(run_dir: Path) -> float:
     return score if math.isfinite(score) else -math.inf
 
 
+def restore(cfg: DreamerConfig, resume_state: Optional[dict], run_dir: Path, agent: DreamerAgent,
+            update: DreamerUpdate, rb, writer: SequenceWriter) -> Progress:
+    """The counters of a new run, or a checkpoint loaded into the pieces (weights, optimizer, loss
+    state, replay rows, writer, RNG states). The envs restart, so the writer moves to new stream ids."""
+    if resume_state is None:
+        return Progress(next_eval=cfg.eval.every, next_ckpt=cfg.run.checkpoint_every, next_log=cfg.run.log_every)
+    load_weights(agent, resume_state["agent"], "checkpoint")
+    update.optimizer.load_state_dict(resume_state["optimizer"])
+    update.critic_loss.load_state_dict(resume_state["critic_loss"])
+    update.actor_loss.load_state_dict(resume_state["actor_loss"])
+    if resume_state.get("replay") is not None:
+        load_replay_state_dict(rb, resume_state["replay"])  # also reads older full-capacity states
+        writer.load_state_dict(resume_state["writer"])
+    writer.stream_offset += cfg.env.num_envs  # no replay window joins the old and the new episodes
+    writer.carry_reward.zero_()
+    progress = Progress(**{k: resume_state[k] for k in ("env_steps", "updates", "owed", "next_eval", "next_ckpt",
+                                                        "next_log")})
+    # absent in checkpoints written before keep_best; best.pt may be newer than the checkpoint
+    progress.best_return = max(resume_state.get("best_return", -math.inf), best_score_on_disk(run_dir))
+    set_rng_state(resume_state["rng"])
+    return progress
+
+
+def announce_compile(cfg: DreamerConfig) -> None:
+    """Says what ``model.compile=true`` costs, or falls back to eager (with a warning) where
+    ``torch.compile`` cannot run."""
+    if not cfg.model.compile:
+        return
+    reason = compile_unavailable(cfg.device)
+    if reason is not None:
+        print(f"warning: model.compile=true but torch.compile does not work here ({reason}); training "
+              "eagerly (same algorithm, about half the update rate). A C++ compiler (g++/clang) and the "
+              "Python headers enable it; model.compile=false silences this.", file=sys.stderr, flush=True)
+        cfg.model.compile = False
+    else:
+        print(f"model.compile=true (compile_mode={cfg.model.compile_mode}): the first updates compile the "
+              "update graphs (minutes on a cold inductor cache, e.g. ~3.5 min for the CartPole YAML on one "
+              "core; ~1 min once cached); progress resumes after that.", file=sys.stderr, flush=True)
+
+
 def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None,
           on_eval: Optional[Callable[[dict[str, float]], None]] = None) -> dict[str, float]:
     """Trains until ``train.env_steps`` (or the time budget, or ``eval.stop_at_return``); returns the
@@ -400,175 +469,123 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed)
     agent, policy = build_agent(cfg, env)
     with_policy_state(env, policy)
-    if cfg.model.compile:
-        reason = compile_unavailable(cfg.device)
-        if reason is not None:
-            print(f"warning: model.compile=true but torch.compile does not work here ({reason}); training "
-                  "eagerly (same algorithm, about half the update rate). A C++ compiler (g++/clang) and the "
-                  "Python headers enable it; model.compile=false silences this.", file=sys.stderr, flush=True)
-            cfg.model.compile = False
-        else:
-            print(f"model.compile=true (compile_mode={cfg.model.compile_mode}): the first updates compile the "
-                  "update graphs (minutes on a cold inductor cache, e.g. ~3.5 min for the CartPole YAML on one "
-                  "core; ~1 min once cached); progress resumes after that.", file=sys.stderr, flush=True)
+    announce_compile(cfg)
     update = build_update(cfg, agent)
     rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len)
     keys = obs_keys(cfg)
     writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, cfg.env.num_envs)
-    B, L = cfg.replay.batch_size, cfg.replay.seq_len
-
-    env_steps, updates, owed, next_eval, next_ckpt, next_log = 0, 0, 0.0, cfg.eval.every, cfg.run.checkpoint_every, cfg.run.log_every
-    best_return = -math.inf  # best evaluation so far (eval.keep_best)
-    if resume_state is not None:
-        load_weights(agent, resume_state["agent"], "checkpoint")
-        update.optimizer.load_state_dict(resume_state["optimizer"])
-        update.critic_loss.load_state_dict(resume_state["critic_loss"])
-        update.actor_loss.load_state_dict(resume_state["actor_loss"])
-        if resume_state.get("replay") is not None:
-            load_replay_state_dict(rb, resume_state["replay"])  # also reads older full-capacity states
-            writer.load_state_dict(resume_state["writer"])
-        # the envs restart: new streams so no replay window joins the old and the new episodes
-        writer.stream_offset += cfg.env.num_envs
-        writer.carry_reward.zero_()
-        env_steps, updates, owed = resume_state["env_steps"], resume_state["updates"], resume_state["owed"]
-        next_eval, next_ckpt, next_log = resume_state["next_eval"], resume_state["next_ckpt"], resume_state["next_log"]
-        best_return = resume_state.get("best_return", -math.inf)  # absent in checkpoints written before keep_best
-        best_return = max(best_return, best_score_on_disk(run_dir))
-        set_rng_state(resume_state["rng"])
-    if env_steps >= cfg.train.env_steps:
-        raise ConfigError(f"nothing to do: the run already has {env_steps} env steps; raise train.env_steps")
+    p = restore(cfg, resume_state, run_dir, agent, update, rb, writer)
     eval_env = with_policy_state(make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 10_000), policy)
-    frames_per_batch = cfg.env.num_envs * cfg.train.steps_per_collect
-    collector = Collector(env, policy, frames_per_batch=frames_per_batch, total_frames=-1,
-                          env_device="cpu", policy_device=cfg.device, storing_device="cpu",
+    collector = Collector(env, policy, frames_per_batch=cfg.env.num_envs * cfg.train.steps_per_collect,
+                          total_frames=-1, env_device="cpu", policy_device=cfg.device, storing_device="cpu",
                           auto_register_policy_transforms=False)  # InitTracker + primer are already there
-    collector.set_seed(cfg.seed + env_steps)
-    rd = str(run_dir)
-
-    def save() -> None:
-        save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
-            "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
-            "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
-            "replay": replay_state_dict(rb) if cfg.run.save_replay else None,
-            "writer": writer.state_dict() if cfg.run.save_replay else None,
-            "env_steps": env_steps, "updates": updates, "owed": owed, "next_eval": next_eval,
-            "next_ckpt": next_ckpt, "next_log": next_log, "best_return": best_return, "rng": rng_state(),
-            "elapsed_s": time.perf_counter() - t_start,
-        })
-
-    def save_best(score: float) -> None:
-        """The weights behind the best evaluation so far (what ``--evaluate`` needs, no optimizer or
-        replay): the policy at the end of a run is not always its best one."""
-        save_checkpoint(run_dir / BEST_NAME, {"agent": agent.state_dict(), "env_steps": env_steps,
-                                              "updates": updates, "eval/episode_reward_sum": score})
-
-    logger = RunLogger(run_dir, total=cfg.train.env_steps, initial=env_steps, unit="step",
-                       postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval",
-                                     "loss/world_model": "wm", "time/updates_per_s": "upd/s"},
-                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-                       purge_step=env_steps + 1 if resume_state is not None else None)
-    averager = _Averager()
-    episode_sums: list[float] = []
-    episode_lengths: list[float] = []
-    metrics: dict[str, float] = {}
-    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
-    t_collect = t_update = 0.0
-    updates_since, steps_since, t_window = 0, 0, time.perf_counter()
-    policy.random_actions = env_steps < cfg.replay.prefill
+    collector.set_seed(cfg.seed + p.env_steps)
+    run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.env_steps, initial=p.env_steps, unit="step",
+                      resume_state=resume_state, resume_step=p.env_steps, postfix=POSTFIX, curves=CURVES,
+                      x_label="env steps (all envs together)")
+    window, metrics = LogWindow(), {}
+    policy.random_actions = p.env_steps < cfg.replay.prefill
     finite_keys = [*keys, *(("next", k) for k in keys), ("next", "reward")]
-    stop_reason = ""
     try:
         t0 = time.perf_counter()
         for batch in collector:
             t1 = time.perf_counter()
-            t_collect += t1 - t0
-            check_tensordict_finite(batch, finite_keys, iteration=updates, run_dir=rd)
+            window.t_collect += t1 - t0
+            check_tensordict_finite(batch, finite_keys, iteration=p.updates, run_dir=run.rd)
             rb.extend(writer(batch))
-            n_new = batch.numel()
-            env_steps += n_new
-            steps_since += n_new
-            done = batch["next", "done"].reshape(-1)
-            if bool(done.any()):
-                episode_sums += batch["next", "episode_reward"].reshape(-1)[done].tolist()
-                if ("next", "step_count") in batch.keys(True):
-                    episode_lengths += batch["next", "step_count"].reshape(-1)[done].float().tolist()
-            if env_steps >= cfg.replay.prefill:
+            p.env_steps += batch.numel()
+            window.add_batch(batch)
+            if p.env_steps >= cfg.replay.prefill:
                 policy.random_actions = False
-                owed += n_new * cfg.replay.train_ratio / (B * L)
-                while owed >= 1.0:
-                    sample = rb.sample().reshape(B, L).to(cfg.device)
-                    averager.add(update(sample, iteration=updates, run_dir=rd))
-                    updates += 1
-                    updates_since += 1
-                    owed -= 1.0
+                run_owed_updates(cfg, update, rb, p, window, run.rd, batch.numel())
             t0 = time.perf_counter()
-            t_update += t0 - t1
-            out_of_time = 0 < cfg.run.time_budget_s <= t0 - t_start
-            finished = env_steps >= cfg.train.env_steps or out_of_time
-            evaluated = False
-            if (cfg.eval.every and env_steps >= next_eval) or finished:
-                next_eval += cfg.eval.every or cfg.train.env_steps
-                metrics = evaluate(policy, eval_env)
-                check_metrics_finite(metrics, ("eval/episode_reward_sum", "eval/episode_length"),
-                                     iteration=updates, run_dir=rd)
-                evaluated = True
-                score = metrics["eval/episode_reward_sum"]
-                if cfg.eval.keep_best and math.isfinite(score) and score > best_return:
-                    best_return = score
-                    save_best(score)
-                if cfg.eval.keep_best and math.isfinite(best_return):  # no -inf in metrics.jsonl before a finite score
-                    metrics["eval/best_episode_reward_sum"] = best_return
-                if cfg.eval.stop_at_return is not None and metrics["eval/episode_reward_sum"] >= cfg.eval.stop_at_return:
-                    stop_reason = f"eval return {metrics['eval/episode_reward_sum']:.1f} >= {cfg.eval.stop_at_return}"
+            window.t_update += t0 - t1
+            out_of_time = run.out_of_time()
+            finished, stop_reason, evaluation = p.env_steps >= cfg.train.env_steps or out_of_time, "", None
+            if (cfg.eval.every and p.env_steps >= p.next_eval) or finished:
+                p.next_eval += cfg.eval.every or cfg.train.env_steps
+                evaluation = evaluate_and_keep_best(cfg, policy, eval_env, agent, p, run)
+                stop_at = cfg.eval.stop_at_return
+                if stop_at is not None and evaluation["eval/episode_reward_sum"] >= stop_at:
+                    stop_reason = f"eval return {evaluation['eval/episode_reward_sum']:.1f} >= {stop_at}"
                     finished = True
-            if env_steps >= next_log or evaluated or finished:
-                next_log = env_steps + cfg.run.log_every
-                now = time.perf_counter()
-                window = max(now - t_window, 1e-9)
-                log = {**averager.pop(), **(metrics if evaluated else {})}
-                log.update({
-                    "train/env_steps": env_steps, "train/updates": updates,
-                    "train/episode_reward_sum": sum(episode_sums) / len(episode_sums) if episode_sums else math.nan,
-                    "train/episodes_finished": len(episode_sums),
-                    "diag/replay_rows": len(rb), "diag/random_actions": float(policy.random_actions),
-                    "time/updates_per_s": updates_since / max(t_update, 1e-9) if updates_since else 0.0,
-                    "time/env_steps_per_s": steps_since / window, "time/collect_s": t_collect,
-                    "time/update_s": t_update, "time/total_s": now - t_start,
-                })
-                if episode_lengths:
-                    log["train/episode_length"] = sum(episode_lengths) / len(episode_lengths)
-                logger.log(log, step=env_steps)
-                metrics = log
-                episode_sums, episode_lengths = [], []
-                updates_since, steps_since, t_window, t_collect, t_update = 0, 0, now, 0.0, 0.0
-            if evaluated and on_eval is not None:
+            if p.env_steps >= p.next_log or evaluation is not None or finished:
+                p.next_log = p.env_steps + cfg.run.log_every
+                metrics = {**window.row(run.elapsed()), **(evaluation or {}), "train/env_steps": p.env_steps,
+                           "train/updates": p.updates, "diag/replay_rows": len(rb),
+                           "diag/random_actions": float(policy.random_actions)}
+                run.log(metrics, step=p.env_steps)  # log, then checkpoint (see TrainingRun)
+                window = LogWindow()
+            if evaluation is not None and on_eval is not None:
                 on_eval(dict(metrics))
-            if env_steps >= next_ckpt or finished:
-                next_ckpt += cfg.run.checkpoint_every
-                save()
-            logger.advance(n_new)
+            if p.env_steps >= p.next_ckpt or finished:
+                p.next_ckpt += cfg.run.checkpoint_every
+                run.save(checkpoint_state(cfg, agent, update, rb, writer, p))
+            run.logger.advance(batch.numel())
             if finished:
-                if out_of_time:
-                    stop_reason = f"time budget of {cfg.run.time_budget_s:.0f} s reached"
+                stop_reason = f"time budget of {cfg.run.time_budget_s:.0f} s reached" if out_of_time else stop_reason
                 if stop_reason:
-                    logger.write(f"stopping at {env_steps} env steps: {stop_reason}")
+                    run.logger.write(f"stopping at {p.env_steps} env steps: {stop_reason}")
                 break
             t0 = time.perf_counter()
     finally:
-        logger.close()
-        try:
-            plot_learning_curves(run_dir, panels=(
-                ("episode reward sum", ("train/episode_reward_sum", "eval/episode_reward_sum")),
-                ("world model", ("loss/reconstruction", "loss/reward", "loss/continue", "loss/dyn")),
-                ("actor / critic", ("loss/actor", "loss/critic", "diag/actor_entropy", "diag/return_scale")),
-                ("speed", ("time/updates_per_s",)),
-            ), x_label="env steps (all envs together)")  # logged step = env_steps
-        except Exception as exc:  # plotting must never hide the real outcome
-            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
+        run.close()
         collector.shutdown()  # closes env too
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
     return metrics
+
+
+POSTFIX = {"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/world_model": "wm",
+           "time/updates_per_s": "upd/s"}
+CURVES = (
+    ("episode reward sum", ("train/episode_reward_sum", "eval/episode_reward_sum")),
+    ("world model", ("loss/reconstruction", "loss/reward", "loss/continue", "loss/dyn")),
+    ("actor / critic", ("loss/actor", "loss/critic", "diag/actor_entropy", "diag/return_scale")),
+    ("speed", ("time/updates_per_s",)),
+)
+
+
+def run_owed_updates(cfg: DreamerConfig, update: DreamerUpdate, rb, p: Progress, window: LogWindow, run_dir: str,
+                     new_steps: int) -> None:
+    """Adds what ``new_steps`` env steps owe (``replay.train_ratio`` replayed steps per env step) and runs
+    the whole updates owed, each on a fresh ``[batch_size, seq_len]`` sample."""
+    B, L = cfg.replay.batch_size, cfg.replay.seq_len
+    p.owed += new_steps * cfg.replay.train_ratio / (B * L)
+    while p.owed >= 1.0:
+        sample = rb.sample().reshape(B, L).to(cfg.device)
+        window.add_update(update(sample, iteration=p.updates, run_dir=run_dir))
+        p.updates += 1
+        p.owed -= 1.0
+
+
+def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: EnvBase, agent: DreamerAgent,
+                           p: Progress, run: TrainingRun) -> dict[str, float]:
+    """Evaluation (after the non-finite guard); with ``eval.keep_best`` a new best score writes
+    ``best.pt`` (the weights behind it: the policy at the end of a run is not always its best one)."""
+    metrics = run.evaluated(evaluate(policy, eval_env), ("eval/episode_reward_sum", "eval/episode_length"),
+                            iteration=p.updates)
+    score = metrics["eval/episode_reward_sum"]
+    if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
+        p.best_return = score
+        run.save({"agent": agent.state_dict(), "env_steps": p.env_steps, "updates": p.updates,
+                  "eval/episode_reward_sum": score}, name=BEST_NAME)
+    if cfg.eval.keep_best and math.isfinite(p.best_return):  # no -inf in metrics.jsonl before a finite score
+        metrics["eval/best_episode_reward_sum"] = p.best_return
+    return metrics
+
+
+def checkpoint_state(cfg: DreamerConfig, agent: DreamerAgent, update: DreamerUpdate, rb, writer: SequenceWriter,
+                     p: Progress) -> dict:
+    """What ``--resume`` needs (the replay rows in use with ``run.save_replay``)."""
+    return {
+        "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
+        "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
+        "replay": replay_state_dict(rb) if cfg.run.save_replay else None,
+        "writer": writer.state_dict() if cfg.run.save_replay else None,
+        "env_steps": p.env_steps, "updates": p.updates, "owed": p.owed, "next_eval": p.next_eval,
+        "next_ckpt": p.next_ckpt, "next_log": p.next_log, "best_return": p.best_return, "rng": rng_state(),
+    }
 
 
 def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
@@ -579,14 +596,18 @@ def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     state = load_checkpoint(run_dir, map_location=cfg.device)
-    env = make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 20_000)
-    agent, policy = build_agent(cfg, env)
-    load_weights(agent, state["agent"], "checkpoint")
-    with_policy_state(env, policy)
-    t0 = time.perf_counter()
-    metrics = evaluate(policy, env)
-    metrics["time/eval_s"] = time.perf_counter() - t0
-    env.close()
+    # a given checkpoint and seed always give the same numbers: the policy's latent samples come from
+    # a generator seeded here, not from whatever state the caller's global RNG is in
+    with torch.random.fork_rng(devices=[torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 20_000)
+        env = make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 20_000)
+        agent, policy = build_agent(cfg, env)
+        load_weights(agent, state["agent"], "checkpoint")
+        with_policy_state(env, policy)
+        t0 = time.perf_counter()
+        metrics = evaluate(policy, env)
+        metrics["time/eval_s"] = time.perf_counter() - t0
+        env.close()
     # the numbers first: printed and saved to <run dir>/eval.json (eval_best.json for best.pt)
     run_dir, checkpoint, suffix = evaluation_paths(run_dir)
     report_evaluation({"run_dir": str(run_dir), "checkpoint": str(checkpoint), "env_steps": state["env_steps"],
@@ -594,32 +615,19 @@ def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
     return metrics
 
 
+RECIPE_SPEC = Recipe(
+    name=RECIPE, schema=DreamerConfig, config_dir=CONFIG_DIR, default_env="cartpole", description=__doc__,
+    validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
+    run_name=lambda cfg: (cfg.env.factory.replace(":", ".") if cfg.env.factory
+                          else cfg.env.name + ("-pixels" if cfg.env.pixels else "")),
+    progress=("env_steps", "train.env_steps", "env steps"), log_step="env_steps",
+    required=("agent", "env_steps", "updates", "replay"),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = parse_recipe_args(argv, schema=DreamerConfig, config_dir=CONFIG_DIR, description=__doc__,
-                             default_env="cartpole")
-    cfg: DreamerConfig = to_object(args.cfg)
-    validate(cfg)
-    if args.evaluate is not None:
-        evaluate_checkpoint(cfg, args.evaluate)
-        return args.evaluate
-    resume_state = None
-    if args.resume is not None:
-        resume_state, _ = load_resume_state(args.resume, map_location="cpu",
-                                            required=("agent", "env_steps", "updates", "replay"))
-        if resume_state["env_steps"] >= cfg.train.env_steps:
-            raise ConfigError(f"nothing to do: the run already has {resume_state['env_steps']} env steps; "
-                              "raise train.env_steps")
-        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
-    preflight(cfg, resume_state)  # nothing is written before this passes
-    name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.name + ("-pixels" if cfg.env.pixels else "")
-    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=name, resume=args.resume,
-                                 last_step=resume_state["env_steps"] if resume_state is not None else None)
-    print(f"run directory: {run_dir}", flush=True)
-    try:
-        train(cfg, run_dir, resume_state)
-    finally:
-        lock.release()
-    return run_dir
+    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
+    return run_recipe(RECIPE_SPEC, argv)
 
 
 def cli() -> None:

@@ -14,8 +14,6 @@ Design notes: :mod:`torchrl_dreamer.dreamer.routing`.
 """
 from __future__ import annotations
 
-import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +26,9 @@ from torchrl.data import LazyTensorStorage, ReplayBuffer
 from envs.routing import KOOL_CAPACITY, CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
 from torchrl_dreamer.dreamer.config import OptimConfig, WorldModelLossConfig
 from torchrl_dreamer.checkpoint import (
-    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
-    set_rng_state,
+    CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
-from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, check_ranges, config_errors, doc, to_object
+from torchrl_dreamer.config import ConfigError, check_ranges, config_errors, doc
 from torchrl_dreamer.cpu import tune_malloc
 from torchrl_dreamer.dreamer.agent import DreamerAgent
 from torchrl_dreamer.dreamer.imagination import ImaginationModule, imagine
@@ -45,12 +41,10 @@ from torchrl_dreamer.dreamer.routing import (
     make_routing_agent,
 )
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
-from torchrl_dreamer.guards import check_metrics_finite
-from torchrl_dreamer.logging import RunLogger
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
-from torchrl_dreamer.plots import plot_learning_curves
 from torchrl_dreamer.routing_eval import RoutingEnvConfig, dev_tours_title, plot_decoded_tours, routing_eval_record
-from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
+from torchrl_dreamer.runtime import check_device, run_cli
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
 ENV_CONFIG_DIR = Path(__file__).parent / "configs" / "routing"
@@ -59,7 +53,7 @@ RECIPE = "dreamer_routing"
 
 @dataclass
 class RoutingModelConfig:
-    embed_dim: int = doc(128, "Node embedding size (pointer encoder).")
+    embed_dim: int = doc(128, "Node embedding size (pointer encoder, as the PPO baseline).")
     encoder_layers: int = doc(3, "Transformer encoder layers.")
     heads: int = doc(8, "Attention heads.")
     ff_dim: int = doc(512, "Encoder feed-forward width.")
@@ -106,22 +100,14 @@ class RoutingTrainConfig:
 
 
 @dataclass
-class RoutingEvalConfig:
-    every: int = doc(20, "Greedy dev-set decoding every N iterations (and at the end).")
+class RoutingEvalConfig(EvalConfig):
+    every: int = doc(20, "Greedy dev-set decoding every N iterations (0 = only at the end).")
     diag_starts: int = doc(64, "Episodes imagined from their start for the imagined-vs-real tour diagnostic.")
 
 
 @dataclass
-class RoutingRunConfig:
-    root: str = doc("runs", "Runs go to <root>/dreamer_routing/<env>/<timestamp>/.")
-    checkpoint_every: int = doc(50, "Checkpoint every N iterations (and at the end).")
-    time_budget_s: float = doc(0.0, "Stop after this many seconds of training (0 = no limit; counts across --resume).")
-    tensorboard: bool = doc(True, "Write TensorBoard events.")
-    progress: bool = doc(True, "Show the tqdm progress bar.")
-
-
-@dataclass
 class DreamerRoutingConfig:
+    """Every default of the recipe; ``configs/routing/<env>.yaml`` (shared with PPO) sets the problem."""
     seed: int = doc(0, "Seed for torch and the instance generator.")
     device: str = doc("cpu", "Device of networks, envs and replay.")
     threads: int = doc(0, "torch intra-op threads (0 = torch default).")
@@ -130,16 +116,15 @@ class DreamerRoutingConfig:
     model: RoutingModelConfig = doc(RoutingModelConfig(), "Networks.")
     loss: WorldModelLossConfig = doc(WorldModelLossConfig(), "World-model loss.")
     ac: RoutingACConfig = doc(RoutingACConfig(), "Imagination, actor, critic.")
-    optim: OptimConfig = doc(OptimConfig(), "Optimiser (LaProp + AGC).")
+    optim: OptimConfig = doc(OptimConfig(world_model_lr=3e-4, actor_lr=1e-4, critic_lr=1e-4, warmup_steps=100),
+                             "Optimiser (LaProp + AGC; higher rates and a shorter warm-up than the paper's).")
     replay: RoutingReplayConfig = doc(RoutingReplayConfig(), "Replay.")
     train: RoutingTrainConfig = doc(RoutingTrainConfig(), "Training length.")
     eval: RoutingEvalConfig = doc(RoutingEvalConfig(), "Evaluation and diagnostics.")
-    run: RoutingRunConfig = doc(RoutingRunConfig(), "Run directory, logging, checkpoints.")
+    run: RunConfig = doc(RunConfig(checkpoint_every=50), "Run directory, logging, checkpoints.")
 
 
 def validate(cfg: DreamerRoutingConfig) -> None:
-    if cfg.env.problem not in ("tsp", "cvrp"):
-        raise ConfigError(f"env.problem must be tsp or cvrp, got '{cfg.env.problem}'")
     check_ranges(cfg, {
         "threads": ">= 0", "env.size": ">= 2", "env.capacity": ">= 0",
         "model.embed_dim": ">= 1", "model.encoder_layers": ">= 0", "model.heads": ">= 1", "model.ff_dim": ">= 1",
@@ -164,8 +149,6 @@ def validate(cfg: DreamerRoutingConfig) -> None:
     with config_errors("env.dev_set", DevSetError):
         if cfg.env.dev_set:
             load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
-    if cfg.loss.free_bits_grad not in ("clip", "straight_through"):
-        raise ConfigError("loss.free_bits_grad must be clip or straight_through")
     for key, value in {"replay.batch_size": cfg.replay.batch_size, "train.episodes_per_iter": cfg.train.episodes_per_iter,
                        "ac.horizon": cfg.ac.horizon, "replay.capacity": cfg.replay.capacity,
                        "replay.train_ratio": cfg.replay.train_ratio}.items():
@@ -373,64 +356,36 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
     torch.manual_seed(cfg.seed)
     agent, hooks, update = build(cfg)
     stages = curriculum_stages(cfg)
-
-    def stage(size: int, iteration: int):
-        """Env, episode row bound and an empty replay for one problem size."""
-        env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + iteration, size=size)
-        bound = episode_length_bound(cfg.env.problem, size + (1 if cfg.env.problem == "cvrp" else 0))
-        storage = LazyTensorStorage(cfg.replay.capacity, device=cfg.device)
-        return env, bound, ReplayBuffer(storage=storage)  # batch size given at each sample() call
-
     size = size_at(stages, 1 if resume_state is None else resume_state["iteration"] + 1, cfg.env.size)
-    env, T, rb = stage(size, 0)
-    start_iter, episodes, updates, owed = 0, 0, 0, 0.0
+    env, T, rb = make_stage(cfg, size, 0)
+    start_iter, episodes, updates, owed = restore(cfg, resume_state, agent, update, rb)
     if resume_state is not None:
-        load_weights(agent, resume_state["agent"])
-        update.optimizer.load_state_dict(resume_state["optimizer"])
-        update.critic_loss.load_state_dict(resume_state["critic_loss"])
-        update.actor_loss.load_state_dict(resume_state["actor_loss"])
-        if resume_state.get("replay") is not None:
-            rb.load_state_dict(resume_state["replay"])
-        start_iter, episodes, updates, owed = (resume_state[k] for k in ("iteration", "episodes", "updates", "owed"))
-        set_rng_state(resume_state["rng"])
         env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + start_iter, size=size)
     dev = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size) if cfg.env.dev_set else None
-    rd = str(run_dir)
-    logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start_iter, unit="iter",
-                       purge_step=episodes + 1 if resume_state is not None else None,
-                       postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "loss/world_model": "wm",
-                                     "diag/imagined_invalid_action_rate": "inv"},
-                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
+    if dev is None:
+        note("tours.png not drawn: no dev set (env.dev_set is empty)")
+    pictures = [("tours.png", lambda: plot_dev_tours(agent, cfg, dev, run_dir / "tours.png"))] if dev is not None else []
     metrics: dict[str, float] = {}
-    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
-    B = cfg.replay.batch_size
-    try:
+    with TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.iterations, initial=start_iter, unit="iter",
+                     resume_state=resume_state, resume_step=episodes, postfix=POSTFIX, curves=CURVES,
+                     x_label="training episodes (instances decoded, prefill included)", pictures=pictures) as run:
         for iteration in range(start_iter + 1, cfg.train.iterations + 1):
             t0 = time.perf_counter()
             if size_at(stages, iteration, cfg.env.size) != size:
                 size = size_at(stages, iteration, cfg.env.size)
-                env, T, rb = stage(size, iteration)
-                owed = 0.0
-                logger.write(f"curriculum: iteration {iteration} trains on size {size} (replay restarted)")
+                (env, T, rb), owed = make_stage(cfg, size, iteration), 0.0
+                run.logger.write(f"curriculum: iteration {iteration} trains on size {size} (replay restarted)")
             prefill = episodes < cfg.replay.prefill
             rows, tour = dreamer_rollout(env, agent.world_model, agent.actor, mode="random" if prefill else "sample",
                                          max_rows=T)
             rb.extend(rows)
             episodes += rows.shape[0]
             t1 = time.perf_counter()
-            sums: dict[str, float] = {}
-            n_upd = 0
             if not prefill:
-                owed += float(rows["valid"].sum()) * cfg.replay.train_ratio / (B * T)
-                while owed >= 1.0:
-                    m = update(rb.sample(B), iteration=iteration, run_dir=rd)
-                    for k, v in m.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    n_upd += 1
-                    owed -= 1.0
+                owed += float(rows["valid"].sum()) * cfg.replay.train_ratio / (cfg.replay.batch_size * T)
+            metrics, n_upd, owed = run_updates(update, rb, cfg.replay.batch_size, owed, iteration, run.rd)
             updates += n_upd
             t2 = time.perf_counter()
-            metrics = {k: v / n_upd for k, v in sums.items()}
             metrics.update({
                 "train/iteration": iteration, "train/episodes": episodes, "train/problem_size": size, "train/updates": updates,
                 "train/tour_length": tour.mean().item(), "train/episode_reward_sum": rows["reward"].sum(1).mean().item(),
@@ -438,45 +393,73 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
                 "time/collect_s": t1 - t0, "time/update_s": t2 - t1,
                 "time/updates_per_s": n_upd / max(t2 - t1, 1e-9) if n_upd else 0.0,
             })
-            out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start
+            out_of_time = run.out_of_time()  # read once: the last iteration still evaluates and checkpoints
             last = iteration == cfg.train.iterations or out_of_time
-            if ((cfg.eval.every and iteration % cfg.eval.every == 0) or last) and not prefill:
+            if run.due(iteration, cfg.eval.every, last) and not prefill:
                 if dev is not None:
-                    metrics.update(evaluate_dev(agent, cfg, dev))
+                    metrics.update(run.evaluated(evaluate_dev(agent, cfg, dev), iteration=iteration))
                 if len(rb) >= cfg.eval.diag_starts:
                     metrics.update(tour_diagnostics(agent, hooks, rb.sample(cfg.eval.diag_starts), update))
-            check_metrics_finite(metrics, ("eval/gap_pct", "eval/tour_length"), iteration=iteration, run_dir=rd)
-            metrics["time/iteration_s"] = time.perf_counter() - t0
-            metrics["time/total_s"] = time.perf_counter() - t_start
-            # log, then checkpoint: a checkpoint never gets ahead of metrics.jsonl (resume drops the rows after it)
-            logger.log(metrics, step=episodes)
-            if iteration % cfg.run.checkpoint_every == 0 or last:
-                save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
-                    "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
-                    "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
-                    "replay": None, "iteration": iteration, "episodes": episodes, "updates": updates, "owed": owed,
-                    "rng": rng_state(), "elapsed_s": time.perf_counter() - t_start,
-                })
-            logger.advance()
+            metrics.update({"time/iteration_s": time.perf_counter() - t0, "time/total_s": run.elapsed()})
+            run.log(metrics, step=episodes)  # log, then checkpoint (see TrainingRun)
+            if run.due(iteration, cfg.run.checkpoint_every, last):
+                run.save({"agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
+                          "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
+                          "replay": None, "iteration": iteration, "episodes": episodes, "updates": updates,
+                          "owed": owed, "rng": rng_state()})
+            run.logger.advance()
             if out_of_time:
-                logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
+                run.budget_reached(iteration)
                 break
-    finally:
-        logger.close()
-        # pictures never hide the outcome: a failure is a one-line note on stderr
-        draw_picture("curves.png", plot_learning_curves, run_dir, panels=(
-            ("dev gap (%)", ("eval/gap_pct",)),
-            ("tour length", ("train/tour_length", "eval/tour_length", "diag/imagined_tour_length_model",
-                             "diag/imagined_tour_length_exact")),
-            ("value / target range", ("diag/value_min", "diag/value_max", "diag/lambda_return_min",
-                                      "diag/lambda_return_max")),
-            ("actor", ("diag/actor_entropy", "diag/imagined_invalid_action_rate")),
-        ), x_label="training episodes (instances decoded, prefill included)")  # logged step = episodes
-        if dev is not None:
-            draw_picture("tours.png", plot_dev_tours, agent, cfg, dev, run_dir / "tours.png")
-        else:
-            note("tours.png not drawn: no dev set (env.dev_set is empty)")
     return metrics
+
+
+POSTFIX = {"eval/gap_pct": "gap%", "train/tour_length": "len", "loss/world_model": "wm",
+           "diag/imagined_invalid_action_rate": "inv"}
+CURVES = (
+    ("dev gap (%)", ("eval/gap_pct",)),
+    ("tour length", ("train/tour_length", "eval/tour_length", "diag/imagined_tour_length_model",
+                     "diag/imagined_tour_length_exact")),
+    ("value / target range", ("diag/value_min", "diag/value_max", "diag/lambda_return_min", "diag/lambda_return_max")),
+    ("actor", ("diag/actor_entropy", "diag/imagined_invalid_action_rate")),
+)
+
+
+def make_stage(cfg: DreamerRoutingConfig, size: int, iteration: int):
+    """Env, episode row bound and an empty replay for one problem size (curriculum stage)."""
+    env = make_env(cfg, batch=cfg.train.episodes_per_iter, seed=cfg.seed + iteration, size=size)
+    bound = episode_length_bound(cfg.env.problem, size + (1 if cfg.env.problem == "cvrp" else 0))
+    storage = LazyTensorStorage(cfg.replay.capacity, device=cfg.device)
+    return env, bound, ReplayBuffer(storage=storage)  # batch size given at each sample() call
+
+
+def restore(cfg: DreamerRoutingConfig, resume_state: Optional[dict], agent: DreamerAgent, update: DreamerUpdate,
+            rb: ReplayBuffer) -> tuple[int, int, int, float]:
+    """Loads a checkpoint into the pieces (with its RNG states); returns ``(iteration, episodes,
+    updates, owed)``, zeros for a new run."""
+    if resume_state is None:
+        return 0, 0, 0, 0.0
+    load_weights(agent, resume_state["agent"])
+    update.optimizer.load_state_dict(resume_state["optimizer"])
+    update.critic_loss.load_state_dict(resume_state["critic_loss"])
+    update.actor_loss.load_state_dict(resume_state["actor_loss"])
+    if resume_state.get("replay") is not None:
+        rb.load_state_dict(resume_state["replay"])
+    set_rng_state(resume_state["rng"])
+    return tuple(resume_state[k] for k in ("iteration", "episodes", "updates", "owed"))
+
+
+def run_updates(update: DreamerUpdate, rb: ReplayBuffer, batch_size: int, owed: float, iteration: int,
+                run_dir: str) -> tuple[dict[str, float], int, float]:
+    """As many updates as ``owed`` holds whole units; returns the mean metrics, the count and what is still owed."""
+    sums: dict[str, float] = {}
+    n = 0
+    while owed >= 1.0:
+        for k, v in update(rb.sample(batch_size), iteration=iteration, run_dir=run_dir).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+        owed -= 1.0
+    return {k: v / n for k, v in sums.items()}, n, owed
 
 
 def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict:
@@ -508,32 +491,18 @@ def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict:
     return record
 
 
+RECIPE_SPEC = Recipe(
+    name=RECIPE, schema=DreamerRoutingConfig, config_dir=CONFIG_DIR, default_env="tsp20", description=__doc__,
+    validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
+    run_name=lambda cfg: f"{cfg.env.problem}{cfg.env.size}",
+    progress=("iteration", "train.iterations", "iterations"), log_step="episodes",
+    required=("agent", "iteration", "episodes", "updates"), env_config_dir=ENV_CONFIG_DIR,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = parse_recipe_args(argv, schema=DreamerRoutingConfig, config_dir=CONFIG_DIR, description=__doc__,
-                             default_env="tsp20", env_config_dir=ENV_CONFIG_DIR)
-    cfg: DreamerRoutingConfig = to_object(args.cfg)
-    validate(cfg)
-    if args.evaluate is not None:
-        evaluate_checkpoint(cfg, args.evaluate)
-        return args.evaluate
-    resume_state = None
-    if args.resume is not None:
-        resume_state, _ = load_resume_state(args.resume, map_location=cfg.device,
-                                            required=("agent", "iteration", "episodes", "updates"))
-        if resume_state["iteration"] >= cfg.train.iterations:
-            raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
-                              f"raise train.iterations")
-        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
-    preflight(cfg, resume_state)  # nothing is written before this passes
-    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=f"{cfg.env.problem}{cfg.env.size}",
-                                 resume=args.resume,
-                                 last_step=resume_state["episodes"] if resume_state is not None else None)
-    print(f"run directory: {run_dir}", flush=True)
-    try:
-        train(cfg, run_dir, resume_state)
-    finally:
-        lock.release()
-    return run_dir
+    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
+    return run_recipe(RECIPE_SPEC, argv)
 
 
 def cli() -> None:

@@ -11,7 +11,6 @@ Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector``
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,15 @@ from torchrl.envs import EnvBase
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_dreamer.checkpoint import (
-    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
-    set_rng_state,
+    CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
-from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, check_ranges, doc, to_object
+from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
 from torchrl_dreamer.envs import episode_reward_transform, make_env
-from torchrl_dreamer.guards import check_metrics_finite, check_tensordict_finite
-from torchrl_dreamer.logging import RunLogger
+from torchrl_dreamer.guards import check_tensordict_finite
 from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
 from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
-from torchrl_dreamer.plots import plot_learning_curves
-from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
+from torchrl_dreamer.runtime import check_device, run_cli
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
 from baselines.mappo import (
     MultiAgentPPOLoss,
     TanhNormalPolicy,
@@ -52,9 +48,28 @@ RECIPE = "mappo_vmas"
 # --- config -----------------------------------------------------------------------------------
 
 
+class Activation(Choice):
+    """Hidden-layer activation (the keys of ``baselines.mappo_networks.ACTIVATIONS``)."""
+    tanh = "tanh"
+    relu = "relu"
+    silu = "silu"
+    elu = "elu"
+
+
+class PPOImpl(Choice):
+    fused = "fused"
+    torchrl = "torchrl"
+
+
+class CriticLoss(Choice):
+    smooth_l1 = "smooth_l1"
+    l2 = "l2"
+
+
 @dataclass
 class EnvConfig:
-    scenario: str = doc("navigation", "VMAS scenario name (ignored when env.factory is set).")
+    scenario: str = doc("navigation", "VMAS scenario name (ignored when env.factory is set; the tuned ones have an "
+                                      "--env YAML, see README).")
     factory: str = doc("", "Custom env 'package.module:function' returning a TorchRL EnvBase (see README).")
     kwargs: Dict[str, Any] = doc({}, "Keyword arguments for the VMAS scenario or the factory (e.g. n_agents).")
     max_steps: int = doc(100, "Episode horizon; envs in parallel = frames_per_batch // max_steps.")
@@ -62,9 +77,9 @@ class EnvConfig:
 
 @dataclass
 class ModelConfig:
-    width: int = doc(256, "Hidden units per layer (policy and critic).")
+    width: int = doc(256, "Hidden units per layer (policy and critic), as in TorchRL's MAPPO tutorial.")
     depth: int = doc(2, "Hidden layers (policy and critic).")
-    activation: str = doc("tanh", "Activation: tanh, relu, silu or elu.")
+    activation: Activation = doc(Activation.tanh, "Hidden-layer activation (policy and critic).")
     share_policy_params: bool = doc(True, "One policy network for all agents (homogeneous agents).")
     share_critic_params: bool = doc(True, "One critic network for all agents.")
     centralised_critic: bool = doc(True, "Critic sees all agents' observations: MAPPO (true) or IPPO (false).")
@@ -72,7 +87,7 @@ class ModelConfig:
 
 @dataclass
 class PPOConfig:
-    impl: str = doc("fused", "'fused' (plain-tensor minibatch loop) or 'torchrl' (ClipPPOLoss + ReplayBuffer).")
+    impl: PPOImpl = doc(PPOImpl.fused, "'fused' (plain-tensor minibatch loop) or 'torchrl' (ClipPPOLoss + ReplayBuffer).")
     epochs: int = doc(30, "Passes over each collected batch.")
     minibatch_size: int = doc(400, "Env steps per minibatch (each holds every agent of that step).")
     lr: float = doc(3e-4, "Adam learning rate.")
@@ -82,7 +97,7 @@ class PPOConfig:
     lmbda: float = doc(0.9, "GAE lambda.")
     entropy_coef: float = doc(1e-4, "Entropy bonus weight.")
     critic_coef: float = doc(1.0, "Critic loss weight.")
-    critic_loss: str = doc("smooth_l1", "Critic loss: smooth_l1 or l2.")
+    critic_loss: CriticLoss = doc(CriticLoss.smooth_l1, "Critic loss: smooth_l1 or l2.")
     normalize_advantage: bool = doc(False, "Standardise advantages per minibatch.")
     compile: bool = doc(True, "torch.compile the fused loss (faster with 2+ threads; ~12 s warm-up).")
 
@@ -94,22 +109,15 @@ class CollectorConfig:
 
 
 @dataclass
-class EvalConfig:
+class MAPPOEvalConfig(EvalConfig):
     every: int = doc(5, "Evaluate every N iterations (0 = never); also after the last one.")
     num_envs: int = doc(32, "Parallel evaluation episodes (deterministic actions, one full horizon).")
 
 
 @dataclass
-class RunConfig:
-    root: str = doc("runs", "Runs go to <root>/mappo_vmas/<env>/<timestamp>/.")
-    checkpoint_every: int = doc(5, "Write the checkpoint every N iterations (and at the end).")
-    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds of training (0 = no limit; counts across --resume).")
-    tensorboard: bool = doc(True, "Write TensorBoard events.")
-    progress: bool = doc(True, "Show the tqdm progress bar.")
-
-
-@dataclass
 class MAPPOConfig:
+    """Every default of the recipe (PPO settings: TorchRL's MAPPO tutorial, as on navigation);
+    ``configs/mappo_vmas/<env>.yaml`` sets only what differs for that scenario."""
     seed: int = doc(0, "Seed for torch, numpy, python and the envs.")
     device: str = doc("cpu", "Device for envs, networks and training (cpu, cuda, cuda:1, ...).")
     threads: int = doc(0, "torch intra-op threads (0 = torch's default, all cores).")
@@ -117,8 +125,8 @@ class MAPPOConfig:
     model: ModelConfig = doc(ModelConfig(), "Networks.")
     ppo: PPOConfig = doc(PPOConfig(), "PPO loss and optimisation.")
     collector: CollectorConfig = doc(CollectorConfig(), "Data collection.")
-    eval: EvalConfig = doc(EvalConfig(), "Evaluation.")
-    run: RunConfig = doc(RunConfig(), "Run directory, logging and checkpoints.")
+    eval: MAPPOEvalConfig = doc(MAPPOEvalConfig(), "Evaluation.")
+    run: RunConfig = doc(RunConfig(checkpoint_every=5), "Run directory, logging and checkpoints.")
 
 
 # --- factories ---------------------------------------------------------------------------------
@@ -224,121 +232,110 @@ def train(
 ) -> dict[str, float]:
     """Trains until ``cfg.collector.iterations``; returns the last logged metrics.
 
-    ``on_iteration(metrics)`` is called after each iteration's metrics are logged (benchmarks).
+    ``on_iteration(metrics)`` is called after each iteration's metrics are logged (benchmarks; its
+    time does not count as training).
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     frames_per_batch, max_steps = cfg.collector.frames_per_batch, cfg.env.max_steps
-    if frames_per_batch % max_steps:
-        raise ConfigError(f"collector.frames_per_batch ({frames_per_batch}) must be a multiple of env.max_steps ({max_steps})")
-    num_envs = frames_per_batch // max_steps
-    env = make_env_from_config(cfg, num_envs=num_envs, seed=cfg.seed)
+    env = make_env_from_config(cfg, num_envs=frames_per_batch // max_steps, seed=cfg.seed)
     group = agent_group(env)
     policy_module, policy, critic = make_agent(env, cfg.model, cfg.device)
     fused_loss, loss = make_loss(policy, critic, cfg.ppo, group)
-    # fused Adam: one kernel for all parameters (~1.5 ms less per minibatch step on this CPU).
-    fused_adam = torch.device(cfg.device).type in ("cpu", "cuda")
-    optimizer = torch.optim.Adam(
-        list(policy.parameters()) + list(critic.parameters()), lr=cfg.ppo.lr, fused=fused_adam
-    )
-
-    start_iteration, frames = 0, 0
-    if resume_state is not None:
-        load_weights(policy, resume_state["policy"], "policy")
-        load_weights(critic, resume_state["critic"], "critic")
-        optimizer.load_state_dict(resume_state["optimizer"])
-        start_iteration, frames = resume_state["iteration"], resume_state["frames"]
-        set_rng_state(resume_state["rng"])
-    remaining = cfg.collector.iterations - start_iteration
-    if remaining <= 0:
-        raise ConfigError(
-            f"nothing to do: the run already has {start_iteration} iterations; raise collector.iterations"
-        )
+    optimizer = make_optimizer(cfg, policy, critic)
+    start_iteration, frames = restore(resume_state, policy, critic, optimizer)
     eval_env = make_env_from_config(cfg, num_envs=cfg.eval.num_envs, seed=cfg.seed + 10_000) if cfg.eval.every else None
     reward_sum = episode_reward_transform(env)
     collector = Collector(
-        env, policy_module, frames_per_batch=frames_per_batch, total_frames=frames_per_batch * remaining,
-        device=cfg.device, storing_device=cfg.device,
-        auto_register_policy_transforms=False,  # the policy is stateless: no InitTracker needed
+        env, policy_module, frames_per_batch=frames_per_batch,
+        total_frames=frames_per_batch * (cfg.collector.iterations - start_iteration), device=cfg.device,
+        storing_device=cfg.device, auto_register_policy_transforms=False,  # the policy is stateless: no InitTracker
     )
     collector.set_seed(cfg.seed + start_iteration)
-    rd = str(run_dir)
-
-    def save(iteration: int) -> None:
-        save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
-            "policy": policy.state_dict(), "critic": critic.state_dict(), "optimizer": optimizer.state_dict(),
-            "iteration": iteration, "frames": frames, "rng": rng_state(),
-            "elapsed_s": time.perf_counter() - t_start - callback_s,
-        })
-
     finite_keys = [(group, "observation"), (group, "action"), ("next", group, "observation"), ("next", group, "reward")]
-    logger = RunLogger(
-        run_dir, total=cfg.collector.iterations, initial=start_iteration, unit="iter",
-        postfix_keys={"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/objective": "obj",
-                      "loss/critic": "critic", "time/iteration_s": "s/it"},
-        tensorboard=cfg.run.tensorboard, progress=cfg.run.progress,
-        purge_step=frames + 1 if resume_state is not None else None,
-    )
     metrics: dict[str, float] = {}
-    t_last = time.perf_counter()
-    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
-    callback_s = 0.0  # time spent in on_iteration, excluded from every time/* figure
+    # logged step = frames = batch.numel(): env steps summed over the vectorised envs (one env step moves every agent)
+    run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.collector.iterations, initial=start_iteration, unit="iter",
+                      resume_state=resume_state, resume_step=frames, postfix=POSTFIX,
+                      x_label="env steps (all vectorised envs, not per agent)")
     try:
+        t_last = time.perf_counter()
         for iteration, batch in enumerate(collector, start=start_iteration + 1):
             t_collected = time.perf_counter()
-            check_tensordict_finite(batch, finite_keys, iteration=iteration, run_dir=rd)
+            check_tensordict_finite(batch, finite_keys, iteration=iteration, run_dir=run.rd)
             fused_loss.compute_advantage(batch)
-            check_tensordict_finite(batch, [(group, "advantage"), (group, "value_target")], iteration=iteration, run_dir=rd)
+            check_tensordict_finite(batch, [(group, "advantage"), (group, "value_target")], iteration=iteration,
+                                    run_dir=run.rd)
             t_advantage = time.perf_counter()
-            metrics = update(loss, batch, optimizer, cfg.ppo, iteration=iteration, run_dir=rd)
+            metrics = update(loss, batch, optimizer, cfg.ppo, iteration=iteration, run_dir=run.rd)
             collector.update_policy_weights_()
             t_updated = time.perf_counter()
             frames += batch.numel()
             metrics.update(reward_sum.summarise(batch))
-            metrics.update({
-                "train/iteration": iteration,
-                "train/frames": frames,
-                "diag/value_target_mean": batch.get((group, "value_target")).mean().item(),
-                "diag/advantage_std": batch.get((group, "advantage")).std().item(),
-                "time/collect_s": t_collected - t_last,
-                "time/advantage_s": t_advantage - t_collected,
-                "time/update_s": t_updated - t_advantage,
-                "time/collect_frames_per_s": batch.numel() / max(t_collected - t_last, 1e-9),
-            })
-            out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start - callback_s
+            metrics.update(batch_metrics(batch, group, iteration, frames, t_last, t_collected, t_advantage, t_updated))
+            out_of_time = run.out_of_time()  # read once: the last iteration still evaluates and checkpoints
             last = iteration == cfg.collector.iterations or out_of_time
-            if eval_env is not None and (iteration % cfg.eval.every == 0 or last):
-                metrics.update(evaluate(policy_module, eval_env, max_steps))
-                check_metrics_finite(metrics, ("eval/episode_reward_sum",), iteration=iteration, run_dir=rd)
-            t_end = time.perf_counter()
-            metrics["time/iteration_s"] = t_end - t_last
-            metrics["time/total_s"] = t_end - t_start - callback_s
-            # log, then checkpoint: a checkpoint never gets ahead of metrics.jsonl (resume drops the rows after it)
-            logger.log(metrics, step=frames)
-            if iteration % cfg.run.checkpoint_every == 0 or last:
-                save(iteration)
-            logger.advance()
+            if eval_env is not None and run.due(iteration, cfg.eval.every, last):
+                metrics.update(run.evaluated(evaluate(policy_module, eval_env, max_steps), ("eval/episode_reward_sum",),
+                                             iteration=iteration))
+            metrics.update({"time/iteration_s": time.perf_counter() - t_last, "time/total_s": run.elapsed()})
+            run.log(metrics, step=frames)  # log, then checkpoint (see TrainingRun)
+            if run.due(iteration, cfg.run.checkpoint_every, last):
+                run.save({"policy": policy.state_dict(), "critic": critic.state_dict(),
+                          "optimizer": optimizer.state_dict(), "iteration": iteration, "frames": frames,
+                          "rng": rng_state()})
+            run.logger.advance()
             if on_iteration is not None:
-                on_iteration(dict(metrics))
+                with run.not_counted():
+                    on_iteration(dict(metrics))
             t_last = time.perf_counter()  # the next collection starts here
-            callback_s += t_last - t_end
             if out_of_time:
-                logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
+                run.budget_reached(iteration)
                 break
     finally:
-        logger.close()
-        try:
-            # also after a failure: the curves show what led to it. Logged step = frames = batch.numel():
-            # env steps summed over the vectorised envs (one env step moves every agent)
-            plot_learning_curves(run_dir, x_label="env steps (all vectorised envs, not per agent)")
-        except Exception as exc:  # plotting must never hide the real outcome
-            print(f"warning: could not plot learning curves: {exc}", file=sys.stderr)
+        run.close()
         collector.shutdown()
         env.close()
         if eval_env is not None:
             eval_env.close()
     return metrics
+
+
+POSTFIX = {"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/objective": "obj",
+           "loss/critic": "critic", "time/iteration_s": "s/it"}
+
+
+def make_optimizer(cfg: MAPPOConfig, policy: torch.nn.Module, critic: torch.nn.Module) -> torch.optim.Adam:
+    """Adam over policy and critic; fused (one kernel for all parameters, ~1.5 ms less per minibatch
+    step on this CPU) where torch has it."""
+    fused = torch.device(cfg.device).type in ("cpu", "cuda")
+    return torch.optim.Adam(list(policy.parameters()) + list(critic.parameters()), lr=cfg.ppo.lr, fused=fused)
+
+
+def restore(resume_state: Optional[dict], policy, critic, optimizer) -> tuple[int, int]:
+    """Loads a checkpoint (networks, Adam, RNG states); returns ``(iteration, frames)``, zeros for a new run."""
+    if resume_state is None:
+        return 0, 0
+    load_weights(policy, resume_state["policy"], "policy")
+    load_weights(critic, resume_state["critic"], "critic")
+    optimizer.load_state_dict(resume_state["optimizer"])
+    set_rng_state(resume_state["rng"])
+    return resume_state["iteration"], resume_state["frames"]
+
+
+def batch_metrics(batch, group: str, iteration: int, frames: int, t_last: float, t_collected: float,
+                  t_advantage: float, t_updated: float) -> dict[str, float]:
+    return {
+        "train/iteration": iteration,
+        "train/frames": frames,
+        "diag/value_target_mean": batch.get((group, "value_target")).mean().item(),
+        "diag/advantage_std": batch.get((group, "advantage")).std().item(),
+        "time/collect_s": t_collected - t_last,
+        "time/advantage_s": t_advantage - t_collected,
+        "time/update_s": t_updated - t_advantage,
+        "time/collect_frames_per_s": batch.numel() / max(t_collected - t_last, 1e-9),
+    }
 
 
 def evaluate_checkpoint(cfg: MAPPOConfig, run_dir: Path) -> dict[str, float]:
@@ -364,16 +361,7 @@ def evaluate_checkpoint(cfg: MAPPOConfig, run_dir: Path) -> dict[str, float]:
 def validate(cfg: MAPPOConfig) -> None:
     """Checks values the type system cannot, before any run directory or env is created."""
     from torchrl_dreamer.envs import vmas_scenarios
-    from baselines.mappo_networks import ACTIVATIONS
 
-    choices = {
-        "ppo.impl": (cfg.ppo.impl, ("fused", "torchrl")),
-        "ppo.critic_loss": (cfg.ppo.critic_loss, ("smooth_l1", "l2")),
-        "model.activation": (cfg.model.activation, tuple(sorted(ACTIVATIONS))),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got '{value}'")
     if not cfg.env.factory and cfg.env.scenario not in vmas_scenarios():
         raise ConfigError(f"unknown VMAS scenario '{cfg.env.scenario}'. Available: {', '.join(sorted(vmas_scenarios()))}")
     check_ranges(cfg, {
@@ -420,33 +408,18 @@ def preflight(cfg: MAPPOConfig, resume_state: Optional[dict]) -> None:
         env.close()
 
 
+RECIPE_SPEC = Recipe(
+    name=RECIPE, schema=MAPPOConfig, config_dir=CONFIG_DIR, default_env="navigation", description=__doc__,
+    validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
+    run_name=lambda cfg: cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario,
+    progress=("iteration", "collector.iterations", "iterations"), log_step="frames",
+    required=("policy", "critic", "iteration", "frames"),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = parse_recipe_args(
-        argv, schema=MAPPOConfig, config_dir=CONFIG_DIR, description=__doc__, default_env="navigation"
-    )
-    cfg: MAPPOConfig = to_object(args.cfg)
-    validate(cfg)  # fail before any work: bad choices, unknown scenario, inconsistent sizes
-    if args.evaluate is not None:
-        evaluate_checkpoint(cfg, args.evaluate)
-        return args.evaluate
-    resume_state = None
-    if args.resume is not None:
-        resume_state, _ = load_resume_state(args.resume, map_location=cfg.device,
-                                            required=("policy", "critic", "iteration", "frames"))
-        if resume_state["iteration"] >= cfg.collector.iterations:
-            raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
-                              "raise collector.iterations")
-        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
-    preflight(cfg, resume_state)  # nothing is written before this passes
-    env_name = cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario
-    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=env_name, resume=args.resume,
-                                 last_step=resume_state["frames"] if resume_state is not None else None)
-    print(f"run directory: {run_dir}", flush=True)
-    try:
-        train(cfg, run_dir, resume_state)
-    finally:
-        lock.release()
-    return run_dir
+    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
+    return run_recipe(RECIPE_SPEC, argv)
 
 
 def cli() -> None:

@@ -16,7 +16,6 @@ logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- C
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,24 +29,31 @@ from baselines.pointer_ppo import (
 )
 from envs.routing import CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
 from torchrl_dreamer.checkpoint import (
-    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_resume_state, rng_state, run_clock_start, save_checkpoint,
-    set_rng_state,
+    CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
-from torchrl_dreamer.cli import parse_recipe_args
-from torchrl_dreamer.config import ConfigError, check_ranges, config_errors, doc, to_object
-from torchrl_dreamer.guards import check_finite, check_metrics_finite
-from torchrl_dreamer.logging import RunLogger
+from torchrl_dreamer.config import Choice, ConfigError, check_ranges, config_errors, doc
+from torchrl_dreamer.guards import check_finite
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
-from torchrl_dreamer.plots import plot_learning_curves
 from torchrl_dreamer.routing_eval import (
     RoutingEnvConfig, decoding_name, dev_tours_title, plot_decoded_tours, routing_eval_record,
 )
 from torchrl_dreamer.pointer import PointerActorCritic
-from torchrl_dreamer.runtime import check_device, open_run_dir, run_cli
+from torchrl_dreamer.runtime import check_device, run_cli
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "ppo_routing"
 ENV_CONFIG_DIR = CONFIG_DIR.parent / "routing"  # env YAMLs shared with the Dreamer routing recipe
 RECIPE = "ppo_routing"
+
+
+class LrSchedule(Choice):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Advantage(Choice):
+    gae = "gae"
+    shared = "shared"
 
 
 @dataclass
@@ -65,9 +71,9 @@ class PPOConfig:
     minibatch_instances: int = doc(128, "Episodes per minibatch (one encoder pass each).")
     epochs: int = doc(3, "Passes over each batch.")
     lr: float = doc(1e-4, "Adam learning rate.")
-    lr_schedule: str = doc("constant", "constant, or cosine: decay to lr * lr_final_fraction over the run (progress = "
-                                       "the larger of iterations done / train.iterations and time used / "
-                                       "run.time_budget_s).")
+    lr_schedule: LrSchedule = doc(LrSchedule.constant, "constant, or cosine: decay to lr * lr_final_fraction over "
+                                                       "the run (progress = the larger of iterations done / "
+                                                       "train.iterations and time used / run.time_budget_s).")
     lr_final_fraction: float = doc(0.1, "Cosine schedule: final learning rate as a fraction of ppo.lr.")
     lr_decay_start: float = doc(0.0, "Cosine schedule: progress (0-1) at which the decay starts; the rate is "
                                      "held at ppo.lr before it (0: decay over the whole run).")
@@ -78,8 +84,9 @@ class PPOConfig:
     critic_coef: float = doc(0.5, "Critic loss weight.")
     max_grad_norm: float = doc(1.0, "Global gradient-norm clip.")
     normalize_advantage: bool = doc(True, "Standardise advantages per minibatch (over active steps).")
-    advantage: str = doc("gae", "gae (critic + GAE) or shared (POMO-style: episode return minus the mean "
-                                "over the rollouts of the same instance; needs rollouts_per_instance >= 2).")
+    advantage: Advantage = doc(Advantage.gae, "gae (critic + GAE) or shared (POMO-style: episode return minus the "
+                                              "mean over the rollouts of the same instance; needs "
+                                              "rollouts_per_instance >= 2).")
     rollouts_per_instance: int = doc(1, "Rollouts of each training instance per batch (batch_instances / this "
                                         "distinct instances).")
     symmetric_rollouts: bool = doc(False, "Give the rollouts of one instance different symmetries of the unit square.")
@@ -100,23 +107,16 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class PPORoutingEvalConfig(EvalConfig):
     every: int = doc(10, "Greedy dev-set evaluation every N iterations (0 = only at the end).")
     multistart: bool = doc(False, "--evaluate: best of all first nodes (POMO-style multi-start).")
     augment: int = doc(1, "--evaluate: best over this many (1-8) symmetric copies of each instance.")
 
 
 @dataclass
-class RunConfig:
-    root: str = doc("runs", "Runs go to <root>/ppo_routing/<env>/<timestamp>/.")
-    checkpoint_every: int = doc(20, "Checkpoint every N iterations (and at the end).")
-    time_budget_s: float = doc(0.0, "Stop after the iteration that passes this many seconds (0 = no limit; counts across --resume).")
-    tensorboard: bool = doc(True, "Write TensorBoard events.")
-    progress: bool = doc(True, "Show the tqdm progress bar.")
-
-
-@dataclass
 class PPORoutingConfig:
+    """Every default of the recipe; ``configs/routing/<env>.yaml`` (shared with Dreamer) sets the problem
+    and ``configs/ppo_routing/<env>.yaml`` what differs for PPO."""
     seed: int = doc(0, "Seed for torch and the instance generator.")
     device: str = doc("cpu", "Device (cpu, cuda, ...).")
     threads: int = doc(0, "torch intra-op threads (0 = torch default).")
@@ -124,13 +124,11 @@ class PPORoutingConfig:
     model: ModelConfig = doc(ModelConfig(), "Pointer network.")
     ppo: PPOConfig = doc(PPOConfig(), "PPO.")
     train: TrainConfig = doc(TrainConfig(), "Training length.")
-    eval: EvalConfig = doc(EvalConfig(), "Evaluation.")
-    run: RunConfig = doc(RunConfig(), "Run directory, logging, checkpoints.")
+    eval: PPORoutingEvalConfig = doc(PPORoutingEvalConfig(), "Evaluation.")
+    run: RunConfig = doc(RunConfig(checkpoint_every=20), "Run directory, logging, checkpoints.")
 
 
 def validate(cfg: PPORoutingConfig) -> None:
-    if cfg.env.problem not in ("tsp", "cvrp"):
-        raise ConfigError(f"env.problem must be tsp or cvrp, got '{cfg.env.problem}'")
     check_ranges(cfg, {
         "threads": ">= 0", "env.size": ">= 2", "env.capacity": ">= 0",
         "model.embed_dim": ">= 1", "model.n_layers": ">= 0", "model.n_heads": ">= 1", "model.ff_dim": ">= 1",
@@ -153,16 +151,12 @@ def validate(cfg: PPORoutingConfig) -> None:
     with config_errors("env.dev_set", DevSetError):
         if cfg.env.dev_set:
             load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
-    if cfg.ppo.lr_schedule not in ("constant", "cosine"):
-        raise ConfigError(f"ppo.lr_schedule must be constant or cosine, got '{cfg.ppo.lr_schedule}'")
     if not 0.0 <= cfg.ppo.lr_final_fraction <= 1.0:
         raise ConfigError(f"ppo.lr_final_fraction must be in [0, 1], got {cfg.ppo.lr_final_fraction}")
     if not 0.0 <= cfg.ppo.lr_decay_start < 1.0:
         raise ConfigError(f"ppo.lr_decay_start must be in [0, 1), got {cfg.ppo.lr_decay_start}")
     if not 0.0 <= cfg.ppo.ema_decay < 1.0:
         raise ConfigError(f"ppo.ema_decay must be in [0, 1), got {cfg.ppo.ema_decay}")
-    if cfg.ppo.advantage not in ("gae", "shared"):
-        raise ConfigError(f"ppo.advantage must be gae or shared, got '{cfg.ppo.advantage}'")
     k = cfg.ppo.rollouts_per_instance
     if k < 1 or cfg.ppo.batch_instances % k:
         raise ConfigError(f"ppo.rollouts_per_instance ({k}) must be >= 1 and divide ppo.batch_instances "
@@ -239,6 +233,69 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    model, optimizer, ema, start, instances = restore(cfg, resume_state)
+    env = make_train_env(cfg, seed=cfg.seed + start)
+    first_nodes, group_size = multistart_setup(cfg)
+    dev = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size) if cfg.env.dev_set else None
+    eval_model = model if ema is None else ema.module
+    k = cfg.ppo.rollouts_per_instance  # logged step = rollouts decoded (k per distinct instance)
+    pictures = [("tours.png", lambda: plot_dev_tours(eval_model, dev, cfg.env.problem, run_dir / "tours.png",
+                                                     dev_set=cfg.env.dev_set))] if dev is not None else []
+    if dev is None:
+        note("tours.png not drawn: no dev set (env.dev_set is empty)")
+    metrics: dict[str, float] = {}
+    with TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.iterations, initial=start, unit="iter",
+                     resume_state=resume_state, resume_step=instances, postfix=POSTFIX, curves=CURVES,
+                     x_label="training instances" if k == 1 else f"training rollouts ({k} per instance)",
+                     pictures=pictures) as run:
+        for iteration in range(start + 1, cfg.train.iterations + 1):
+            t0 = time.perf_counter()
+            lr = cfg.ppo.lr * lr_factor(cfg, iteration - 1, run.elapsed())
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.eval()
+            batch = rollout(env, model, first_nodes=first_nodes, group_size=group_size)
+            if cfg.ppo.advantage == "shared":
+                compute_shared_advantage(batch, k)
+            else:
+                compute_advantage(batch, cfg.ppo.gamma, cfg.ppo.lmbda)
+            for key in ("value", "advantage", "value_target", "log_prob"):
+                check_finite(key, batch[key], iteration=iteration, run_dir=run.rd)
+            t1 = time.perf_counter()
+            model.train()
+            metrics = update_step(cfg, model, batch, optimizer, group_size, iteration=iteration, run_dir=run.rd)
+            if ema is not None:
+                ema.update_parameters(model)
+            t2 = time.perf_counter()
+            instances += cfg.ppo.batch_instances
+            metrics.update(batch_metrics(cfg, batch, iteration, instances, lr, t0, t1, t2))
+            out_of_time = run.out_of_time()
+            last = iteration == cfg.train.iterations or out_of_time
+            if dev is not None and run.due(iteration, cfg.eval.every, last):
+                metrics.update(run.evaluated(evaluate_with_ema(cfg, model, ema, dev), iteration=iteration))
+            metrics.update({"time/iteration_s": time.perf_counter() - t0, "time/total_s": run.elapsed()})
+            run.log(metrics, step=instances)  # log, then checkpoint (see TrainingRun)
+            if run.due(iteration, cfg.run.checkpoint_every, last):
+                run.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
+                          "ema": ema.state_dict() if ema is not None else None, "instances": instances,
+                          "rng": rng_state()})
+            run.logger.advance()
+            if out_of_time:
+                run.budget_reached(iteration)
+                break
+    return metrics
+
+
+POSTFIX = {"eval/gap_pct": "gap%", "train/tour_length": "len", "time/instances_per_s": "inst/s"}
+CURVES = (
+    ("dev gap (%)", ("eval/gap_pct", "eval/gap_pct_last")), ("tour length", ("train/tour_length", "eval/tour_length")),
+    ("losses", ("loss/objective", "loss/critic")), ("seconds", ("time/iteration_s",)),
+)
+
+
+def restore(cfg: PPORoutingConfig, resume_state: Optional[dict]):
+    """Model, Adam, the weight average (or None), the iteration and the instance count: fresh, or
+    as the checkpoint left them (with its RNG states)."""
     model = make_model(cfg)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.ppo.lr)
     start, instances = 0, 0
@@ -251,98 +308,53 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
             ema.load_state_dict(resume_state["ema"])
         start, instances = resume_state["iteration"], resume_state["instances"]
         set_rng_state(resume_state["rng"])
-    env = make_train_env(cfg, seed=cfg.seed + start)
-    first_nodes, group_size = None, 1
-    if cfg.ppo.multistart:
-        first_nodes = multistart_nodes(cfg.env.problem, cfg.env.size, cfg.ppo.batch_instances,
-                                       cfg.ppo.rollouts_per_instance).to(cfg.device)
-        group_size = 1 if cfg.ppo.symmetric_rollouts else cfg.ppo.rollouts_per_instance
-    dev = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size) if cfg.env.dev_set else None
-    rd = str(run_dir)
-    logger = RunLogger(run_dir, total=cfg.train.iterations, initial=start, unit="iter",
-                       purge_step=instances + 1 if resume_state is not None else None,
-                       postfix_keys={"eval/gap_pct": "gap%", "train/tour_length": "len", "time/instances_per_s": "inst/s"},
-                       tensorboard=cfg.run.tensorboard, progress=cfg.run.progress)
-    metrics: dict[str, float] = {}
-    t_start = run_clock_start(resume_state, cfg.run.time_budget_s)  # training seconds continue across --resume
-    try:
-        for iteration in range(start + 1, cfg.train.iterations + 1):
-            t0 = time.perf_counter()
-            lr = cfg.ppo.lr * lr_factor(cfg, iteration - 1, t0 - t_start)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            model.eval()
-            batch = rollout(env, model, first_nodes=first_nodes, group_size=group_size)
-            if cfg.ppo.advantage == "shared":
-                compute_shared_advantage(batch, cfg.ppo.rollouts_per_instance)
-            else:
-                compute_advantage(batch, cfg.ppo.gamma, cfg.ppo.lmbda)
-            for key in ("value", "advantage", "value_target", "log_prob"):
-                check_finite(key, batch[key], iteration=iteration, run_dir=rd)
-            t1 = time.perf_counter()
-            model.train()
-            metrics = ppo_routing_update(
-                model, batch, optimizer, epochs=cfg.ppo.epochs, minibatch_instances=cfg.ppo.minibatch_instances,
-                clip_epsilon=cfg.ppo.clip_epsilon, entropy_coef=cfg.ppo.entropy_coef, critic_coef=cfg.ppo.critic_coef,
-                max_grad_norm=cfg.ppo.max_grad_norm, normalize_advantage=cfg.ppo.normalize_advantage,
-                group_size=group_size, first_move_coef=cfg.ppo.first_move_coef if cfg.ppo.multistart else 0.0,
-                instance_group=cfg.ppo.rollouts_per_instance if cfg.ppo.multistart else 0,
-                iteration=iteration, run_dir=rd,
-            )
-            if ema is not None:
-                ema.update_parameters(model)
-            t2 = time.perf_counter()
-            instances += cfg.ppo.batch_instances
-            lengths = batch["tour_length"][:, 0]
-            metrics.update({
-                "train/iteration": iteration, "train/instances": instances,
-                "train/distinct_instances": instances // cfg.ppo.rollouts_per_instance,
-                "train/tour_length": lengths.mean().item(),
-                "train/episode_reward_sum": batch["reward"].sum(1).mean().item(), "train/lr": lr,
-                "diag/value_mean": batch["value"][batch["active"]].mean().item(),
-                "diag/value_target_min": batch["value_target"][batch["active"]].min().item(),
-                "diag/value_target_max": batch["value_target"][batch["active"]].max().item(),
-                "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
-                "time/instances_per_s": cfg.ppo.batch_instances / (t2 - t0),
-            })
-            out_of_time = 0 < cfg.run.time_budget_s <= time.perf_counter() - t_start
-            last = iteration == cfg.train.iterations or out_of_time
-            if dev is not None and ((cfg.eval.every and iteration % cfg.eval.every == 0) or last):
-                ev = evaluate_dev(model if ema is None else ema.module, dev, problem=cfg.env.problem)
-                metrics.update({"eval/gap_pct": ev["gap_pct"], "eval/tour_length": ev["tour_length"],
-                                "time/eval_decode_s": ev["decode_s"]})
-                if ema is not None:
-                    metrics["eval/gap_pct_last"] = evaluate_dev(model, dev, problem=cfg.env.problem)["gap_pct"]
-            check_metrics_finite(metrics, ("eval/gap_pct", "eval/tour_length", "eval/gap_pct_last"),
-                                 iteration=iteration, run_dir=rd)
-            metrics["time/iteration_s"] = time.perf_counter() - t0
-            metrics["time/total_s"] = time.perf_counter() - t_start
-            # log, then checkpoint: a checkpoint never gets ahead of metrics.jsonl (resume drops the rows after it)
-            logger.log(metrics, step=instances)
-            if iteration % cfg.run.checkpoint_every == 0 or last:
-                save_checkpoint(run_dir / CHECKPOINT_NAME, keep_previous=True, state={
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "instances": instances, "rng": rng_state(), "elapsed_s": time.perf_counter() - t_start,
-                })
-            logger.advance()
-            if out_of_time:
-                logger.write(f"time budget of {cfg.run.time_budget_s:.0f} s reached after iteration {iteration}")
-                break
-    finally:
-        logger.close()
-        # pictures never hide the outcome: a failure is a one-line note on stderr
-        k = cfg.ppo.rollouts_per_instance  # logged step = rollouts decoded (k per distinct instance)
-        draw_picture("curves.png", plot_learning_curves, run_dir, panels=(
-            ("dev gap (%)", ("eval/gap_pct", "eval/gap_pct_last")), ("tour length", ("train/tour_length", "eval/tour_length")),
-            ("losses", ("loss/objective", "loss/critic")), ("seconds", ("time/iteration_s",)),
-        ), x_label="training instances" if k == 1 else f"training rollouts ({k} per instance)")
-        if dev is not None:
-            draw_picture("tours.png", plot_dev_tours, model if ema is None else ema.module, dev, cfg.env.problem,
-                         run_dir / "tours.png", dev_set=cfg.env.dev_set)
-        else:
-            note("tours.png not drawn: no dev set (env.dev_set is empty)")
-    return metrics
+    return model, optimizer, ema, start, instances
+
+
+def multistart_setup(cfg: PPORoutingConfig):
+    """``ppo.multistart``: the forced first node of every rollout and the rollouts per encoder pass."""
+    if not cfg.ppo.multistart:
+        return None, 1
+    first_nodes = multistart_nodes(cfg.env.problem, cfg.env.size, cfg.ppo.batch_instances,
+                                   cfg.ppo.rollouts_per_instance).to(cfg.device)
+    return first_nodes, 1 if cfg.ppo.symmetric_rollouts else cfg.ppo.rollouts_per_instance
+
+
+def update_step(cfg: PPORoutingConfig, model, batch, optimizer, group_size: int, *, iteration: int, run_dir: str):
+    """``ppo.epochs`` passes of clipped-PPO minibatch steps over one batch (see baselines.pointer_ppo)."""
+    p = cfg.ppo
+    return ppo_routing_update(
+        model, batch, optimizer, epochs=p.epochs, minibatch_instances=p.minibatch_instances,
+        clip_epsilon=p.clip_epsilon, entropy_coef=p.entropy_coef, critic_coef=p.critic_coef,
+        max_grad_norm=p.max_grad_norm, normalize_advantage=p.normalize_advantage, group_size=group_size,
+        first_move_coef=p.first_move_coef if p.multistart else 0.0,
+        instance_group=p.rollouts_per_instance if p.multistart else 0, iteration=iteration, run_dir=run_dir,
+    )
+
+
+def batch_metrics(cfg: PPORoutingConfig, batch, iteration: int, instances: int, lr: float, t0: float, t1: float,
+                  t2: float) -> dict[str, float]:
+    active = batch["active"]
+    return {
+        "train/iteration": iteration, "train/instances": instances,
+        "train/distinct_instances": instances // cfg.ppo.rollouts_per_instance,
+        "train/tour_length": batch["tour_length"][:, 0].mean().item(),
+        "train/episode_reward_sum": batch["reward"].sum(1).mean().item(), "train/lr": lr,
+        "diag/value_mean": batch["value"][active].mean().item(),
+        "diag/value_target_min": batch["value_target"][active].min().item(),
+        "diag/value_target_max": batch["value_target"][active].max().item(),
+        "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+        "time/instances_per_s": cfg.ppo.batch_instances / (t2 - t0),
+    }
+
+
+def evaluate_with_ema(cfg: PPORoutingConfig, model, ema, dev: dict) -> dict[str, float]:
+    """Greedy dev-set decoding of the weight average (or the model); with an average, also the last iterate."""
+    ev = evaluate_dev(model if ema is None else ema.module, dev, problem=cfg.env.problem)
+    out = {"eval/gap_pct": ev["gap_pct"], "eval/tour_length": ev["tour_length"], "time/eval_decode_s": ev["decode_s"]}
+    if ema is not None:
+        out["eval/gap_pct_last"] = evaluate_dev(model, dev, problem=cfg.env.problem)["gap_pct"]
+    return out
 
 
 def plot_dev_tours(model: PointerActorCritic, data: dict, problem: str, path: Path, k: int = 4, *,
@@ -392,32 +404,18 @@ def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict:
     return record
 
 
+RECIPE_SPEC = Recipe(
+    name=RECIPE, schema=PPORoutingConfig, config_dir=CONFIG_DIR, default_env="tsp20", description=__doc__,
+    validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
+    run_name=lambda cfg: f"{cfg.env.problem}{cfg.env.size}",
+    progress=("iteration", "train.iterations", "iterations"), log_step="instances",
+    required=("model", "optimizer", "iteration", "instances"), env_config_dir=ENV_CONFIG_DIR,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
-    args = parse_recipe_args(argv, schema=PPORoutingConfig, config_dir=CONFIG_DIR, description=__doc__,
-                             default_env="tsp20", env_config_dir=ENV_CONFIG_DIR)
-    cfg: PPORoutingConfig = to_object(args.cfg)
-    validate(cfg)
-    if args.evaluate is not None:
-        evaluate_checkpoint(cfg, args.evaluate)
-        return args.evaluate
-    resume_state = None
-    if args.resume is not None:
-        resume_state, _ = load_resume_state(args.resume, map_location=cfg.device,
-                                            required=("model", "optimizer", "iteration", "instances"))
-        if resume_state["iteration"] >= cfg.train.iterations:
-            raise ConfigError(f"nothing to do: the run already has {resume_state['iteration']} iterations; "
-                              f"raise train.iterations")
-        run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
-    preflight(cfg, resume_state)  # nothing is written before this passes
-    run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=RECIPE, name=f"{cfg.env.problem}{cfg.env.size}",
-                                 resume=args.resume,
-                                 last_step=resume_state["instances"] if resume_state is not None else None)
-    print(f"run directory: {run_dir}", flush=True)
-    try:
-        train(cfg, run_dir, resume_state)
-    finally:
-        lock.release()
-    return run_dir
+    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
+    return run_recipe(RECIPE_SPEC, argv)
 
 
 def cli() -> None:

@@ -5,7 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# tests import the scripted env as a module (recipes load it via "scripted_env:make_nan_env")
+# tests/ on sys.path, for the tests in its sub-folders too: the shared modules import by name
+# (helpers: tiny settings; contract: the loss-contract base; scripted_env: recipes load it as
+# "scripted_env:make_nan_env"). Test files need unique basenames across the sub-folders (no
+# __init__.py: pytest imports each by its basename).
 sys.path.insert(0, str(Path(__file__).parent))
 # keep the 2-core machine responsive and results repeatable
 torch.set_num_threads(1)

@@ -34,8 +34,9 @@ def parse_recipe_args(
 ) -> RecipeArgs:
     """Parses the recipe command line and builds the layered config.
 
-    Order of layers: schema defaults <- ``config_dir/base.yaml`` <- ``config_dir/<env>.yaml`` <-
-    each ``--config`` file <- ``key=value`` overrides. With ``env_config_dir`` (env YAMLs shared by
+    Order of layers: schema defaults <- ``config_dir/base.yaml`` (when present; the shipped ones set
+    no key: every default lives in the schema dataclasses, see ``--help``) <- ``config_dir/<env>.yaml``
+    <- each ``--config`` file <- ``key=value`` overrides. With ``env_config_dir`` (env YAMLs shared by
     several algorithms, e.g. routing), the env layer is ``env_config_dir/<env>.yaml`` followed by
     ``config_dir/<env>.yaml`` when that algorithm-specific override exists. With ``--resume RUN_DIR`` the run's saved
     ``config.yaml`` replaces the YAML layers (overrides still apply, e.g. more iterations);
@@ -80,6 +81,7 @@ def parse_recipe_args(
             raise ConfigError(f"no config for env '{args.env}' ({env_yaml} missing). Available: {', '.join(env_yamls)}")
         algo_env = [config_dir / f"{args.env}.yaml"] if env_config_dir is not None else []
         algo_env = [p for p in algo_env if p.is_file()]
-        yaml_files = [config_dir / "base.yaml", env_yaml, *algo_env, *map(Path, args.config)]
+        base = [p for p in [config_dir / "base.yaml"] if p.is_file()]
+        yaml_files = [*base, env_yaml, *algo_env, *map(Path, args.config)]
     cfg = load_config(schema, yaml_files, args.overrides)
     return RecipeArgs(cfg=cfg, env_name=args.env, resume=args.resume, yaml_files=yaml_files, evaluate=args.evaluate)

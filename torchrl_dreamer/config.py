@@ -5,19 +5,29 @@ This module adds what OmegaConf leaves to the caller:
 
 * every error names the offending key, where it came from (which YAML or the command line) and
   lists the valid keys at that level;
-* ``help_text`` renders every field with its type, default and one-line doc (``--help``);
+* ``help_text`` renders every field with its type (or its choices), default and one-line doc
+  (``--help``);
 * ``save_config`` writes the resolved config to the run directory.
 
-Fields document themselves with :func:`doc`::
+The dataclasses are the only place a default is written (the recipes' ``base.yaml`` files set no
+key; env YAMLs set only what differs). Fields document themselves with :func:`doc`; a field with a
+fixed set of values is typed with a :class:`Choice` enum, so a wrong value fails while loading with
+the valid ones listed::
+
+    class Schedule(Choice):
+        constant = "constant"
+        cosine = "cosine"
 
     @dataclass
     class PPOConfig:
         lr: float = doc(3e-4, "Adam learning rate.")
+        lr_schedule: Schedule = doc(Schedule.constant, "Learning-rate schedule.")
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import os
 import typing
 from pathlib import Path
@@ -26,11 +36,34 @@ from typing import Any, Iterator, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-__all__ = ["ConfigError", "config_errors", "check_ranges", "doc", "load_config", "help_text", "save_config", "to_object", "valid_keys"]
+__all__ = ["Choice", "ConfigError", "config_errors", "check_ranges", "doc", "load_config", "help_text", "save_config",
+           "to_object", "valid_keys"]
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid (unknown key, wrong type, bad syntax, missing file)."""
+
+
+class Choice(str, enum.Enum):
+    """Base of the enums that type choice fields (``class Problem(Choice): tsp = "tsp"; cvrp = "cvrp"``).
+
+    Members are strings: ``cfg.env.problem == "tsp"``, ``PRESETS[cfg.model.size]``, ``f"{cfg.env.problem}"``
+    (the value, not ``Problem.tsp``) and JSON all see the plain value. Each member's name must equal
+    its value: OmegaConf writes the name to ``config.yaml`` and reads it back by name.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        if self._name_ != self._value_:
+            raise TypeError(f"{type(self).__name__}.{self._name_} = {self._value_!r}: a Choice member's name "
+                            "and value must be equal (config files store the name)")
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> list[str]:
+        """The valid values, in definition order."""
+        return [member.value for member in cls]
 
 
 @contextlib.contextmanager
@@ -61,6 +94,31 @@ def _field_type(schema: type, name: str) -> Any:
     return typing.get_type_hints(schema)[name]
 
 
+def _choice_type(tp: Any) -> type[enum.Enum] | None:
+    """The enum of a choice field's type (``Problem`` or ``Optional[Problem]``), else None."""
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else None
+    return tp if isinstance(tp, type) and issubclass(tp, enum.Enum) else None
+
+
+def _leaf_type(schema: type, dotted_key: str) -> Any:
+    """The annotated type of the field at ``dotted_key`` (None when there is no such field)."""
+    node: Any = schema
+    for part in dotted_key.split("."):
+        if not (isinstance(node, type) and dataclasses.is_dataclass(node)):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+    return node
+
+
+def _choices(enum_type: type[enum.Enum]) -> str:
+    return ", ".join(str(member.name) for member in enum_type)
+
+
 def valid_keys(schema: type, dotted_prefix: str = "") -> list[str]:
     """Names of the fields at ``dotted_prefix`` ('' for the top level) of a dataclass schema."""
     node = schema
@@ -83,6 +141,11 @@ def _describe(exc: OmegaConfBaseException, schema: type, source: str) -> ConfigE
             f"unknown config key '{full_key}' in {source}. Valid keys at {where}: {', '.join(keys)}"
         )
     if isinstance(exc, ValidationError):
+        choice = _choice_type(_leaf_type(schema, full_key)) if full_key else None
+        if choice is not None:  # a choice field: name the key and list the valid values
+            value = getattr(exc, "value", None)
+            got = "null" if value is None else repr(value if isinstance(value, (str, int, float, bool)) else str(value))
+            return ConfigError(f"{full_key} must be one of {_choices(choice)}; got {got} (in {source})")
         msg = str(exc).splitlines()[0]
         return ConfigError(f"wrong type for config key '{full_key}' in {source}: {msg}")
     return ConfigError(f"invalid config in {source}: {str(exc).splitlines()[0]}")
@@ -181,7 +244,8 @@ def to_object(cfg: DictConfig) -> Any:
 
 
 def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
-    """Writes the resolved config as YAML (atomically)."""
+    """Writes the resolved config as YAML (atomically). Choice fields are written as their plain
+    names, so ``load_config(schema, [path])`` reads the file back (``--resume``)."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -197,24 +261,39 @@ def _type_name(tp: Any) -> str:
     return f"{name}[{args}]"
 
 
-def help_text(schema: type, prefix: str = "") -> str:
-    """One line per leaf field: ``dotted.key  (type, default)  doc``."""
+def _field_default(field: dataclasses.Field, instance: Any = None) -> Any:
+    """The default of ``field``: taken from ``instance`` (the parent's default object, which may set
+    other values than its class, e.g. ``doc(OptimConfig(actor_lr=1e-4), ...)``) when there is one."""
+    if instance is not None:
+        return getattr(instance, field.name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def help_text(schema: type, prefix: str = "", _defaults: Any = None) -> str:
+    """One line per leaf field: ``dotted.key  (type, default)  doc``; a choice field lists its
+    values: ``(one of: tsp, cvrp; default 'tsp')``."""
     lines = []
     hints = typing.get_type_hints(schema)
     for field in dataclasses.fields(schema):
         tp = hints[field.name]
         key = f"{prefix}{field.name}"
+        default = _field_default(field, _defaults)
         if dataclasses.is_dataclass(tp):
             lines.append(f"[{key}] {field.metadata.get('help', '')}".rstrip())
-            lines.append(help_text(tp, prefix=f"{key}."))
+            nested = default if dataclasses.is_dataclass(default) else None
+            lines.append(help_text(tp, prefix=f"{key}.", _defaults=nested))
             continue
-        if field.default is not dataclasses.MISSING:
-            default = field.default
-        elif field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = field.default_factory()  # type: ignore[misc]
+        if default is dataclasses.MISSING:
+            shown = "???"
+        elif isinstance(default, enum.Enum):
+            shown = repr(default.name)
         else:
-            default = "???"
-        lines.append(
-            f"  {key:<34} ({_type_name(tp)}, default {default!r})  {field.metadata.get('help', '')}"
-        )
+            shown = repr(default)
+        choice = _choice_type(tp)
+        kind = f"one of: {_choices(choice)};" if choice is not None else f"{_type_name(tp)},"
+        lines.append(f"  {key:<34} ({kind} default {shown})  {field.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -11,21 +11,27 @@ from pathlib import Path
 
 import torch
 
-from .config import doc
+from .config import Choice, doc
 from .plots import plot_tours
 
-__all__ = ["RoutingEnvConfig", "ROUTING_EVAL_KEYS", "routing_eval_record", "decoding_name", "dev_tours_title",
+__all__ = ["Problem", "RoutingEnvConfig", "ROUTING_EVAL_KEYS", "routing_eval_record", "decoding_name", "dev_tours_title",
            "plot_decoded_tours"]
+
+
+class Problem(Choice):
+    """The routing problem: travelling salesman or capacitated vehicle routing."""
+    tsp = "tsp"
+    cvrp = "cvrp"
 
 
 @dataclass
 class RoutingEnvConfig:
-    problem: str = doc("tsp", "tsp or cvrp.")
+    problem: Problem = doc(Problem.tsp, "Travelling salesman (tsp) or capacitated vehicle routing (cvrp).")
     size: int = doc(20, "Nodes (TSP) or customers (CVRP) per instance.")
     capacity: int = doc(0, "CVRP vehicle capacity (0 = Kool et al.: 20->30, 50->40, 100->50).")
     dev_set: str = doc("", "Dev set for eval/gap_pct: a bundled name (tsp20, tsp50, cvrp20, cvrp50; shipped in "
                            "envs/data) or the path of a .npz in that format (absolute or relative to the current "
-                           "directory); '' = no dev eval.")
+                           "directory); '' = no dev eval. The env YAMLs set the bundled one.")
 
 
 def dev_tours_title(algo: str, decoding: str, data: dict, k: int, dev_set_file: str = "") -> str:
@@ -52,7 +58,7 @@ def routing_eval_record(cfg, *, algo: str, run_dir: Path, checkpoint: Path, dev_
                         iteration: int, instances: int, gap_pct: float, tour_length: float, decode_s: float) -> dict:
     """One routing evaluation as a flat dict with :data:`ROUTING_EVAL_KEYS` (``cfg``: either
     algorithm's config; ``dev_set`` is the spec as configured, ``dev_set_file`` the file it names)."""
-    record = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "algo": algo, "problem": cfg.env.problem,
+    record = {"run_dir": str(run_dir), "checkpoint": str(checkpoint), "algo": algo, "problem": str(cfg.env.problem),
               "size": cfg.env.size, "dev_set": cfg.env.dev_set, "dev_set_file": str(dev_set_file),
               "instances": int(instances), "decoding": decoding, "seed": cfg.seed, "iteration": int(iteration),
               "gap_pct": float(gap_pct), "tour_length": float(tour_length), "decode_s": float(decode_s)}

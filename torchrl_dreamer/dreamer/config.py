@@ -1,12 +1,47 @@
 """Config pieces every Dreamer recipe shares (the Gymnasium/custom-env recipe and the routing recipe):
-the world-model loss weights and the optimiser. Each field documents itself (``--help``)."""
+the world-model loss weights, the optimiser and the choice types of the Dreamer recipes' fields.
+Each field documents itself (``--help``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import doc
+from ..config import Choice, doc
 
-__all__ = ["WorldModelLossConfig", "OptimConfig"]
+__all__ = ["WorldModelLossConfig", "OptimConfig", "FreeBitsGrad", "ModelSize", "CompileMode", "ActorGrad", "ContMode"]
+
+
+class FreeBitsGrad(Choice):
+    """Gradient of the KL terms below the free-bits threshold."""
+    clip = "clip"
+    straight_through = "straight_through"
+
+
+class ModelSize(Choice):
+    """Network size presets (the keys of ``torchrl_dreamer.dreamer.agent.PRESETS``)."""
+    nano = "nano"
+    tiny = "tiny"
+    xs = "xs"
+    s = "s"
+    m = "m"
+    l = "l"  # noqa: E741 - the paper's name
+
+
+class CompileMode(Choice):
+    """What ``model.compile=true`` compiles."""
+    step = "step"
+    full = "full"
+
+
+class ActorGrad(Choice):
+    """Actor gradient estimator."""
+    reinforce = "reinforce"
+    dynamics = "dynamics"
+
+
+class ContMode(Choice):
+    """Continue flag used in imagination."""
+    prob = "prob"
+    mode = "mode"
 
 
 @dataclass
@@ -14,7 +49,8 @@ class WorldModelLossConfig:
     dyn_scale: float = doc(0.5, "KL(sg(post) || prior) weight (paper 0.5).")
     rep_scale: float = doc(0.1, "KL(post || sg(prior)) weight (paper 0.1).")
     free_bits: float = doc(1.0, "Free nats on the KL summed over latents, per (batch, time).")
-    free_bits_grad: str = doc("clip", "clip (paper: no gradient below free_bits) or straight_through.")
+    free_bits_grad: FreeBitsGrad = doc(FreeBitsGrad.clip, "clip (paper: no gradient below free_bits) or "
+                                                          "straight_through.")
     reconstruction_scale: float = doc(1.0, "Reconstruction loss weight.")
     reward_scale: float = doc(1.0, "Reward loss weight.")
     continue_scale: float = doc(1.0, "Continue loss weight.")

@@ -103,14 +103,14 @@ class TwoHot(nn.Module):
         Computed as ``logsumexp(logits) - w_lo * logits[lo] - w_hi * logits[hi]`` (the two-hot
         target has two non-zero weights summing to 1), which never materialises the dense target
         or the log-softmax: about 3x faster than the textbook form on CPU for 255 bins, and equal
-        to it (``tests/test_dreamer_functional.py``)."""
+        to it (``tests/dreamer/test_dreamer_functional.py``)."""
         if torch.compiler.is_compiling():
             # under torch.compile the gather's backward becomes a scatter into a zeroed
             # [..., num_bins] buffer (an extra pass per loss); the dense two-hot weights as a
             # "tent" max(0, 1 - |bin - symlog(target)| / step) are plain float arithmetic that
             # fuses into the log-softmax passes, forward and backward (~3 ms less per update at
             # the benchmark sizes). Same value up to float32 rounding of the interpolation weight
-            # (tests/test_dreamer_functional.py).
+            # (tests/dreamer/test_dreamer_functional.py).
             return torch.logsumexp(logits, -1) - (self._tent(target) * logits).sum(-1)
         lo, hi, w_up = self._pair(logits, target)
         return torch.logsumexp(logits, -1) - (1 - w_up) * lo - w_up * hi
@@ -120,7 +120,7 @@ class TwoHot(nn.Module):
         """``sum_i scales[i] * loss(logits, targets[i])`` with one ``logsumexp`` (the critic's
         lambda-return and slow-critic terms share their logits): ``sum(scales) * lse - sum_i
         scales[i] * (two-hot_i . logits)``. Equal to the sum of :meth:`loss` calls
-        (``tests/test_dreamer_functional.py``); under ``torch.compile`` the softmax of the
+        (``tests/dreamer/test_dreamer_functional.py``); under ``torch.compile`` the softmax of the
         backward is computed once instead of once per target. ``lse``: ``logsumexp(logits, -1)``
         when the caller has it already (:meth:`decode_and_lse`)."""
         if len(targets) != len(scales) or not targets:

@@ -8,7 +8,7 @@ and gives the time breakdown the throughput benchmark reports.
 
 Optimisation reuses TorchRL's ``DreamerV3Optimizer`` (LaProp: RMS-normalised gradient with
 momentum, plus adaptive gradient clipping at 0.3 of each parameter tensor's norm), checked
-against the DreamerV3 reference (``tests/test_dreamer_update.py``), with one parameter group per
+against the DreamerV3 reference (``tests/dreamer/test_dreamer_losses.py``), with one parameter group per
 module so each gets its own learning rate.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class CompiledDreamerV3Optimizer(DreamerV3Optimizer):
     update compiled into one graph for all param groups that share ``agc``/``betas``/``eps`` (the
     usual case: only the learning rates differ). On CPU the multi-tensor ``_foreach`` ops of the
     original run tensor by tensor (~15 ops x 63 tensors: ~3-5 ms per step at the benchmark sizes);
-    the compiled update is tested equal to it (``tests/test_dreamer_losses.py``). Parameters enter
+    the compiled update is tested equal to it (``tests/dreamer/test_dreamer_losses.py``). Parameters enter
     the graph as ``detach()``ed views of their own storage (updated in place, outside autograd).
     float32 parameters only (what the Dreamer networks use). ``compile_kwargs``: extra
     ``torch.compile`` arguments (e.g. :func:`~torchrl_dreamer.cpu.inductor_options`)."""

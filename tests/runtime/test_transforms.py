@@ -1,4 +1,4 @@
-"""Done expansion and episode-reward-sum logging (SEEDS_DIGEST section 4)."""
+"""Done expansion and episode-reward-sum logging (torchrl_dreamer.transforms, shared by the recipes)."""
 import math
 
 import pytest

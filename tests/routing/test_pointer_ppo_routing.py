@@ -1,15 +1,16 @@
 """Pointer network and the PPO routing baseline (smoke level; learning targets live in benchmarks)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from recipes.ppo_routing import main
 from baselines.pointer_ppo import augment_xy, compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update, rollout
-from envs.routing import CVRPEnv, TSPEnv, generate_cvrp, generate_tsp
+from envs.routing import CVRPEnv, TSPEnv, generate_cvrp, generate_tsp, load_dev_set
 from torchrl_dreamer.pointer import AllMaskedError, PointerActorCritic, masked_log_softmax
+
+from helpers import BENCHMARKS, read_metrics
 
 SMALL = dict(embed_dim=32, n_layers=1, n_heads=4, ff_dim=64)
 
@@ -80,17 +81,63 @@ def test_evaluate_dev_gap_multistart_and_augment(problem):
     assert plain["gap_pct"] == pytest.approx((plain["tour_length"] - 1) * 100)
 
 
+def _closed_tour_lengths(problem, data, actions, active):
+    """Reference tour lengths (float64) of decoded node sequences, from the dev set's coordinates
+    alone, after checking each tour is complete (TSP: every node once; CVRP: every customer once,
+    back at the depot)."""
+    lengths = []
+    for b in range(actions.shape[0]):
+        seq = actions[b][active[b]].tolist()
+        if problem == "tsp":
+            points = data["locs"][b].double()
+            assert sorted(seq) == list(range(points.shape[0])), b
+            route = seq + seq[:1]
+        else:
+            points = torch.cat([data["depot"][b].view(1, 2), data["locs"][b]]).double()
+            assert sorted(n for n in seq if n != 0) == list(range(1, points.shape[0])) and seq[-1] == 0, b
+            route = [0, *seq]
+        legs = points[route[1:]] - points[route[:-1]]
+        lengths.append(float(legs.norm(dim=-1).sum()))
+    return torch.tensor(lengths, dtype=torch.float64)
+
+
+@pytest.mark.smoke
 @pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
 def test_ppo_routing_smoke(env_name, tmp_runs, device_args):
+    """Two iterations with a dev-set evaluation after each: the logged eval/tour_length and
+    eval/gap_pct are those of the checkpointed policy's greedy tours on the bundled dev set,
+    recomputed here from the coordinates and the reference costs (mean of per-instance gaps)."""
+    from recipes.ppo_routing import PPORoutingConfig, make_model
+    from torchrl_dreamer.checkpoint import load_checkpoint
+    from torchrl_dreamer.config import load_config, to_object
+
     run_dir = main(["--env", env_name, *device_args, "train.iterations=2", "eval.every=1", "ppo.batch_instances=16",
                     "ppo.minibatch_instances=8", "ppo.epochs=1", "model.embed_dim=32", "model.n_layers=1",
                     "model.n_heads=4", "model.ff_dim=64", "run.progress=false", "run.tensorboard=false",
                     f"run.root={tmp_runs}"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and "eval/gap_pct" in records[-1] and records[-1]["eval/gap_pct"] > 0
+    records = read_metrics(run_dir)
+    assert [r["train/iteration"] for r in records] == [1, 2]
+    assert all("eval/gap_pct" in r and "eval/tour_length" in r for r in records)
     assert (run_dir / "checkpoint.pt").is_file() and (run_dir / "curves.png").is_file()
+    # the last evaluation, recomputed from the checkpoint (written after it) and the dev set
+    cfg = to_object(load_config(PPORoutingConfig, [run_dir / "config.yaml"], ["device=cpu"]))
+    model = make_model(cfg)
+    model.load_state_dict(load_checkpoint(run_dir, map_location="cpu")["model"])
+    model.eval()
+    problem = cfg.env.problem
+    data = load_dev_set(env_name, problem)
+    inst = {k: v for k, v in data.items() if k in ("locs", "depot", "demand", "capacity")}
+    with torch.no_grad():
+        out = rollout(TSPEnv(instances=inst) if problem == "tsp" else CVRPEnv(instances=inst), model, greedy=True)
+    lengths = _closed_tour_lengths(problem, data, out["action"], out["active"])
+    gap = ((lengths / data["ref_cost"] - 1) * 100).mean().item()
+    assert records[-1]["eval/tour_length"] == pytest.approx(lengths.mean().item(), rel=1e-7)
+    assert records[-1]["eval/gap_pct"] == pytest.approx(gap, rel=1e-7)
+    # ...and the first evaluation measured other weights (the update changed the policy)
+    assert records[0]["eval/gap_pct"] != records[-1]["eval/gap_pct"]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
 def test_evaluate_writes_tour_picture(env_name, tmp_runs, capsys):
     run_dir = main(["--env", env_name, "train.iterations=1", "eval.every=0", "ppo.batch_instances=8",
@@ -122,6 +169,7 @@ def test_shared_baseline_advantage_exact():
         compute_shared_advantage(batch, 3)
 
 
+@pytest.mark.smoke
 def test_ppo_routing_shared_baseline_smoke_and_config_errors(tmp_runs):
     from torchrl_dreamer.config import ConfigError
 
@@ -136,7 +184,7 @@ def test_ppo_routing_shared_baseline_smoke_and_config_errors(tmp_runs):
         main(["--env", "tsp20", "ppo.advantage=shared", *tiny])
     with pytest.raises(ConfigError, match="divide"):
         main(["--env", "tsp20", "ppo.rollouts_per_instance=3", *tiny])
-    with pytest.raises(ConfigError, match="ppo.advantage must be gae or shared"):
+    with pytest.raises(ConfigError, match="ppo.advantage must be one of gae, shared"):
         main(["--env", "tsp20", "ppo.advantage=pomo", *tiny])
     # POMO-style multi-start training: forced distinct first nodes, one encoder pass per instance
     run_dir = main(["--env", "cvrp20", "ppo.advantage=shared", "ppo.rollouts_per_instance=8", "ppo.multistart=true",
@@ -339,6 +387,7 @@ def test_routing_ppo_loss_equals_torchrl_clip_ppo_loss(problem):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.smoke
 def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
     from recipes.ppo_routing import PPORoutingConfig, lr_factor
     from torchrl_dreamer.config import ConfigError, load_config, to_object
@@ -372,6 +421,7 @@ def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
         main(["--env", "tsp20", "ppo.lr_schedule=cosine", "ppo.lr_decay_start=1.0", *tiny])
 
 
+@pytest.mark.smoke
 def test_time_budget_and_lr_schedule_continue_across_resume(tmp_runs):
     """run.time_budget_s counts the training seconds of every process of a run: the checkpoint
     stores them, a resume goes on from there (time/total_s, the budget, and a cosine lr schedule
@@ -393,7 +443,7 @@ def test_time_budget_and_lr_schedule_continue_across_resume(tmp_runs):
     with pytest.raises(ConfigError, match="nothing to do: the run already trained 1000 s"):
         main(["--resume", str(run_dir), "train.iterations=5", "run.time_budget_s=1000"])
     main(["--resume", str(run_dir), "train.iterations=5", "run.time_budget_s=2000"])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     resumed = [r for r in records if r["train/iteration"] > 1]
     assert [r["train/iteration"] for r in resumed] == [2, 3, 4, 5]
     assert all(1000 <= r["time/total_s"] < 1300 for r in resumed)
@@ -405,6 +455,7 @@ def test_time_budget_and_lr_schedule_continue_across_resume(tmp_runs):
         main(["--resume", str(run_dir)])
 
 
+@pytest.mark.smoke
 def test_ema_of_policy_weights_is_evaluated_checkpointed_and_resumed(tmp_runs, capsys):
     """ppo.ema_decay: after each iteration ema = d * ema + (1 - d) * weights (first: a copy); the dev
     gap is measured on the average (eval/gap_pct) and on the last iterate (eval/gap_pct_last); the
@@ -466,7 +517,7 @@ def test_routing_benchmark_plot_draws_both_curves_and_the_target(tmp_path, monke
     import importlib
     import sys
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     sys.modules.pop("routing_ppo", None)
     plot_curve = importlib.import_module("routing_ppo").plot_curve
     import matplotlib.pyplot as plt

@@ -1,6 +1,4 @@
 """Dreamer on routing: exact imagined masks, never an illegal imagined move, finite log-probs, smoke runs."""
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,11 +11,10 @@ from torchrl_dreamer.config import ConfigError
 from torchrl_dreamer.dreamer.imagination import imagine
 from torchrl_dreamer.dreamer.routing import RoutingHooks, RoutingSizes, dreamer_rollout, make_routing_agent
 
+from helpers import DREAMER_ROUTING_TINY, read_metrics
+
 SIZES = RoutingSizes(embed_dim=16, encoder_layers=1, heads=2, ff_dim=32, deter=16, hidden=8, units=16, stoch=4,
                      classes=4, blocks=2, action_dim=8, bins=31)
-TINY = ["model.embed_dim=16", "model.heads=2", "model.ff_dim=32", "model.encoder_layers=1", "model.deter=16",
-        "model.hidden=8", "model.units=16", "model.stoch=4", "model.classes=4", "model.blocks=2", "model.action_dim=8",
-        "run.progress=false", "run.tensorboard=false", "threads=1", "optim.warmup_steps=0"]
 
 
 def _env(problem, batch, seed=0):
@@ -109,13 +106,14 @@ def test_collected_rows_follow_the_world_model_layout(problem):
     assert (rows["action"][rows["is_terminal"]] == 0).all()
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("env_name", ["tsp20", "cvrp20"])
 def test_dreamer_routing_smoke_and_algo_switch(env_name, tmp_runs, device_args):
-    args = ["--algo", "dreamer", "--env", env_name, *TINY, f"run.root={tmp_runs}", "train.iterations=4",
+    args = ["--algo", "dreamer", "--env", env_name, *DREAMER_ROUTING_TINY, f"run.root={tmp_runs}", "train.iterations=4",
             "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
             "eval.every=2", "eval.diag_starts=4", *device_args]
     run_dir = routing.main(args)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     last = records[-1]
     assert last["train/updates"] > 0 and last["eval/gap_pct"] > 0
     assert last["diag/imagined_invalid_action_rate"] == 0.0
@@ -125,12 +123,13 @@ def test_dreamer_routing_smoke_and_algo_switch(env_name, tmp_runs, device_args):
     assert "dreamer_routing" in str(run_dir)
 
 
+@pytest.mark.smoke
 def test_dreamer_routing_curriculum_switches_sizes_and_validates(tmp_runs):
-    args = ["--algo", "dreamer", "--env", "tsp20", *TINY, f"run.root={tmp_runs}", "train.iterations=5",
+    args = ["--algo", "dreamer", "--env", "tsp20", *DREAMER_ROUTING_TINY, f"run.root={tmp_runs}", "train.iterations=5",
             "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
             "eval.every=100", "eval.diag_starts=4", "train.curriculum=5:2,10:2"]
     run_dir = routing.main(args)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     sizes = [r["train/problem_size"] for r in records if "train/problem_size" in r]
     assert sizes == [5, 5, 10, 10, 20]
     assert records[-1]["train/updates"] > records[1]["train/updates"] and records[-1]["eval/gap_pct"] > 0
@@ -139,13 +138,14 @@ def test_dreamer_routing_curriculum_switches_sizes_and_validates(tmp_runs):
             routing.main([*args, f"train.curriculum={bad}"])
 
 
+@pytest.mark.smoke
 def test_dreamer_routing_resume_continues_counters_parameters_and_clock(tmp_runs, device_args):
     """``python -m recipes.routing --resume <run>`` (no ``--algo``: the run directory tells) goes on
     from the checkpoint: iteration, episodes, updates, optimizer steps, training seconds. It used
     to load the run's config with the PPO schema and fail."""
     from torchrl_dreamer.checkpoint import load_checkpoint
 
-    args = ["--algo", "dreamer", "--env", "tsp20", *TINY, f"run.root={tmp_runs}", "train.iterations=3",
+    args = ["--algo", "dreamer", "--env", "tsp20", *DREAMER_ROUTING_TINY, f"run.root={tmp_runs}", "train.iterations=3",
             "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
             "eval.every=100", "eval.diag_starts=4", "env.dev_set=''", *device_args]
     run_dir = routing.main(args)
@@ -157,7 +157,7 @@ def test_dreamer_routing_resume_continues_counters_parameters_and_clock(tmp_runs
     assert second["updates"] > first["updates"]
     steps = [g["step"] for g in second["optimizer"]["param_groups"]]
     assert all(s == second["updates"] for s in steps)  # the optimizer went on, not restarted
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run_dir)
     assert [r["train/iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert all(r["time/total_s"] >= first["elapsed_s"] for r in records[3:])
     with pytest.raises(ConfigError, match="nothing to do"):

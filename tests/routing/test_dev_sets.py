@@ -3,7 +3,6 @@ recipes that find them from any working directory, and no reference to data outs
 import json
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,11 +11,7 @@ from envs.routing import BUNDLED_DEV_SETS, DevSetError, dev_set_path, load_dev_s
 from recipes import routing
 from torchrl_dreamer.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
-# a recipe run small enough for a unit test (PPO, one iteration, a tiny pointer network)
-TINY_PPO = ["train.iterations=1", "ppo.batch_instances=8", "ppo.minibatch_instances=8", "ppo.epochs=1",
-            "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2", "model.ff_dim=32",
-            "run.progress=false", "run.tensorboard=false"]
+from helpers import PPO_ROUTING_TINY, REPO
 
 
 @pytest.mark.parametrize("name, problem, size, mean", [
@@ -130,9 +125,10 @@ def test_no_tracked_file_points_outside_the_repository():
     assert not offenders, "references to data outside the repository:\n" + "\n".join(offenders)
 
 
+@pytest.mark.smoke
 def test_recipe_finds_the_bundled_set_from_another_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # neither the repository nor its parent
-    run_dir = routing.main(["--algo", "ppo", "--env", "tsp20", "env.dev_set=tsp20", "eval.every=1", *TINY_PPO,
+    run_dir = routing.main(["--algo", "ppo", "--env", "tsp20", "env.dev_set=tsp20", *PPO_ROUTING_TINY, "eval.every=1",
                             f"run.root={tmp_path / 'runs'}"])
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["eval/gap_pct"] > 0

@@ -21,7 +21,8 @@ from recipes.mappo_vmas import main as mappo_main
 from recipes.routing import main as routing_main
 from torchrl_dreamer.runtime import EXIT_INPUT, LOCK_NAME, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import DREAMER_TINY, PPO_ROUTING_TSP_RUN, REPO
+
 
 ROWS = [
     # --- DreamerV3 (recipes.dreamer) ---
@@ -67,7 +68,7 @@ ROWS = [
     ("ppo_routing", ["ppo.max_grad_norm=-1"], r"ppo\.max_grad_norm must be > 0"),
     ("ppo_routing", ["ppo.clip_epsilon=0"], r"ppo\.clip_epsilon must be > 0"),
     ("ppo_routing", ["train.iterations=0"], r"train\.iterations must be >= 1"),
-    ("ppo_routing", ["env.problem=vrp"], r"env\.problem must be tsp or cvrp"),
+    ("ppo_routing", ["env.problem=vrp"], r"env\.problem must be one of tsp, cvrp; got 'vrp'"),
     ("ppo_routing", ["env.problem=cvrp", "env.dev_set=tsp20"], r"env\.dev_set.*TSP.*cvrp"),
     ("ppo_routing", ["env.dev_set=/no/such/set.npz"], r"env\.dev_set.*/no/such/set\.npz"),
     ("ppo_routing", ["--env", "cvrp20", "env.capacity=5"], r"env\.capacity \(5\) is below the largest customer demand"),
@@ -138,21 +139,18 @@ def test_python_m_prints_one_line_and_exits_2(module, args, tmp_path):
 
 # --- a failed resume changes nothing ---------------------------------------------------------------
 
-PPO_TINY = ["--env", "tsp20", "train.iterations=1", "eval.every=0", "env.dev_set=''", "ppo.batch_instances=8",
-            "ppo.minibatch_instances=8", "ppo.epochs=1", "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2",
-            "model.ff_dim=16", "run.progress=false", "run.tensorboard=false", "threads=1"]
-
 
 @pytest.fixture(scope="module")
 def finished_ppo_run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    return ppo_routing_main([*PPO_TINY, f"run.root={root}"])
+    return ppo_routing_main([*PPO_ROUTING_TSP_RUN, f"run.root={root}"])
 
 
 def snapshot(run_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir()) if p.is_file()}
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("args,message", [
     (["train.iterations=3", "model.embed_dim=32"], r"weights do not fit the network this config builds.*size mismatch"),
     (["train.iterations=3", "device=cude"], r"device: 'cude' is not a torch device string"),
@@ -168,6 +166,7 @@ def test_failed_resume_leaves_the_run_directory_byte_identical(finished_ppo_run,
     assert snapshot(finished_ppo_run) == before  # config.yaml, checkpoint, metrics: untouched; no lock left
 
 
+@pytest.mark.smoke
 def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(finished_ppo_run, capsys):
     before = snapshot(finished_ppo_run)
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -188,8 +187,9 @@ def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(finis
     assert len(steps) == 2
 
 
+@pytest.mark.smoke
 def test_unreadable_checkpoints_name_the_files(tmp_path, capsys):
-    run_dir = ppo_routing_main([*PPO_TINY, f"run.root={tmp_path}"])
+    run_dir = ppo_routing_main([*PPO_ROUTING_TSP_RUN, f"run.root={tmp_path}"])
     (run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
     before = snapshot(run_dir)
     code, err = run_entry(routing_main, ["--resume", str(run_dir), "train.iterations=2"], capsys)
@@ -200,6 +200,7 @@ def test_unreadable_checkpoints_name_the_files(tmp_path, capsys):
     assert code == EXIT_INPUT and f"cannot read checkpoint {run_dir / 'checkpoint.pt'}" in err, err
 
 
+@pytest.mark.smoke
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
     """ENOSPC while writing a checkpoint: one line naming the file, exit 2; the previous checkpoint
     is intact and no temporary file is left."""
@@ -207,7 +208,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
 
     import torchrl_dreamer.checkpoint as checkpoint
 
-    run_dir = ppo_routing_main([*PPO_TINY, f"run.root={tmp_path}"])
+    run_dir = ppo_routing_main([*PPO_ROUTING_TSP_RUN, f"run.root={tmp_path}"])
     good = (run_dir / "checkpoint.pt").read_bytes()
 
     def full_disk(state, handle):
@@ -223,11 +224,11 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys,
     assert not list(run_dir.glob(".*tmp*")) and not (run_dir / LOCK_NAME).exists()
 
 
+@pytest.mark.smoke
 def test_a_corrupt_best_pt_never_blocks_a_resume(tmp_path, capsys):
     from recipes.dreamer import main as dreamer_main_
-    from test_recipe_dreamer import TINY
 
-    run_dir = dreamer_main_(["--env", "cartpole", *TINY, f"run.root={tmp_path}", "eval.every=32", "train.env_steps=64"])
+    run_dir = dreamer_main_(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_path}", "eval.every=32", "train.env_steps=64"])
     (run_dir / "best.pt").write_bytes(b"garbage")
     capsys.readouterr()
     run_cli(dreamer_main_, ["--resume", str(run_dir), "train.env_steps=96"])
@@ -236,6 +237,7 @@ def test_a_corrupt_best_pt_never_blocks_a_resume(tmp_path, capsys):
     assert len([line for line in (run_dir / "metrics.jsonl").read_text().splitlines()]) >= 3
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("args,message", [
     (["train.env_steps=96", "replay.capacity=20"], r"replay\.capacity=20 is smaller than the \d+ replay rows in the checkpoint"),
     (["train.env_steps=96", "model.units=24"], r"checkpoint's weights do not fit the model this config builds.*size mismatch"),
@@ -243,9 +245,8 @@ def test_a_corrupt_best_pt_never_blocks_a_resume(tmp_path, capsys):
 ])
 def test_failed_dreamer_resume_leaves_the_run_directory_byte_identical(tmp_path, args, message, capsys):
     from recipes.dreamer import main as dreamer_main_
-    from test_recipe_dreamer import TINY
 
-    run_dir = dreamer_main_(["--env", "cartpole", *TINY, f"run.root={tmp_path}", "eval.every=0", "train.env_steps=48"])
+    run_dir = dreamer_main_(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_path}", "eval.every=0", "train.env_steps=48"])
     before = snapshot(run_dir)
     code, err = run_entry(dreamer_main_, ["--resume", str(run_dir), *args], capsys)
     assert code == EXIT_INPUT, err

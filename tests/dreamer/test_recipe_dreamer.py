@@ -9,24 +9,15 @@ from torchrl_dreamer.checkpoint import load_checkpoint
 from torchrl_dreamer.config import ConfigError
 from torchrl_dreamer.guards import NonFiniteError
 
-TINY = [
-    "model.size=tiny", "model.deter=32", "model.hidden=16", "model.units=16", "model.stoch=4", "model.classes=4",
-    "model.blocks=2", "model.cnn_depth=4", "replay.batch_size=2", "replay.seq_len=8", "replay.train_ratio=16",
-    "replay.prefill=40", "env.num_envs=2", "train.steps_per_collect=8", "eval.episodes=2", "run.progress=false",
-    "run.tensorboard=false", "run.log_every=16", "ac.horizon=3", "threads=1", "optim.warmup_steps=0",
-    "model.compile=false",  # the CartPole YAML compiles; smoke tests run eagerly (compile is tested on its own)
-]
+from helpers import BENCHMARKS, DREAMER_TINY, REPO, last_json, read_metrics
 
 
-def _records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.smoke
 @pytest.mark.parametrize("env_name", ["cartpole", "cartpole_pixels", "lunarlander", "pendulum"])
 def test_smoke_every_env_yaml(env_name, tmp_runs, device_args):
-    run_dir = dreamer.main(["--env", env_name, *TINY, f"run.root={tmp_runs}", "train.env_steps=96",
+    run_dir = dreamer.main(["--env", env_name, *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=96",
                             "eval.every=64", "env.max_episode_steps=30", *device_args])
-    records = _records(run_dir)
+    records = read_metrics(run_dir)
     last = records[-1]
     assert last["train/env_steps"] >= 96 and last["train/updates"] > 0
     assert "eval/episode_reward_sum" in last and "loss/world_model" in last
@@ -34,6 +25,8 @@ def test_smoke_every_env_yaml(env_name, tmp_runs, device_args):
     assert (run_dir / "config.yaml").is_file()
 
 
+@pytest.mark.smoke
+@pytest.mark.slow
 def test_full_compile_mode_trains_and_logs(tmp_runs, monkeypatch):
     """model.compile=true model.compile_mode=full: compiled scan, imagination loop and losses run
     inside the recipe (prefill, updates, evaluation, checkpoint) and give finite losses; on CPU the
@@ -42,16 +35,17 @@ def test_full_compile_mode_trains_and_logs(tmp_runs, monkeypatch):
     asked = []
     real = dreamer.inductor_options
     monkeypatch.setattr(dreamer, "inductor_options", lambda *a: asked.append(a) or real(*a))
-    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "eval.every=0", "env.max_episode_steps=30", "model.compile=true",
                             "model.compile_mode=full", "model.compile_cpp_wrapper=true"])
     assert asked == [("cpu", True)]
-    last = _records(run_dir)[-1]
+    last = read_metrics(run_dir)[-1]
     assert last["train/updates"] > 0
     assert all(torch.isfinite(torch.tensor(last[k])) for k in ("loss/world_model", "loss/critic", "loss/actor"))
     assert load_checkpoint(run_dir)["updates"] == last["train/updates"]
 
 
+@pytest.mark.smoke
 def test_compile_falls_back_to_eager_with_a_warning_when_unavailable(tmp_runs, monkeypatch, capsys):
     """The CartPole YAML asks for torch.compile; where it cannot run (no C++ compiler) the recipe
     says so and trains eagerly instead of failing at the first update."""
@@ -60,12 +54,12 @@ def test_compile_falls_back_to_eager_with_a_warning_when_unavailable(tmp_runs, m
                         lambda device: calls.append(device) or "InvalidCxxCompiler: no working C++ compiler")
     monkeypatch.setattr(dreamer.ImaginationModule, "enable_compile",
                         lambda self, *a, **k: pytest.fail("compiled although compile is unavailable"))
-    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=48",
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=48",
                             "eval.every=0", "env.max_episode_steps=30", "model.compile=true",
                             "model.compile_mode=full"])
     assert calls == ["cpu"]
     assert "training eagerly" in capsys.readouterr().err
-    assert _records(run_dir)[-1]["train/updates"] > 0
+    assert read_metrics(run_dir)[-1]["train/updates"] > 0
 
 
 def test_compile_unavailable_reports_a_failing_compile(monkeypatch):
@@ -98,8 +92,9 @@ def test_cartpole_yaml_defaults_to_the_compiled_update():
     assert load_config(dreamer.DreamerConfig, [dreamer.CONFIG_DIR / "base.yaml"]).model.compile_cpp_wrapper is True
 
 
+@pytest.mark.smoke
 def test_custom_factory_env_and_terminal_rows(tmp_runs):
-    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "env.factory=scripted_env:make_counting_env", "eval.every=0"])
     state = load_checkpoint(run_dir)
     storage = state["replay"]["_storage"]["_storage"]
@@ -110,11 +105,12 @@ def test_custom_factory_env_and_terminal_rows(tmp_runs):
     assert is_last.any()
     assert torch.allclose(obs[is_last][:, 0], torch.ones(int(is_last.sum())))
     assert storage["is_terminal"][is_last.nonzero().squeeze(-1)].all()
-    assert _records(run_dir)[-1]["train/episode_reward_sum"] == 8.0
+    assert read_metrics(run_dir)[-1]["train/episode_reward_sum"] == 8.0
 
 
+@pytest.mark.smoke
 def test_resume_continues_counters_parameters_and_replay(tmp_runs, device_args):
-    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
             "eval.every=0", "run.checkpoint_every=64", *device_args]
     run_dir = dreamer.main([*args, "train.env_steps=64"])
     first = load_checkpoint(run_dir)
@@ -129,15 +125,16 @@ def test_resume_continues_counters_parameters_and_replay(tmp_runs, device_args):
     # streams after the resume are new ones: no replay window joins the old and new episodes
     streams = second["replay"]["_storage"]["_storage"]["stream"]
     assert int(streams.max()) >= 2
-    records = _records(run_dir)
+    records = read_metrics(run_dir)
     assert records[-1]["train/env_steps"] == 128
     # the training clock (time/total_s, run.time_budget_s) goes on from the checkpoint's seconds
     assert 0 < first["elapsed_s"] <= second["elapsed_s"]
     assert all(r["time/total_s"] >= first["elapsed_s"] for r in records if r["train/env_steps"] > 64)
 
 
+@pytest.mark.smoke
 def test_resume_restores_exact_parameters(tmp_runs):
-    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
             "eval.every=0", "train.env_steps=48"]
     run_dir = dreamer.main(args)
     saved = load_checkpoint(run_dir)
@@ -151,8 +148,9 @@ def test_resume_restores_exact_parameters(tmp_runs):
     assert str(again["optimizer"]["state"]) == str(saved["optimizer"]["state"])
 
 
+@pytest.mark.smoke
 def test_nan_observation_stops_with_message_and_keeps_checkpoint(tmp_runs):
-    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
             "env.kwargs={nan_obs_at_call: 40}", "eval.every=0", "run.checkpoint_every=16", "train.env_steps=200"]
     with pytest.raises(NonFiniteError, match="non-finite values in 'next/observation'.*last good checkpoint") as info:
         dreamer.main(args)
@@ -162,22 +160,54 @@ def test_nan_observation_stops_with_message_and_keeps_checkpoint(tmp_runs):
     assert all(torch.isfinite(v).all() for v in state["agent"].values() if v.is_floating_point())
 
 
+@pytest.mark.smoke
 def test_evaluate_entry_point(tmp_runs, capsys):
-    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=48", "eval.every=0"])
+    """``--evaluate`` plays ``eval.episodes`` CartPole episodes (one per env, mode actions) from the
+    checkpoint: CartPole pays +1 per step, so the mean episode reward sum is the mean episode length;
+    the record names the checkpoint's counters, is saved as printed, and a second evaluation of the
+    same checkpoint and seed repeats it."""
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=48", "eval.every=0"])
+    state = load_checkpoint(run_dir)
+    capsys.readouterr()
+    torch.manual_seed(0)  # the posterior samples come from the caller's RNG (see the next test)
     dreamer.main(["--evaluate", str(run_dir), "eval.episodes=2"])
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out["eval/episodes"] == 2 and out["eval/episode_reward_sum"] > 0
+    out = last_json(capsys.readouterr().out)
+    assert json.loads((run_dir / "eval.json").read_text()) == out
+    assert out["eval/episodes"] == 2 and out["checkpoint"] == str(run_dir / "checkpoint.pt")
+    assert out["env_steps"] == state["env_steps"] == 48 and out["updates"] == state["updates"]
+    assert out["eval/episode_reward_sum"] == out["eval/episode_length"]  # +1 per step, the last one included
+    assert 1 <= out["eval/episode_length"] <= 500  # CartPole-v1 truncates at 500 steps
+    torch.manual_seed(0)
+    dreamer.main(["--evaluate", str(run_dir), "eval.episodes=2"])
+    again = last_json(capsys.readouterr().out)
+    assert {k: v for k, v in again.items() if not k.startswith("time/")} == \
+        {k: v for k, v in out.items() if not k.startswith("time/")}
 
 
+@pytest.mark.smoke
+def test_evaluate_does_not_depend_on_the_callers_random_state(tmp_runs, capsys):
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=48", "eval.every=0"])
+    results = []
+    for caller_seed in (1, 2, 3):
+        torch.manual_seed(caller_seed)
+        capsys.readouterr()
+        dreamer.main(["--evaluate", str(run_dir), "eval.episodes=4"])
+        out = last_json(capsys.readouterr().out)
+        results.append((out["eval/episode_reward_sum"], out["eval/episode_length"]))
+    assert results[0] == results[1] == results[2]
+
+
+@pytest.mark.smoke
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_best_evaluation_across_a_resume(tmp_runs, capsys):
     """eval.keep_best: <run>/best.pt holds the weights of the best evaluation so far (not the last),
     ``eval/best_episode_reward_sum`` is the running maximum, a resume carries it on (a worse
     evaluation after the resume does not replace best.pt), and ``--evaluate <run>/best.pt`` scores
     that file with the run's config."""
-    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "eval.every=32", "env.max_episode_steps=30"]
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "eval.every=32", "env.max_episode_steps=30"]
     run_dir = dreamer.main([*args, "train.env_steps=96"])
     dreamer.main(["--resume", str(run_dir), "train.env_steps=192"])
-    evals = [r for r in _records(run_dir) if "eval/episode_reward_sum" in r]
+    evals = [r for r in read_metrics(run_dir) if "eval/episode_reward_sum" in r]
     assert len(evals) >= 5
     scores = [r["eval/episode_reward_sum"] for r in evals]
     assert [r["eval/best_episode_reward_sum"] for r in evals] == [max(scores[:i + 1]) for i in range(len(scores))]
@@ -198,7 +228,7 @@ def test_best_checkpoint_holds_the_best_evaluation_across_a_resume(tmp_runs, cap
     torch.save(state, run_dir / "checkpoint.pt")
     dreamer.main(["--resume", str(run_dir), "train.env_steps=224"])
     assert load_checkpoint(run_dir / "best.pt")["env_steps"] == best["env_steps"]
-    assert _records(run_dir)[-1]["eval/best_episode_reward_sum"] >= max(scores)
+    assert read_metrics(run_dir)[-1]["eval/best_episode_reward_sum"] >= max(scores)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -215,15 +245,15 @@ def test_config_errors_before_any_work(override, message, tmp_runs):
     assert not tmp_runs.exists()
 
 
+@pytest.mark.smoke
 def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypatch, capsys):
     """benchmarks/dreamer_cartpole_episode_ends.py: plays mode-action episodes from a run's checkpoint
     and names why each ended; the ends it reports agree with the episode lengths it prints."""
     import importlib
     import sys
-    from pathlib import Path
 
-    run_dir = dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "train.env_steps=64", "eval.every=0"])
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64", "eval.every=0"])
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     sys.modules.pop("dreamer_cartpole_episode_ends", None)
     diag = importlib.import_module("dreamer_cartpole_episode_ends")
     out = diag.main([str(run_dir), "--episodes", "3", "--max-steps", "40", "--last", "2"])
@@ -244,9 +274,8 @@ def test_update_ab_harness_builds_package_copies_and_prints_ratios(tmp_path, mon
     import importlib
     import shutil
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     shutil.copytree(root / "torchrl_dreamer", tmp_path / "torchrl_dreamer_x", ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.syspath_prepend(str(root / "benchmarks"))
     sys.modules.pop("dreamer_update_ab", None)
@@ -274,9 +303,8 @@ def test_throughput_benchmark_runs_both_sides_under_one_allocator_setting(tmp_pa
     recipes' tune_malloc unless --default-malloc) is recorded."""
     import importlib
     import sys
-    from pathlib import Path
 
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     sys.modules.pop("dreamer_throughput", None)
     bench = importlib.import_module("dreamer_throughput")
     tuned = []

@@ -11,8 +11,7 @@ import recipes.dreamer as dreamer
 from torchrl_dreamer.checkpoint import load_checkpoint, save_checkpoint
 from torchrl_dreamer.guards import NonFiniteError, check_metrics_finite, check_parameters_finite
 
-from test_bad_input import PPO_TINY
-from test_recipe_dreamer import TINY
+from helpers import DREAMER_TINY, PPO_ROUTING_TSP_RUN
 
 
 def test_message_names_the_checkpoint_only_when_one_exists(tmp_path):
@@ -40,16 +39,18 @@ def test_nan_evaluation_is_an_error():
         check_metrics_finite({"eval/gap_pct": math.nan}, ("eval/gap_pct",))
 
 
+@pytest.mark.smoke
 def test_nan_before_the_first_checkpoint_does_not_claim_one(tmp_runs):
-    args = ["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
             "env.kwargs={nan_obs_at_call: 40}", "eval.every=0", "run.checkpoint_every=10000", "train.env_steps=200"]
     with pytest.raises(NonFiniteError, match="no checkpoint was written yet") as info:
         dreamer.main(args)
     assert not list(tmp_runs.rglob("checkpoint.pt"))
 
 
+@pytest.mark.smoke
 def test_infinite_learning_rate_never_reaches_a_checkpoint(tmp_runs, monkeypatch):
-    run_dir = ppo_routing.main([*PPO_TINY, f"run.root={tmp_runs}"])
+    run_dir = ppo_routing.main([*PPO_ROUTING_TSP_RUN, f"run.root={tmp_runs}"])
     good = (run_dir / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(ppo_routing, "lr_factor", lambda *a, **k: float("inf"))
     with pytest.raises(NonFiniteError, match="after the optimizer step.*last good checkpoint is"):
@@ -59,9 +60,10 @@ def test_infinite_learning_rate_never_reaches_a_checkpoint(tmp_runs, monkeypatch
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.smoke
 def test_nan_evaluation_never_becomes_best_pt(tmp_runs, monkeypatch):
     monkeypatch.setattr(dreamer, "evaluate", lambda *a, **k: {"eval/episode_reward_sum": math.nan,
                                                               "eval/episode_length": 10.0, "eval/episodes": 0.0})
     with pytest.raises(NonFiniteError, match="'eval/episode_reward_sum'.*no checkpoint or best.pt was written"):
-        dreamer.main(["--env", "cartpole", *TINY, f"run.root={tmp_runs}", "eval.every=48", "train.env_steps=96"])
+        dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "eval.every=48", "train.env_steps=96"])
     assert not list(tmp_runs.rglob("best.pt"))

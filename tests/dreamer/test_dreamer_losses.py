@@ -275,7 +275,7 @@ def test_update_guard_stops_before_optimizer_step():
     bad = batch.clone()
     bad["reward"][0, 2] = float("nan")
     with pytest.raises(NonFiniteError, match="loss/reward"):
-        update(bad, iteration=7, run_dir="/tmp/x")
+        update(bad, iteration=7, run_dir="runs/x")
     assert all(torch.equal(p, q) for p, q in zip(agent.parameters(), params))
     assert str(opt.state_dict()["state"]) == str(moments["state"])
 
@@ -407,7 +407,7 @@ def test_replay_value_targets_respect_episode_boundaries():
 
 
 def test_continuous_samples_are_unclipped_so_the_std_gradient_is_unbiased():
-    """SEEDS-style regression (Pendulum stuck at max std): with a constant advantage, REINFORCE on
+    """Regression (Pendulum stuck at max std): with a constant advantage, REINFORCE on
     the log-prob of *clipped* samples pushes log-std up; on raw samples its expectation is 0."""
     from torchrl_dreamer.dreamer.nets import BoundedNormalDist, clip_action
 

@@ -1,4 +1,4 @@
-"""Exact-value tests of the DreamerV3 math against naive references (SEEDS_DIGEST sections 1-2)."""
+"""Exact-value tests of the DreamerV3 math against naive references."""
 import math
 
 import pytest
@@ -102,18 +102,39 @@ def test_free_bits_gradient_clip_vs_straight_through():
     assert above["dyn"].item() > 1.0 and g_above.abs().max() > 0  # above the threshold both train
 
 
+def _naive_unimix_masked_probs(logits, mask, unimix):
+    """Reference: per row, a softmax over the allowed actions only (plain Python floats), mixed with
+    ``unimix`` spread uniformly over those actions; masked actions get 0."""
+    rows = []
+    for row_logits, row_mask in zip(logits.double().tolist(), mask.tolist()):
+        allowed = [i for i, ok in enumerate(row_mask) if ok]
+        top = max(row_logits[i] for i in allowed)
+        weights = {i: math.exp(row_logits[i] - top) for i in allowed}
+        total = sum(weights.values())
+        rows.append([(1 - unimix) * weights[i] / total + unimix / len(allowed) if ok else 0.0
+                     for i, ok in enumerate(row_mask)])
+    return torch.tensor(rows, dtype=torch.float64)
+
+
 def test_unimix_then_mask_gives_exact_zero_and_finite_log_probs():
-    logits = torch.tensor([[50.0, 0.0, -50.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
-    mask = torch.tensor([[True, False, True, True], [False, False, True, False]])
+    logits = torch.tensor([[50.0, 0.0, -50.0, 3.0], [0.0, 0.0, 0.0, 0.0], [1.0, -2.0, 0.5, 4.0]])
+    mask = torch.tensor([[True, False, True, True], [False, False, True, False], [True, True, True, True]])
     p = unimix_masked_probs(logits, mask, unimix=0.01)
+    torch.testing.assert_close(p.double(), _naive_unimix_masked_probs(logits, mask, 0.01), rtol=1e-6, atol=1e-7)
     assert (p[~mask] == 0).all()  # masked: exactly zero, not 0.01 / K
-    assert torch.allclose(p.sum(-1), torch.ones(2))
     assert (p[0, [0, 2, 3]] >= 0.01 / 3 - 1e-7).all()  # every allowed action keeps unimix / n_allowed
     assert torch.isfinite(p[mask].log()).all()  # near-deterministic policy, finite log-probs
     assert p[1, 2] == 1.0
-    # the old bug for contrast: mixing over all actions first leaks onto masked ones
-    leaky = 0.99 * torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) + 0.01 / 4
-    assert (leaky[~mask] > 0).all()
+    # without a mask (or with every action allowed): mixing over all K actions
+    torch.testing.assert_close(unimix_masked_probs(logits[2:], None, unimix=0.01).double(),
+                               _naive_unimix_masked_probs(logits[2:], mask[2:], 0.01), rtol=1e-6, atol=1e-7)
+    # a larger random batch, another mixing fraction
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 9, generator=g) * 5
+    mask = torch.rand(64, 9, generator=g) > 0.4
+    mask[:, 3] = True
+    torch.testing.assert_close(unimix_masked_probs(logits, mask, unimix=0.1).double(),
+                               _naive_unimix_masked_probs(logits, mask, 0.1), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="no allowed action"):
         unimix_masked_probs(logits, torch.zeros_like(mask))
 

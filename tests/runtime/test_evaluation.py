@@ -18,14 +18,10 @@ from envs.routing import generate_cvrp
 from recipes import routing
 from torchrl_dreamer.plots import learning_curves_figure, plot_learning_curves
 
-DREAMER_TINY = ["model.embed_dim=16", "model.heads=2", "model.ff_dim=32", "model.encoder_layers=1", "model.deter=16",
-                "model.hidden=8", "model.units=16", "model.stoch=4", "model.classes=4", "model.blocks=2",
-                "model.action_dim=8", "run.progress=false", "run.tensorboard=false", "threads=1",
-                "optim.warmup_steps=0", "train.iterations=2", "train.episodes_per_iter=4", "replay.prefill=4",
-                "replay.batch_size=2", "replay.train_ratio=2", "eval.every=1", "eval.diag_starts=2"]
-PPO_TINY = ["train.iterations=1", "eval.every=0", "ppo.batch_instances=8", "ppo.minibatch_instances=8", "ppo.epochs=1",
-            "model.embed_dim=16", "model.n_layers=1", "model.n_heads=2", "model.ff_dim=32", "run.progress=false",
-            "run.tensorboard=false", "threads=1"]
+from helpers import DREAMER_ROUTING_TINY, DREAMER_TINY, PPO_ROUTING_TINY, last_json, mappo_tiny
+
+DREAMER_ROUTING_RUN = [*DREAMER_ROUTING_TINY, "train.iterations=2", "train.episodes_per_iter=4", "replay.prefill=4",
+                       "replay.batch_size=2", "replay.train_ratio=2", "eval.every=1", "eval.diag_starts=2"]
 
 
 def _small_dev_set(tmp_path: Path, problem: str = "tsp", n: int = 6) -> Path:
@@ -101,16 +97,13 @@ def routing_runs(tmp_path_factory):
     tests below (they only evaluate them)."""
     tmp = tmp_path_factory.mktemp("routing_eval")
     dev = _small_dev_set(tmp)
-    ppo_dir = routing.main(["--algo", "ppo", "--env", "tsp20", *PPO_TINY, f"env.dev_set={dev}", f"run.root={tmp}"])
-    dreamer_dir = routing.main(["--algo", "dreamer", "--env", "tsp20", *DREAMER_TINY, f"env.dev_set={dev}",
+    ppo_dir = routing.main(["--algo", "ppo", "--env", "tsp20", *PPO_ROUTING_TINY, f"env.dev_set={dev}", f"run.root={tmp}"])
+    dreamer_dir = routing.main(["--algo", "dreamer", "--env", "tsp20", *DREAMER_ROUTING_RUN, f"env.dev_set={dev}",
                                 f"run.root={tmp}"])
     return {"ppo": ppo_dir, "dreamer": dreamer_dir, "dev": dev}
 
 
-def _last_json(out: str) -> dict:
-    return json.loads(out.strip().splitlines()[-1])
-
-
+@pytest.mark.smoke
 def test_routing_evaluation_json_has_the_same_keys_for_ppo_and_dreamer(routing_runs, capsys):
     records = {}
     for algo in ("ppo", "dreamer"):
@@ -119,7 +112,7 @@ def test_routing_evaluation_json_has_the_same_keys_for_ppo_and_dreamer(routing_r
         (run_dir / "tours.png").unlink()
         capsys.readouterr()
         routing.main(["--evaluate", str(run_dir)])
-        printed = _last_json(capsys.readouterr().out)
+        printed = last_json(capsys.readouterr().out)
         assert json.loads((run_dir / "eval.json").read_text()) == printed  # the same record, saved
         assert (run_dir / "tours.png").stat().st_size > 5000
         records[algo] = printed
@@ -132,12 +125,13 @@ def test_routing_evaluation_json_has_the_same_keys_for_ppo_and_dreamer(routing_r
         assert record["checkpoint"] == str(routing_runs[algo] / "checkpoint.pt")
     # PPO's decoding options are recorded; Dreamer's seeded evaluation repeats exactly
     routing.main(["--evaluate", str(routing_runs["ppo"]), "eval.multistart=true", "eval.augment=2"])
-    assert _last_json(capsys.readouterr().out)["decoding"] == "greedy+multistart+augment=2"
+    assert last_json(capsys.readouterr().out)["decoding"] == "greedy+multistart+augment=2"
     routing.main(["--evaluate", str(routing_runs["dreamer"])])
-    again = _last_json(capsys.readouterr().out)
+    again = last_json(capsys.readouterr().out)
     assert again["gap_pct"] == records["dreamer"]["gap_pct"] and again["tour_length"] == records["dreamer"]["tour_length"]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("algo", ["ppo", "dreamer"])
 def test_evaluate_on_a_read_only_run_directory_still_prints_the_numbers(algo, routing_runs, capsys, monkeypatch):
     """Simulated with writes that fail as on a read-only mount (so the test runs as root too)."""
@@ -153,7 +147,7 @@ def test_evaluate_on_a_read_only_run_directory_still_prints_the_numbers(algo, ro
     capsys.readouterr()
     assert routing.main(["--evaluate", str(run_dir)]) == run_dir
     out, err = capsys.readouterr()
-    printed = _last_json(out)
+    printed = last_json(out)
     assert printed["gap_pct"] > 0 and printed["algo"] == algo
     notes = [line for line in err.splitlines() if line.startswith("note:")]
     assert any("eval.json not written" in n and "not writable" in n for n in notes), err
@@ -162,6 +156,7 @@ def test_evaluate_on_a_read_only_run_directory_still_prints_the_numbers(algo, ro
     assert not (run_dir / "eval.json").exists() and not (run_dir / "tours.png").exists()
 
 
+@pytest.mark.smoke
 def test_evaluate_on_a_chmod_read_only_run_directory(routing_runs, capsys):
     """The real thing, where chmod blocks writes (not as root)."""
     run_dir = routing_runs["ppo"]
@@ -176,12 +171,13 @@ def test_evaluate_on_a_chmod_read_only_run_directory(routing_runs, capsys):
         capsys.readouterr()
         routing.main(["--evaluate", str(run_dir)])
         out, err = capsys.readouterr()
-        assert _last_json(out)["gap_pct"] > 0
+        assert last_json(out)["gap_pct"] > 0
         assert "eval.json not written" in err and "tours.png not drawn" in err and "Traceback" not in err
     finally:
         run_dir.chmod(0o755)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("algo", ["ppo", "dreamer"])
 def test_eval_json_is_written_before_the_tours_picture(algo, routing_runs, capsys, monkeypatch):
     run_dir = routing_runs[algo]
@@ -197,12 +193,13 @@ def test_eval_json_is_written_before_the_tours_picture(algo, routing_runs, capsy
     routing.main(["--evaluate", str(run_dir)])
     out, err = capsys.readouterr()
     assert seen == {"eval.json": True}
-    assert json.loads((run_dir / "eval.json").read_text()) == _last_json(out)
+    assert json.loads((run_dir / "eval.json").read_text()) == last_json(out)
     assert "tours.png not drawn: RuntimeError: matplotlib exploded" in err and "Traceback" not in err
 
 
+@pytest.mark.smoke
 def test_ppo_routing_training_without_a_dev_set_notes_the_missing_tours(tmp_path, capsys):
-    run_dir = routing.main(["--algo", "ppo", "--env", "tsp20", *PPO_TINY, "env.dev_set=''", f"run.root={tmp_path}"])
+    run_dir = routing.main(["--algo", "ppo", "--env", "tsp20", *PPO_ROUTING_TINY, "env.dev_set=''", f"run.root={tmp_path}"])
     assert (run_dir / "curves.png").is_file() and not (run_dir / "tours.png").exists()
     assert "note: tours.png not drawn: no dev set" in capsys.readouterr().err
 
@@ -211,32 +208,27 @@ def test_report_evaluation_is_atomic_and_survives_an_unwritable_directory(tmp_pa
     path = evaluation.report_evaluation({"a": 1.5}, tmp_path)
     assert path == tmp_path / "eval.json" and json.loads(path.read_text()) == {"a": 1.5}
     assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary file left behind
-    assert _last_json(capsys.readouterr().out) == {"a": 1.5}
+    assert last_json(capsys.readouterr().out) == {"a": 1.5}
     assert evaluation.report_evaluation({"a": 2}, tmp_path / "missing") is None
     out, err = capsys.readouterr()
-    assert _last_json(out) == {"a": 2} and err.startswith("note: eval.json not written")
+    assert last_json(out) == {"a": 2} and err.startswith("note: eval.json not written")
     assert evaluation.evaluation_paths(tmp_path) == (tmp_path, tmp_path / "checkpoint.pt", "")
     (tmp_path / "best.pt").touch()
     assert evaluation.evaluation_paths(tmp_path / "best.pt") == (tmp_path, tmp_path / "best.pt", "_best")
 
 
+@pytest.mark.smoke
 def test_dreamer_and_mappo_evaluate_write_eval_json_and_survive_read_only(tmp_path, capsys, monkeypatch):
     from recipes import dreamer, mappo_vmas
 
-    d_tiny = ["model.size=tiny", "model.deter=32", "model.hidden=16", "model.units=16", "model.stoch=4",
-              "model.classes=4", "model.blocks=2", "model.cnn_depth=4", "replay.batch_size=2", "replay.seq_len=8",
-              "replay.train_ratio=16", "replay.prefill=40", "env.num_envs=2", "train.steps_per_collect=8",
-              "eval.episodes=2", "run.progress=false", "run.tensorboard=false", "run.log_every=16", "ac.horizon=3",
-              "threads=1", "optim.warmup_steps=0", "model.compile=false", "train.env_steps=48", "eval.every=0"]
-    m_tiny = ["collector.iterations=1", "ppo.epochs=1", "ppo.compile=false", "model.width=16", "eval.every=1",
-              "eval.num_envs=2", "run.progress=false", "run.tensorboard=false", "env.max_steps=10",
-              "collector.frames_per_batch=20", "ppo.minibatch_size=10"]
+    d_tiny = [*DREAMER_TINY, "train.env_steps=48", "eval.every=0"]
+    m_tiny = [*mappo_tiny(), "collector.iterations=1"]
     runs = {dreamer: dreamer.main(["--env", "cartpole", *d_tiny, f"run.root={tmp_path}"]),
             mappo_vmas: mappo_vmas.main(["--env", "navigation", *m_tiny, f"run.root={tmp_path}"])}
     for recipe, run_dir in runs.items():
         capsys.readouterr()
         recipe.main(["--evaluate", str(run_dir)])
-        printed = _last_json(capsys.readouterr().out)
+        printed = last_json(capsys.readouterr().out)
         assert json.loads((run_dir / "eval.json").read_text()) == printed
         assert printed["checkpoint"] == str(run_dir / "checkpoint.pt") and "eval/episode_reward_sum" in printed
     def not_permitted(path, record):
@@ -248,7 +240,7 @@ def test_dreamer_and_mappo_evaluate_write_eval_json_and_survive_read_only(tmp_pa
         capsys.readouterr()
         recipe.main(["--evaluate", str(run_dir)])
         out, err = capsys.readouterr()
-        assert "eval/episode_reward_sum" in _last_json(out)
+        assert "eval/episode_reward_sum" in last_json(out)
         assert "note: eval.json not written" in err and "Traceback" not in err
         assert not (run_dir / "eval.json").exists()
 

@@ -1,4 +1,5 @@
-"""PPO pieces: networks, the tanh-Gaussian head, equality with TorchRL's ClipPPOLoss, guards."""
+"""PPO pieces: networks, the tanh-Gaussian head, equality with TorchRL's ClipPPOLoss, guards (the loss
+contract: test_mappo_loss_contract.py)."""
 import copy
 
 import pytest
@@ -118,25 +119,6 @@ def test_fused_loss_equals_torchrl_clip_ppo_loss(critic_loss):
     g_theirs = torch.autograd.grad(theirs["loss_objective"], list(policy.parameters()))
     for a, b in zip(g_ours, g_theirs):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-3)
-
-
-def test_loss_contract_keys_no_mutation_and_state_dict():
-    policy, critic = _policy_and_critic()
-    loss = MultiAgentPPOLoss(policy, critic)
-    batch = _batch(policy)
-    before = batch.clone()
-    out = loss(batch)
-    assert {k for k in out.keys() if k.startswith("loss_")} == {"loss_objective", "loss_critic", "loss_entropy"}
-    assert not out["entropy"].requires_grad and not out["clip_fraction"].requires_grad
-    assert (batch == before).all()
-    renamed = batch.rename_key_(("agents", "observation"), ("agents", "obs"))
-    loss.set_keys(observation=("agents", "obs"))
-    assert loss(renamed)["loss_critic"].item() == pytest.approx(out["loss_critic"].item())
-    policy2, critic2 = _policy_and_critic(seed=5)
-    loss2 = MultiAgentPPOLoss(policy2, critic2)
-    loss2.load_state_dict(loss.state_dict())
-    for p, q in zip(loss.parameters(), loss2.parameters()):
-        assert torch.equal(p, q)
 
 
 def test_ppo_update_learns_the_critic_and_reports_metrics():

@@ -12,15 +12,19 @@ from torchrl_dreamer.checkpoint import (
 )
 from torchrl_dreamer.runtime import clean_after_crash
 
+from helpers import BENCHMARKS
+
 
 @pytest.fixture
 def crash_resume(monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
     import crash_resume
 
     return crash_resume
 
 
+@pytest.mark.smoke
+@pytest.mark.slow
 def test_kill_and_resume_three_cycles(crash_resume, tmp_path):
     """One random kill, one during a checkpoint write, one more random kill after which
     ``checkpoint.pt`` is garbled (the resume must fall back to ``checkpoint.prev.pt``); then the last
