@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torchrl.collectors import Collector
@@ -42,8 +42,8 @@ from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_di
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
 from torchrl_dreamer.guards import check_tensordict_finite
 from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
-from torchrl_dreamer.runtime import check_device, run_cli
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
+from torchrl_dreamer.runtime import check_device
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
@@ -625,14 +625,7 @@ RECIPE_SPEC = Recipe(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
-    return run_recipe(RECIPE_SPEC, argv)
-
-
-def cli() -> None:
-    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
-    run_cli(main)
+main, cli = entry_points(RECIPE_SPEC)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from tensordict import TensorDict
@@ -43,8 +43,8 @@ from torchrl_dreamer.dreamer.routing import (
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.routing_eval import RoutingEnvConfig, dev_tours_title, plot_decoded_tours, routing_eval_record
-from torchrl_dreamer.runtime import check_device, run_cli
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
+from torchrl_dreamer.runtime import check_device
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
 ENV_CONFIG_DIR = Path(__file__).parent / "configs" / "routing"
@@ -500,14 +500,7 @@ RECIPE_SPEC = Recipe(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
-    return run_recipe(RECIPE_SPEC, argv)
-
-
-def cli() -> None:
-    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
-    run_cli(main)
+main, cli = entry_points(RECIPE_SPEC)
 
 
 if __name__ == "__main__":

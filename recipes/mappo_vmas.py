@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from tensordict.nn import TensorDictModule
@@ -30,8 +30,8 @@ from torchrl_dreamer.envs import episode_reward_transform, make_env
 from torchrl_dreamer.guards import check_tensordict_finite
 from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
 from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
-from torchrl_dreamer.runtime import check_device, run_cli
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
+from torchrl_dreamer.runtime import check_device
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 from baselines.mappo import (
     MultiAgentPPOLoss,
     TanhNormalPolicy,
@@ -417,14 +417,7 @@ RECIPE_SPEC = Recipe(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
-    return run_recipe(RECIPE_SPEC, argv)
-
-
-def cli() -> None:
-    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
-    run_cli(main)
+main, cli = entry_points(RECIPE_SPEC)
 
 
 if __name__ == "__main__":

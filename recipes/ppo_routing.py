@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -38,8 +38,8 @@ from torchrl_dreamer.routing_eval import (
     RoutingEnvConfig, decoding_name, dev_tours_title, plot_decoded_tours, routing_eval_record,
 )
 from torchrl_dreamer.pointer import PointerActorCritic
-from torchrl_dreamer.runtime import check_device, run_cli
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, run_recipe
+from torchrl_dreamer.runtime import check_device
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "ppo_routing"
 ENV_CONFIG_DIR = CONFIG_DIR.parent / "routing"  # env YAMLs shared with the Dreamer routing recipe
@@ -413,14 +413,7 @@ RECIPE_SPEC = Recipe(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
-    """Train (new run or ``--resume``) or ``--evaluate``; see :func:`torchrl_dreamer.trainer.run_recipe`."""
-    return run_recipe(RECIPE_SPEC, argv)
-
-
-def cli() -> None:
-    """Console-script entry point: ``main`` with one-line errors and exit codes (see torchrl_dreamer.runtime)."""
-    run_cli(main)
+main, cli = entry_points(RECIPE_SPEC)
 
 
 if __name__ == "__main__":

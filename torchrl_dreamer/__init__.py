@@ -21,6 +21,11 @@ Running a recipe
     RunLockedError           another live process is writing that run directory
     check_device             a device string checked against this machine
     TrainingRun              the shared training skeleton: logger, clock, checkpoints, pictures
+    RunConfig                the ``run`` config section every recipe shares (root, cadence, budget)
+    EvalConfig               the ``eval`` config section every recipe extends
+    Recipe                   what a recipe's command line needs to know about it
+    run_recipe               a recipe's ``main``: validate, build, then train, resume or evaluate
+    entry_points             a recipe module's ``main`` and ``cli`` from its :class:`Recipe`
     tune_malloc              glibc allocator settings that make repeated large tensors cheap
     compile_unavailable      why ``torch.compile`` cannot run here (``None`` when it can)
 Checkpoints and guards
@@ -82,7 +87,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from .plots import plot_learning_curves, plot_tours, read_metrics
     from .pointer import AllMaskedError, PointerActorCritic, PointerDecoder, RoutingEncoder
     from .runtime import RunLockedError, check_device, open_run_dir, run_cli
-    from .trainer import TrainingRun
+    from .trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_recipe
     from .transforms import DoneToAgents, EpisodeRewardSum, reward_keys
 
 # public name -> the module that defines it
@@ -91,7 +96,7 @@ _EXPORTS: dict[str, str] = {
                     ".config"),
     **dict.fromkeys(("RecipeArgs", "parse_recipe_args"), ".cli"),
     **dict.fromkeys(("run_cli", "open_run_dir", "RunLockedError", "check_device"), ".runtime"),
-    "TrainingRun": ".trainer",
+    **dict.fromkeys(("TrainingRun", "RunConfig", "EvalConfig", "Recipe", "run_recipe", "entry_points"), ".trainer"),
     **dict.fromkeys(("tune_malloc", "compile_unavailable"), ".cpu"),
     **dict.fromkeys(("CheckpointError", "save_checkpoint", "load_checkpoint", "load_resume_state", "rng_state",
                      "set_rng_state"), ".checkpoint"),
@@ -111,7 +116,8 @@ __all__ = [
     "ConfigError", "doc", "load_config", "to_object", "save_config", "check_ranges", "help_text",
     "RecipeArgs", "parse_recipe_args",
     # running a recipe
-    "run_cli", "open_run_dir", "RunLockedError", "check_device", "TrainingRun", "tune_malloc", "compile_unavailable",
+    "run_cli", "open_run_dir", "RunLockedError", "check_device", "TrainingRun", "RunConfig", "EvalConfig", "Recipe", "run_recipe", "entry_points",
+    "tune_malloc", "compile_unavailable",
     # checkpoints and guards
     "CheckpointError", "save_checkpoint", "load_checkpoint", "load_resume_state", "rng_state", "set_rng_state",
     "NonFiniteError", "MissingKeyError", "check_finite", "check_tensordict_finite", "check_parameters_finite",

@@ -43,7 +43,7 @@ from .guards import check_metrics_finite
 from .logging import RunLogger
 from .plots import DEFAULT_PANELS, plot_learning_curves
 
-__all__ = ["RunConfig", "EvalConfig", "TrainingRun", "Recipe", "run_recipe"]
+__all__ = ["RunConfig", "EvalConfig", "TrainingRun", "Recipe", "run_recipe", "entry_points"]
 
 
 @dataclass
@@ -267,3 +267,20 @@ def run_recipe(recipe: Recipe, argv: Sequence[str] | None = None) -> Path:
     finally:
         lock.release()
     return run_dir
+
+
+def entry_points(recipe: Recipe) -> tuple[Callable[[Sequence[str] | None], Path], Callable[[], None]]:
+    """A recipe module's ``main(argv)`` (returns the run directory; exceptions propagate, for tests and
+    scripts) and ``cli()`` (the console script and ``python -m``: one-line errors and exit codes,
+    :func:`torchrl_dreamer.runtime.run_cli`)."""
+    from .runtime import run_cli
+
+    def main(argv: Sequence[str] | None = None) -> Path:
+        return run_recipe(recipe, argv)
+
+    def cli() -> None:
+        run_cli(main)
+
+    main.__doc__ = f"Train (new run or ``--resume``) or ``--evaluate`` with the {recipe.name} recipe; see run_recipe."
+    cli.__doc__ = f"The {recipe.name} command line: ``main`` with one-line errors and exit codes."
+    return main, cli
