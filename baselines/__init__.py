@@ -10,6 +10,7 @@ Multi-agent PPO, MAPPO / IPPO (:mod:`baselines.mappo`, :mod:`baselines.mappo_net
     make_torchrl_clip_ppo_loss  TorchRL's ``ClipPPOLoss`` around the same policy and critic
     torchrl_ppo_update          the tutorial-style ``ReplayBuffer`` + ``ClipPPOLoss`` minibatch loop
 PPO for routing with a pointer network (:mod:`baselines.pointer_ppo`)
+    PointerPPOLoss              clipped PPO ``LossModule`` on minibatches of whole episodes (``ClipPPOLoss``'s terms)
     rollout                     runs every instance of a TSP / CVRP env batch to the end
     compute_advantage           GAE over ``[B, T]`` episodes (writes ``advantage``, ``value_target``)
     compute_shared_advantage    POMO-style shared baseline over rollouts of one instance
@@ -26,22 +27,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
     from .mappo import MultiAgentPPOLoss, TanhNormalPolicy, make_torchrl_clip_ppo_loss, ppo_update, torchrl_ppo_update
     from .mappo_networks import AgentGroupMLP, PlainMLP, TanhNormalHead
-    from .pointer_ppo import (compute_advantage, compute_shared_advantage, evaluate_dev, ppo_routing_update,
-                              rollout)
+    from .pointer_ppo import (PointerPPOLoss, compute_advantage, compute_shared_advantage, evaluate_dev,
+                              ppo_routing_update, rollout)
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("AgentGroupMLP", "PlainMLP", "TanhNormalHead"), ".mappo_networks"),
     **dict.fromkeys(("TanhNormalPolicy", "MultiAgentPPOLoss", "ppo_update", "make_torchrl_clip_ppo_loss",
                      "torchrl_ppo_update"), ".mappo"),
-    **dict.fromkeys(("rollout", "compute_advantage", "compute_shared_advantage", "ppo_routing_update",
+    **dict.fromkeys(("PointerPPOLoss", "rollout", "compute_advantage", "compute_shared_advantage", "ppo_routing_update",
                      "evaluate_dev"), ".pointer_ppo"),
 }
 
 __all__ = [
     "AgentGroupMLP", "PlainMLP", "TanhNormalHead", "TanhNormalPolicy", "MultiAgentPPOLoss", "ppo_update",
     "make_torchrl_clip_ppo_loss", "torchrl_ppo_update",
-    "rollout", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "evaluate_dev",
+    "PointerPPOLoss", "rollout", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "evaluate_dev",
 ]
 
 

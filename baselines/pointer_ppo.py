@@ -10,10 +10,13 @@ encoder is never run per step. Advantages come from TorchRL's functional
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tensordict import TensorDict
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
+from torchrl.objectives import LossModule
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives.value.functional import generalized_advantage_estimate
 
@@ -21,7 +24,7 @@ from envs.routing import SQUARE_SYMMETRIES
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite
 from torchrl_dreamer.pointer import DecoderCache, PointerActorCritic
 
-__all__ = ["rollout", "encode_groups", "step_groups", "ppo_minibatch_loss", "multistart_nodes", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
+__all__ = ["PointerPPOLoss", "rollout", "encode_groups", "step_groups", "ppo_minibatch_loss", "multistart_nodes", "compute_advantage", "compute_shared_advantage", "ppo_routing_update", "augment_xy", "evaluate_dev", "SYMMETRIES"]
 
 
 def _instance(td) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -169,64 +172,142 @@ def compute_shared_advantage(batch: TensorDict, group_size: int) -> None:
     batch["value_target"] = reward.flip(1).cumsum(1).flip(1)
 
 
+class PointerPPOLoss(LossModule):
+    """Clipped PPO for the pointer network, on minibatches of whole episodes ``mb [b, T]`` (one
+    encoder pass per minibatch, or per instance with ``group_size``).
+
+    The terms are TorchRL ``ClipPPOLoss``'s (``loss_critic_type="l2"``) evaluated on the *learnable*
+    steps only (active and not forced), without flattening the episodes: tested equal to
+    ``ClipPPOLoss`` on the flattened steps. ``forward`` returns a TensorDict with ``loss_objective``,
+    ``loss_critic``, ``loss_entropy`` (+ ``loss_first_move`` with multi-start groups) and the
+    detached diagnostics ``entropy``, ``clip_fraction``, ``kl_approx``.
+
+    Args:
+        model: the :class:`~torchrl_dreamer.pointer.PointerActorCritic` (actor and critic).
+        clip_epsilon, entropy_coef, critic_coef, normalize_advantage: as in ``ClipPPOLoss``
+            (advantages standardised over the learnable steps of the minibatch).
+        group_size: consecutive rows ``[g*K, (g+1)*K)`` share one encoder pass (multi-start).
+        first_move_coef: weight of the cross-entropy that teaches the first move the start of each
+            instance group's shortest tour (multi-start training; 0 = off).
+        instance_group: consecutive rows that are the rollouts of one instance, for the first-move
+            term (0: ``group_size``); differs from ``group_size`` with symmetric rollouts (each
+            rollout sees its own symmetry, so ``group_size`` is 1 and each is taught the best start).
+    """
+
+    @dataclass
+    class _AcceptedKeys:
+        """Input keys: the instance (``locs``, ``demand``), the decoding state at each step
+        (``current_node``, ``first_node``, ``remaining_capacity``, ``action_mask``), the step's
+        ``action``, ``reward`` and collection ``sample_log_prob``, the ``active``/``forced`` flags and the
+        ``advantage`` and ``value_target``."""
+
+        locs: NestedKey = "locs"
+        demand: NestedKey = "demand"
+        remaining_capacity: NestedKey = "remaining_capacity"
+        current_node: NestedKey = "current_node"
+        first_node: NestedKey = "first_node"
+        action_mask: NestedKey = "action_mask"
+        action: NestedKey = "action"
+        reward: NestedKey = "reward"
+        sample_log_prob: NestedKey = "log_prob"
+        active: NestedKey = "active"
+        forced: NestedKey = "forced"
+        advantage: NestedKey = "advantage"
+        value_target: NestedKey = "value_target"
+
+    default_keys = _AcceptedKeys
+    tensor_keys: _AcceptedKeys
+
+    def __init__(self, model: PointerActorCritic, *, clip_epsilon: float, entropy_coef: float, critic_coef: float,
+                 normalize_advantage: bool = True, group_size: int = 1, first_move_coef: float = 0.0,
+                 instance_group: int = 0) -> None:
+        super().__init__()
+        G = instance_group or group_size
+        if G % group_size:
+            raise ValueError(f"instance_group {G} must be a multiple of group_size {group_size}")
+        self.model = model
+        self.clip_epsilon, self.entropy_coef, self.critic_coef = clip_epsilon, entropy_coef, critic_coef
+        self.normalize_advantage, self.group_size, self.instance_group = normalize_advantage, group_size, G
+        self.first_move_coef = first_move_coef
+        self._compiled = None
+
+    def _forward_value_estimator_keys(self, **kwargs) -> None:  # advantages come from the rollout code
+        pass
+
+    def enable_compile(self, **kwargs) -> None:
+        """``torch.compile`` the loss computation (``kwargs`` go to ``torch.compile``; the first-move
+        term's data-dependent check is a graph break)."""
+        self._compiled = torch.compile(self._loss, **kwargs)
+
+    def forward(self, mb: TensorDictBase) -> TensorDict:
+        return (self._compiled or self._loss)(mb)
+
+    def _loss(self, mb: TensorDictBase) -> TensorDict:
+        k, K, G = self.tensor_keys, self.group_size, self.instance_group
+        cvrp = self.model.problem == "cvrp"
+        locs = mb.get(k.locs)[:, 0]
+        demand = mb.get(k.demand)[:, 0] if cvrp else None
+        cache = encode_groups(self.model, locs, demand, K)
+        cap = mb.get(k.remaining_capacity) if cvrp else None
+        mask = mb.get(k.action_mask)
+        log_probs, value = step_groups(self.model, cache, K, mb.get(k.current_node), mb.get(k.first_node), cap, mask)
+        action = mb.get(k.action)
+        new_lp = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+        forced = mb.get(k.forced, None)
+        learn = mb.get(k.active) & ~forced if forced is not None else mb.get(k.active)
+        active = learn.float()
+        n_active = active.sum().clamp_min(1)
+        adv = mb.get(k.advantage)
+        if self.normalize_advantage:
+            mean = (adv * active).sum() / n_active
+            std = (((adv - mean) ** 2 * active).sum() / n_active).sqrt().clamp_min(1e-8)
+            adv = (adv - mean) / std
+        log_ratio = (new_lp - mb.get(k.sample_log_prob)) * active
+        ratio = log_ratio.exp()
+        eps = self.clip_epsilon
+        gain = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+        # masked entries: p = 0 exactly; zero their log-prob *before* the product so neither
+        # the value nor the gradient sees 0 * -inf (a where() after the product leaks NaN grads)
+        entropy = -(log_probs.exp() * log_probs.masked_fill(~mask, 0.0)).sum(-1)
+        out = {
+            "loss_objective": -(gain * active).sum() / n_active,
+            "loss_critic": self.critic_coef * (((value.squeeze(-1) - mb.get(k.value_target)) ** 2) * active).sum()
+            / n_active,
+            "loss_entropy": -self.entropy_coef * (entropy * active).sum() / n_active,
+        }
+        if self.first_move_coef > 0 and G > 1 and forced is not None and bool(forced[:, 0].all()):
+            episode = (mb.get(k.reward) * mb.get(k.active).float()).sum(1).view(-1, G)  # [m, G] returns
+            best = episode.argmax(1) + torch.arange(episode.shape[0], device=episode.device) * G
+            # the rows of one encoder group start from the same state: one row per encoder group
+            # (per instance without symmetries; every row with them), each taught its instance's best start
+            target = action[best, 0].repeat_interleave(G // K)
+            out["loss_first_move"] = -self.first_move_coef * log_probs[::K, 0].gather(-1, target[:, None]).mean()
+        with torch.no_grad():
+            out["entropy"] = (entropy * active).sum() / n_active
+            out["clip_fraction"] = (((ratio - 1).abs() > eps).float() * active).sum() / n_active
+            out["kl_approx"] = (((ratio - 1) - log_ratio) * active).sum() / n_active
+        return TensorDict(out, batch_size=[])
+
+
+LOSS_TERMS = ("objective", "critic", "entropy", "first_move")  # the order the terms are summed in
+
+
 def ppo_minibatch_loss(model: PointerActorCritic, mb: TensorDict, *, clip_epsilon: float, entropy_coef: float,
                        critic_coef: float, normalize_advantage: bool = True, group_size: int = 1,
                        first_move_coef: float = 0.0,
                        instance_group: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """PPO losses of a minibatch of whole episodes ``mb [b, T]`` (one encoder pass).
+    """:class:`PointerPPOLoss` as ``(losses, detached diagnostics)`` dicts: losses ``objective``,
+    ``critic``, ``entropy`` (+ ``first_move``), diagnostics ``diag/entropy``, ``diag/clip_fraction``,
+    ``diag/kl_approx``."""
+    loss = PointerPPOLoss(model, clip_epsilon=clip_epsilon, entropy_coef=entropy_coef, critic_coef=critic_coef,
+                          normalize_advantage=normalize_advantage, group_size=group_size,
+                          first_move_coef=first_move_coef, instance_group=instance_group)
+    return _split(loss(mb))
 
-    The terms are TorchRL ``ClipPPOLoss``'s (``loss_critic_type="l2"``) evaluated on the *learnable*
-    steps only (active and not forced), without flattening the episodes, so the encoder runs once
-    per episode (per instance with ``group_size``): tested equal to ``ClipPPOLoss`` on the
-    flattened steps. Returns ``(losses, detached diagnostics)``; losses are ``objective``,
-    ``critic``, ``entropy`` (+ ``first_move``).
 
-    ``instance_group`` (0: ``group_size``): consecutive rows ``[g*G, (g+1)*G)`` are the multi-start
-    rollouts of one instance, for the first-move term. It differs from ``group_size`` (rows that
-    share one encoder pass) with symmetric rollouts: each rollout sees its own symmetry of the
-    instance (so ``group_size`` is 1), and each is taught the group's best start."""
-    K = group_size
-    G = instance_group or K
-    if G % K:
-        raise ValueError(f"instance_group {G} must be a multiple of group_size {K}")
-    locs = mb["locs"][:, 0]
-    demand = mb["demand"][:, 0] if model.problem == "cvrp" else None
-    cache = encode_groups(model, locs, demand, K)
-    cap = mb["remaining_capacity"] if model.problem == "cvrp" else None
-    log_probs, value = step_groups(model, cache, K, mb["current_node"], mb["first_node"], cap, mb["action_mask"])
-    new_lp = log_probs.gather(-1, mb["action"].unsqueeze(-1)).squeeze(-1)
-    learn = mb["active"] & ~mb["forced"] if "forced" in mb.keys() else mb["active"]
-    active = learn.float()
-    n_active = active.sum().clamp_min(1)
-    adv = mb["advantage"]
-    if normalize_advantage:
-        mean = (adv * active).sum() / n_active
-        std = (((adv - mean) ** 2 * active).sum() / n_active).sqrt().clamp_min(1e-8)
-        adv = (adv - mean) / std
-    log_ratio = (new_lp - mb["log_prob"]) * active
-    ratio = log_ratio.exp()
-    gain = torch.minimum(ratio * adv, ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv)
-    # masked entries: p = 0 exactly; zero their log-prob *before* the product so neither
-    # the value nor the gradient sees 0 * -inf (a where() after the product leaks NaN grads)
-    entropy = -(log_probs.exp() * log_probs.masked_fill(~mb["action_mask"], 0.0)).sum(-1)
-    losses = {
-        "objective": -(gain * active).sum() / n_active,
-        "critic": critic_coef * (((value.squeeze(-1) - mb["value_target"]) ** 2) * active).sum() / n_active,
-        "entropy": -entropy_coef * (entropy * active).sum() / n_active,
-    }
-    if first_move_coef > 0 and G > 1 and "forced" in mb.keys() and bool(mb["forced"][:, 0].all()):
-        episode = (mb["reward"] * mb["active"].float()).sum(1).view(-1, G)  # [m, G] returns
-        best = episode.argmax(1) + torch.arange(episode.shape[0], device=episode.device) * G
-        # the rows of one encoder group start from the same state: one row per encoder group
-        # (per instance without symmetries; every row with them), each taught its instance's best start
-        target = mb["action"][best, 0].repeat_interleave(G // K)
-        losses["first_move"] = -first_move_coef * log_probs[::K, 0].gather(-1, target[:, None]).mean()
-    with torch.no_grad():
-        stats = {
-            "diag/entropy": (entropy * active).sum() / n_active,
-            "diag/clip_fraction": (((ratio - 1).abs() > clip_epsilon).float() * active).sum() / n_active,
-            "diag/kl_approx": (((ratio - 1) - log_ratio) * active).sum() / n_active,
-        }
+def _split(td: TensorDict) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    losses = {name: td.get(f"loss_{name}") for name in LOSS_TERMS if f"loss_{name}" in td.keys()}
+    stats = {f"diag/{name}": td.get(name) for name in ("entropy", "clip_fraction", "kl_approx")}
     return losses, stats
 
 
@@ -268,13 +349,14 @@ def ppo_routing_update(
         raise ValueError(f"instance_group {G} must be a multiple of group_size {K}")
     if B % G or minibatch_instances % G:
         raise ValueError(f"group size {G} must divide the batch ({B}) and the minibatch ({minibatch_instances})")
+    loss = PointerPPOLoss(model, clip_epsilon=clip_epsilon, entropy_coef=entropy_coef, critic_coef=critic_coef,
+                          normalize_advantage=normalize_advantage, group_size=K, first_move_coef=first_move_coef,
+                          instance_group=G)
     for _ in range(epochs):
         perm = (torch.randperm(B // G)[:, None] * G + torch.arange(G)).reshape(-1)  # whole groups, in order
         for start in range(0, B - minibatch_instances + 1, minibatch_instances):
             mb = batch[perm[start:start + minibatch_instances]]
-            losses, stats = ppo_minibatch_loss(model, mb, clip_epsilon=clip_epsilon, entropy_coef=entropy_coef,
-                                               critic_coef=critic_coef, normalize_advantage=normalize_advantage,
-                                               group_size=K, first_move_coef=first_move_coef, instance_group=G)
+            losses, stats = _split(loss(mb))
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()

@@ -176,3 +176,21 @@ def test_library_loads_without_envs_baselines_recipes():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'envs', 'baselines', 'recipes'}))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_recipe_has_a_console_script_with_the_python_m_behaviour():
+    """setup.cfg's console scripts point at each recipe module's ``cli`` (the same ``main`` that
+    ``python -m`` runs, with one-line errors), one per recipe command."""
+    import configparser
+    import importlib
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    scripts = dict(line.split("=", 1) for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
+    targets = {name.strip(): target.strip() for name, target in scripts.items()}
+    assert targets == {"td-dreamer": "recipes.dreamer:cli", "td-routing": "recipes.routing:cli",
+                       "td-mappo-vmas": "recipes.mappo_vmas:cli"}
+    for target in targets.values():
+        module, _, attr = target.partition(":")
+        mod = importlib.import_module(module)
+        assert callable(getattr(mod, attr)) and callable(mod.main)

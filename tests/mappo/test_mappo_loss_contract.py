@@ -1,5 +1,6 @@
-"""The loss contract (tests/contract.py) for MultiAgentPPOLoss, and the check that the packages
-outside torchrl_dreamer (baselines, recipes, envs) hold no LossModule without one."""
+"""The loss contract (tests/contract.py) for the baselines' losses (MultiAgentPPOLoss, PointerPPOLoss),
+and the check that the packages outside torchrl_dreamer (baselines, recipes, envs) hold no
+LossModule without one."""
 from functools import partial
 from unittest import mock
 
@@ -9,6 +10,9 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from baselines.mappo import MultiAgentPPOLoss, TanhNormalPolicy
+from baselines.pointer_ppo import PointerPPOLoss, compute_advantage, rollout
+from envs.routing import TSPEnv
+from torchrl_dreamer.pointer import PointerActorCritic
 from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
 
 from contract import LossContract, loss_modules_in
@@ -90,9 +94,36 @@ class TestMultiAgentPPOLossContract(LossContract):
                 torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
+class TestPointerPPOLossContract(LossContract):
+    """Routing PPO on a tiny TSP rollout batch (demand, remaining_capacity and forced are CVRP /
+    multi-start keys; reward is read by the multi-start first-move term only)."""
+
+    loss_class = PointerPPOLoss
+    loss_terms = frozenset({"loss_objective", "loss_critic", "loss_entropy"})
+    read_keys = ("locs", "current_node", "first_node", "action", "sample_log_prob", "active", "advantage",
+                 "value_target")
+
+    @staticmethod
+    def _model(seed):
+        torch.manual_seed(seed)
+        return PointerActorCritic("tsp", embed_dim=16, n_layers=1, n_heads=2, ff_dim=16)
+
+    def make_loss(self, seed=0):
+        return PointerPPOLoss(self._model(seed), clip_epsilon=0.2, entropy_coef=0.01, critic_coef=0.5)
+
+    def make_input(self):
+        model = self._model(7)  # the behaviour policy: ratios away from 1
+        torch.manual_seed(3)
+        batch = rollout(TSPEnv(num_nodes=6, batch_size=8, seed=3), model)
+        compute_advantage(batch, 1.0, 0.95)
+        batch = batch.detach()
+        batch["active"][::2, -2:] = False  # rows of different lengths (as padded CVRP episodes), so 'active' matters
+        return batch
+
+
 def test_no_loss_module_outside_torchrl_dreamer_lacks_a_contract():
     covered = {c.loss_class for c in globals().values() if isinstance(c, type) and issubclass(c, LossContract)
                and c is not LossContract}
     found = loss_modules_in("baselines", "recipes", "envs")
-    assert found == {MultiAgentPPOLoss}
+    assert found == {MultiAgentPPOLoss, PointerPPOLoss}
     assert found <= covered, f"LossModules without a contract test: {sorted(c.__name__ for c in found - covered)}"

@@ -306,13 +306,13 @@ def test_first_move_loss_with_symmetric_rollouts_teaches_every_view_and_keeps_in
         expected = -first_logp()[:K].mean()
     torch.testing.assert_close(losses["first_move"].detach(), expected)
     seen = []
-    loss_fn = routing.ppo_minibatch_loss
+    forward = routing.PointerPPOLoss.forward
 
-    def recording(model_, mb, **kw):
+    def recording(self, mb):
         seen.append(mb["action"][:, 0].clone())
-        return loss_fn(model_, mb, **kw)
+        return forward(self, mb)
 
-    monkeypatch.setattr(routing, "ppo_minibatch_loss", recording)
+    monkeypatch.setattr(routing.PointerPPOLoss, "forward", recording)
     before = first_logp()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(5):
