@@ -150,7 +150,7 @@ class MultiAgentPPOLoss(LossModule):
 
         Measured on the 2-core CPU machine at the VMAS navigation settings: 12.9 -> 9.5 ms per
         minibatch step with 2 threads, no gain with 1 thread, ~12 s one-time compile. Optional,
-        because compile has made other stacks slower (SEEDS_DIGEST section 2).
+        because compile has made other stacks slower on CPU: measure first.
         """
         self._compiled_losses = torch.compile(self.losses, dynamic=False)
 
@@ -257,7 +257,7 @@ class MultiAgentPPOLoss(LossModule):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         keys = self.tensor_keys
-        out = self.losses(
+        out = self.losses_fn(
             tensordict.get(keys.observation),
             tensordict.get(keys.action_pretanh),
             tensordict.get(keys.sample_log_prob),

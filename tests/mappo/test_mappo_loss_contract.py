@@ -57,12 +57,6 @@ class TestMultiAgentPPOLossContract(LossContract):
         with mock.patch.object(torch, "compile", partial(torch.compile, backend=backend)):
             loss.enable_compile()
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "forward() calls the eager losses(); enable_compile() only switches losses_fn, which ppo_update "
-        "uses (test_compiled_losses_fn_equals_eager below)"))
-    def test_compiled_equals_eager(self):
-        super().test_compiled_equals_eager()
-
     def test_compiled_losses_fn_equals_eager(self):
         """The compiled path ppo_update takes: enable_compile() builds a graph for losses_fn, with
         eager's values and gradients."""
