@@ -172,6 +172,15 @@ def compute_shared_advantage(batch: TensorDict, group_size: int) -> None:
     batch["value_target"] = reward.flip(1).cumsum(1).flip(1)
 
 
+def _require(td: TensorDictBase, key: NestedKey) -> torch.Tensor:
+    """``td[key]``, or a ``KeyError`` naming the key (tensordict's ``get`` returns ``None`` for a missing one)."""
+    value = td.get(key, None)
+    if value is None:
+        raise KeyError(f"PointerPPOLoss needs '{key}' in its input (rename with set_keys); "
+                       f"got keys {list(td.keys(True, True))}")
+    return value
+
+
 class PointerPPOLoss(LossModule):
     """Clipped PPO for the pointer network, on minibatches of whole episodes ``mb [b, T]`` (one
     encoder pass per minibatch, or per instance with ``group_size``).
@@ -245,24 +254,25 @@ class PointerPPOLoss(LossModule):
     def _loss(self, mb: TensorDictBase) -> TensorDict:
         k, K, G = self.tensor_keys, self.group_size, self.instance_group
         cvrp = self.model.problem == "cvrp"
-        locs = mb.get(k.locs)[:, 0]
-        demand = mb.get(k.demand)[:, 0] if cvrp else None
+        locs = _require(mb, k.locs)[:, 0]
+        demand = _require(mb, k.demand)[:, 0] if cvrp else None
         cache = encode_groups(self.model, locs, demand, K)
-        cap = mb.get(k.remaining_capacity) if cvrp else None
-        mask = mb.get(k.action_mask)
-        log_probs, value = step_groups(self.model, cache, K, mb.get(k.current_node), mb.get(k.first_node), cap, mask)
-        action = mb.get(k.action)
+        cap = _require(mb, k.remaining_capacity) if cvrp else None
+        mask = _require(mb, k.action_mask)
+        log_probs, value = step_groups(self.model, cache, K, _require(mb, k.current_node),
+                                       _require(mb, k.first_node), cap, mask)
+        action = _require(mb, k.action)
         new_lp = log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)
         forced = mb.get(k.forced, None)
-        learn = mb.get(k.active) & ~forced if forced is not None else mb.get(k.active)
+        learn = _require(mb, k.active) & ~forced if forced is not None else _require(mb, k.active)
         active = learn.float()
         n_active = active.sum().clamp_min(1)
-        adv = mb.get(k.advantage)
+        adv = _require(mb, k.advantage)
         if self.normalize_advantage:
             mean = (adv * active).sum() / n_active
             std = (((adv - mean) ** 2 * active).sum() / n_active).sqrt().clamp_min(1e-8)
             adv = (adv - mean) / std
-        log_ratio = (new_lp - mb.get(k.sample_log_prob)) * active
+        log_ratio = (new_lp - _require(mb, k.sample_log_prob)) * active
         ratio = log_ratio.exp()
         eps = self.clip_epsilon
         gain = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
@@ -271,12 +281,12 @@ class PointerPPOLoss(LossModule):
         entropy = -(log_probs.exp() * log_probs.masked_fill(~mask, 0.0)).sum(-1)
         out = {
             "loss_objective": -(gain * active).sum() / n_active,
-            "loss_critic": self.critic_coef * (((value.squeeze(-1) - mb.get(k.value_target)) ** 2) * active).sum()
-            / n_active,
+            "loss_critic": self.critic_coef
+            * (((value.squeeze(-1) - _require(mb, k.value_target)) ** 2) * active).sum() / n_active,
             "loss_entropy": -self.entropy_coef * (entropy * active).sum() / n_active,
         }
         if self.first_move_coef > 0 and G > 1 and forced is not None and bool(forced[:, 0].all()):
-            episode = (mb.get(k.reward) * mb.get(k.active).float()).sum(1).view(-1, G)  # [m, G] returns
+            episode = (_require(mb, k.reward) * _require(mb, k.active).float()).sum(1).view(-1, G)  # [m, G] returns
             best = episode.argmax(1) + torch.arange(episode.shape[0], device=episode.device) * G
             # the rows of one encoder group start from the same state: one row per encoder group
             # (per instance without symmetries; every row with them), each taught its instance's best start
