@@ -25,16 +25,15 @@ the machine, versions, git commit and argv.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -95,27 +94,8 @@ def measure(env: str, steps: int, root: Path) -> dict:
 
 
 def machine(default_threads: int) -> dict:
-    def git(*args) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    cpu = ""
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
-    import tensordict
-    import torchrl
-
-    return {"git_commit": git("rev-parse", "HEAD").strip(), "git_dirty": bool(git("status", "--porcelain").strip()),
-            "torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__,
-            "python": platform.python_version(), "cpu": cpu or platform.processor(),
-            # the runs set threads=1 (TINY); torch's default in this process before them:
-            "torch_threads_runs": 1, "torch_threads_default": default_threads,
-            "argv": sys.argv, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    """Provenance of the numbers; the runs set threads=1 (TINY), ``default_threads`` is torch's default here."""
+    return provenance(torch_threads_runs=1, torch_threads_default=default_threads)
 
 
 def main(argv=None) -> dict:

@@ -50,11 +50,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
-import platform
 import random
 import re
 import signal
@@ -66,6 +64,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -569,29 +569,6 @@ def _result(ok: bool, failures: list[str], cycles: list[dict], final: dict | Non
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-def provenance() -> dict[str, Any]:
-    def git(*args) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return ""
-
-    cpu = ""
-    try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), "")
-    except OSError:
-        pass
-    import tensordict
-    import torchrl
-
-    return {"git_commit": git("rev-parse", "HEAD").strip(), "git_dirty": bool(git("status", "--porcelain").strip()),
-            "torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__,
-            "python": platform.python_version(), "cpu": cpu or platform.processor(), "cpu_count": os.cpu_count(),
-            "torch_threads_runs": 1, "torch_threads_harness": torch.get_num_threads(),
-            "argv": sys.argv, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cycles", type=int, default=12, help="kill/resume cycles (default 12)")
@@ -609,7 +586,7 @@ def main(argv=None) -> int:
         root = args.root or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="crash_resume-")))
         result = crash_cycles(args.cycles, root=root, seed=args.seed, kill_window_s=args.kill_window,
                               write_timeout_s=args.write_timeout, corrupt_every=args.corrupt_every)
-    result["provenance"] = provenance()
+    result["provenance"] = provenance(torch_threads_runs=1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -329,64 +329,6 @@ def test_first_move_loss_with_symmetric_rollouts_teaches_every_view_and_keeps_in
                            first_move_coef=1.0, instance_group=K)
 
 
-@pytest.mark.parametrize("problem", ["tsp", "cvrp"])
-def test_routing_ppo_loss_equals_torchrl_clip_ppo_loss(problem):
-    """Our per-episode minibatch loss (encoder once per episode, inactive steps masked) equals
-    TorchRL's ClipPPOLoss on the flattened active steps: objective, l2 critic, entropy, gradients."""
-    from tensordict.nn import TensorDictModule
-    from torchrl.modules import MaskedCategorical, ProbabilisticActor
-    from torchrl.objectives import ClipPPOLoss
-
-    from baselines.pointer_ppo import ppo_minibatch_loss
-
-    torch.manual_seed(0)
-    model = PointerActorCritic(problem, embed_dim=16, n_layers=1, n_heads=2, ff_dim=32)
-    env = (TSPEnv(num_nodes=5, batch_size=6, seed=4) if problem == "tsp"
-           else CVRPEnv(num_customers=5, batch_size=6, capacity=10, seed=4))
-    batch = rollout(env, model)
-    compute_advantage(batch, 1.0, 0.95)
-    with torch.no_grad():  # move the policy so that some ratios leave [0.8, 1.2]
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    kw = dict(clip_epsilon=0.2, entropy_coef=0.01, critic_coef=0.5)
-    ours, stats = ppo_minibatch_loss(model, batch, normalize_advantage=False, **kw)
-    assert stats["diag/clip_fraction"] > 0.05
-
-    flat = batch[batch["active"]]  # [M] learnable steps, each with its own copy of the instance
-    for key in ("advantage", "value_target"):  # TorchRL's layout: batch shape + (1,)
-        flat[key] = flat[key].unsqueeze(-1)
-
-    def heads(locs, demand, cur, first, cap, mask):
-        cache = model.encode(locs, demand if problem == "cvrp" else None)
-        log_probs, value = model.step(cache, cur, first, cap if problem == "cvrp" else None, mask)
-        return log_probs.masked_fill(~mask, 0.0), value  # MaskedCategorical re-applies the mask
-
-    if problem == "tsp":
-        flat["demand"] = torch.zeros(flat.shape[0], 5)
-        flat["remaining_capacity"] = torch.zeros(flat.shape[0], 1)
-    in_keys = ["locs", "demand", "current_node", "first_node", "remaining_capacity", "action_mask"]
-    actor = ProbabilisticActor(
-        TensorDictModule(lambda *a: heads(*a)[0], in_keys=in_keys, out_keys=["logits"]),
-        in_keys={"logits": "logits", "mask": "action_mask"}, distribution_class=MaskedCategorical,
-        return_log_prob=True)
-    critic = TensorDictModule(lambda *a: heads(*a)[1], in_keys=in_keys, out_keys=["state_value"])
-    ref = ClipPPOLoss(actor, critic, clip_epsilon=0.2, entropy_coeff=0.01, critic_coeff=0.5, loss_critic_type="l2",
-                      normalize_advantage=False)
-    ref.set_keys(sample_log_prob="log_prob")
-    theirs = ref(flat.clone())
-    assert ours["objective"].item() == pytest.approx(theirs["loss_objective"].item(), abs=1e-5)
-    assert ours["critic"].item() == pytest.approx(theirs["loss_critic"].item(), rel=1e-5)
-    assert ours["entropy"].item() == pytest.approx(theirs["loss_entropy"].item(), rel=1e-5)
-    params = list(model.parameters())
-    g_ours = torch.autograd.grad(ours["objective"] + ours["critic"], params, allow_unused=True)
-    g_theirs = torch.autograd.grad(theirs["loss_objective"] + theirs["loss_critic"], params, allow_unused=True)
-    for a, b in zip(g_ours, g_theirs):
-        if a is None or b is None:
-            assert a is None and b is None
-        else:
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
-
-
 @pytest.mark.smoke
 def test_cosine_lr_schedule_follows_iterations_or_the_time_budget(tmp_runs):
     from recipes.ppo_routing import PPORoutingConfig, lr_factor

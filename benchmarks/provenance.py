@@ -1,0 +1,42 @@
+"""What every benchmark JSON records about where its numbers come from: commit (and whether the
+tree was dirty), library versions, CPU model and thread counts, the command line and the date."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _cpu_model() -> str:
+    try:
+        return next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "")
+    except OSError:
+        return ""
+
+
+def provenance(**extra: Any) -> dict[str, Any]:
+    """The stamp (``extra`` adds benchmark-specific entries, e.g. the threads its runs use)."""
+    import tensordict
+    import torchrl
+
+    return {"git_commit": _git("rev-parse", "HEAD").strip(), "git_dirty": bool(_git("status", "--porcelain").strip()),
+            "torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__,
+            "python": platform.python_version(), "cpu": _cpu_model() or platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads_harness": torch.get_num_threads(), **extra,
+            "argv": sys.argv, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
