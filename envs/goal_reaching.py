@@ -39,8 +39,9 @@ class GoalReachingEnv(EnvBase):
         step_size: float = 0.1,
         goal_radius: float = 0.05,
     ) -> None:
-        if num_envs < 1 or n_agents < 1 or max_steps < 1:
-            raise ValueError("num_envs, n_agents and max_steps must be >= 1")
+        if num_envs < 1 or n_agents < 1 or max_steps < 0:
+            raise ValueError("num_envs >= 1, n_agents >= 1 and max_steps >= 0 (0 = the default 50) are required")
+        max_steps = max_steps or 50
         super().__init__(device=device, batch_size=torch.Size([num_envs]))
         self.n_agents = n_agents
         self.max_steps = max_steps

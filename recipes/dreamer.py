@@ -19,29 +19,28 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, TensorDictPrimer
-from torchrl.envs.utils import ExplorationType, set_exploration_type
 
 from torchrl_dreamer.checkpoint import (
-    CheckpointError, load_checkpoint, rng_state, set_rng_state,
+    CheckpointError, load_checkpoint, load_weights, rng_state, set_rng_state,
 )
 from torchrl_dreamer.config import ConfigError, check_ranges, doc
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
 from torchrl_dreamer.dreamer.config import (ActorGrad, CompileMode, ContMode, ModelSize, OptimConfig,
-                                           WorldModelLossConfig)
+                                           SingleAgentEnvConfig, WorldModelLossConfig)
 from torchrl_dreamer.dreamer.agent import DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
-from torchrl_dreamer.dreamer.imagination import ImaginationModule
+from torchrl_dreamer.dreamer.imagination import ActionMaskHooks, ImaginationModule
 from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
 from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation
+from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation, run_episodes
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 
@@ -53,15 +52,7 @@ BEST_NAME = "best.pt"  # eval.keep_best: the weights behind the best evaluation 
 # --- config -----------------------------------------------------------------------------------
 
 
-@dataclass
-class EnvConfig:
-    name: str = doc("CartPole-v1", "Gymnasium env id (ignored when env.factory is set).")
-    factory: str = doc("", "Custom env 'package.module:function' returning a TorchRL EnvBase (see README).")
-    kwargs: Dict[str, Any] = doc({}, "Keyword arguments for gymnasium.make or the factory.")
-    pixels: bool = doc(False, "Observe rendered frames, resized to 3x64x64 uint8 in the env transform.")
-    obs_keys: List[str] = doc([], "Observation keys the world model encodes ([] = ['pixels'] or ['observation']).")
-    num_envs: int = doc(4, "Envs stepped together (TorchRL SerialEnv).")
-    max_episode_steps: int = doc(0, "Episode step limit (0 = the env's own).")
+EnvConfig = SingleAgentEnvConfig  # the env section, shared with recipes/ppo.py
 
 
 @dataclass
@@ -190,6 +181,10 @@ def validate(cfg: DreamerConfig) -> None:
         raise ConfigError(f"eval.stop_at_return must be finite or null, got {cfg.eval.stop_at_return}")
     if cfg.env.pixels and cfg.env.obs_keys and cfg.env.obs_keys != ["pixels"]:
         raise ConfigError("env.pixels=true observes 'pixels' only; leave env.obs_keys empty")
+    if cfg.env.reward_scale <= 0 or not math.isfinite(cfg.env.reward_scale):
+        raise ConfigError(f"env.reward_scale must be a finite number > 0, got {cfg.env.reward_scale}")
+    if cfg.env.mask_rule:
+        mask_rule(cfg)  # imports it: a misspelt rule fails here, before any run directory exists
     if not cfg.env.factory:
         from torchrl_dreamer.dreamer.envs import gym_env_ids
 
@@ -201,7 +196,7 @@ def validate(cfg: DreamerConfig) -> None:
 def preflight(cfg: DreamerConfig, resume_state: Optional[dict]) -> None:
     """Builds what can fail before anything is written: the env (factory import and call), the
     agent from its specs and, on resume, the checkpoint's weights loaded into it (shapes)."""
-    env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed)
+    env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed, check=True)
     try:
         agent, _ = build_agent(cfg, env)
         if resume_state is not None:
@@ -215,19 +210,6 @@ def preflight(cfg: DreamerConfig, resume_state: Optional[dict]) -> None:
         env.close(raise_if_closed=False)
 
 
-def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
-    """``module.load_state_dict(state)`` with a :class:`CheckpointError` that says what to do when
-    the checkpoint was written by a differently sized model."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
-                       or "Unexpected" in line), first[0] if first else "")
-        raise CheckpointError(f"the {what}'s weights do not fit the model this config builds ({detail[:240]}); "
-                              "resume without model.* / env.* overrides that change network sizes") from None
-
-
 # --- factories ---------------------------------------------------------------------------------
 
 
@@ -237,17 +219,33 @@ def model_sizes(cfg: ModelConfig):
     return preset(cfg.size, **overrides)
 
 
-def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int) -> EnvBase:
+def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int, check: bool = False) -> EnvBase:
+    """The env of this config (``check``: run the env contract on a factory env first)."""
     return make_dreamer_env(env_id=cfg.env.name, factory=cfg.env.factory, num_envs=num_envs, pixels=cfg.env.pixels,
-                            seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs)
+                            seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
+                            mask_key=cfg.env.mask_key, check_as="dreamer" if check else "",
+                            obs_keys=tuple(obs_keys(cfg)))
 
 
 def obs_keys(cfg: DreamerConfig) -> list[str]:
     return list(cfg.env.obs_keys) or (["pixels"] if cfg.env.pixels else ["observation"])
 
 
+def mask_rule(cfg: DreamerConfig) -> Optional[Callable]:
+    """``env.mask_rule`` imported (None when unset)."""
+    if not cfg.env.mask_rule:
+        return None
+    from torchrl_dreamer.envs import EnvFactoryError, resolve_factory
+
+    try:
+        return resolve_factory(cfg.env.mask_rule)
+    except EnvFactoryError as exc:
+        raise ConfigError(str(exc).replace("env.factory", "env.mask_rule", 1)) from None
+
+
 def action_space(env: EnvBase) -> tuple[int, bool, Any, Any]:
-    """``(action_dim, discrete, low, high)`` from the env's action spec (one-hot or box)."""
+    """``(action_dim, discrete, low, high)`` from the env's action spec (one-hot or box; a
+    ``Categorical`` spec was already made one-hot by the env transforms)."""
     from torchrl.data import Bounded, OneHot
 
     spec = env.action_spec_unbatched
@@ -255,20 +253,32 @@ def action_space(env: EnvBase) -> tuple[int, bool, Any, Any]:
         return spec.shape[-1], True, None, None
     if isinstance(spec, Bounded):
         return spec.shape[-1], False, spec.space.low, spec.space.high
-    raise ConfigError(f"the Dreamer recipe needs a one-hot (discrete) or bounded box action spec; got {type(spec).__name__}")
+    raise ConfigError("the Dreamer recipe needs a Categorical or OneHot (discrete) or Bounded (continuous) action "
+                      f"spec; got {type(spec).__name__}")
+
+
+def env_mask_key(cfg: DreamerConfig, env: EnvBase) -> Optional[str]:
+    """``env.mask_key`` when the env observes it (else None: no mask)."""
+    key = cfg.env.mask_key
+    return key if key and key in env.observation_spec.keys() else None
 
 
 def build_agent(cfg: DreamerConfig, env: EnvBase) -> tuple[DreamerAgent, DreamerPolicy]:
     keys = obs_keys(cfg)
     spec = env.observation_spec
+    mask_key = env_mask_key(cfg, env)
     shapes = {}
-    for key in keys:
+    for key in [*keys, *([mask_key] if mask_key and mask_key not in keys else [])]:
         if key not in spec.keys():
             raise ConfigError(f"observation key '{key}' not in the env's observation spec: {list(spec.keys())}")
         shapes[key] = tuple(spec[key].shape[len(env.batch_size):])
     action_dim, discrete, low, high = action_space(env)
-    agent = make_agent(shapes, action_dim, discrete, model_sizes(cfg.model), cfg.model.unimix).to(cfg.device)
-    policy = DreamerPolicy(agent.world_model, agent.actor, obs_keys={k: k for k in keys},
+    if mask_key and not discrete:
+        raise ConfigError(f"the env observes '{mask_key}' but its actions are continuous; set env.mask_key='' to "
+                          "ignore it")
+    agent = make_agent(shapes, action_dim, discrete, model_sizes(cfg.model), cfg.model.unimix,
+                       mask_key=mask_key).to(cfg.device)
+    policy = DreamerPolicy(agent.world_model, agent.actor, obs_keys={k: k for k in shapes},
                            action_low=low, action_high=high).to(cfg.device)
     return agent, policy
 
@@ -281,12 +291,15 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
                              terminal_weight=lc.terminal_weight)
     critic_loss = DreamerCriticLoss(agent.critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale,
                              replay_scale=ac.replay_value_scale)
+    masked = agent.world_model.mask_key is not None
     actor_loss = DreamerPolicyLoss(agent.actor, entropy_coef=ac.entropy_coef, actor_grad=ac.actor_grad,
-                           critic=agent.critic if ac.actor_grad == "dynamics" else None, return_decay=ac.return_decay)
+                           critic=agent.critic if ac.actor_grad == "dynamics" else None, return_decay=ac.return_decay,
+                           actor_input_keys=("action_mask",) if masked else ())
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
+    hooks = ActionMaskHooks(agent.world_model, rule=mask_rule(cfg)) if masked else None
     imagination = ImaginationModule(agent.world_model, agent.actor, ac.horizon, start_fraction=ac.start_fraction,
-                                    grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode)
+                                    grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode, hooks=hooks)
     kw = inductor_options(cfg.device, cfg.model.compile_cpp_wrapper) if cfg.model.compile else {}
     if cfg.model.compile and cfg.model.compile_mode == "full":
         imagination.enable_compile(mode="loop", **kw)
@@ -312,35 +325,9 @@ def with_policy_state(env: EnvBase, policy: DreamerPolicy) -> EnvBase:
     return env
 
 
-@torch.no_grad()
 def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000) -> dict[str, float]:
-    """One episode per env of ``env`` (run in parallel) with mode actions. Returns the mean episode
-    reward SUM and length over those episodes."""
-    n = max(1, env.batch_size.numel())
-    returns = torch.full((n,), float("nan"))
-    lengths = torch.zeros(n)
-    finished = torch.zeros(n, dtype=torch.bool)
-    was_random = policy.random_actions
-    policy.random_actions = False
-    device = next(policy.parameters()).device  # the env stays on the CPU; the policy may be on cfg.device
-    td = env.reset()
-    env_device = env.device if env.device is not None else td.get("done").device  # custom envs may say None
-    move = torch.device(env_device) != device  # on one device, no per-step copies
-    with set_exploration_type(ExplorationType.DETERMINISTIC):
-        for _ in range(max_steps):
-            td = policy(td.to(device)).to(env_device) if move else policy(td)
-            td, td_next = env.step_and_maybe_reset(td)
-            done = td["next", "done"].reshape(n)
-            lengths += (~finished).float()
-            new = done & ~finished
-            returns[new] = td["next", "episode_reward"].reshape(n)[new].float()
-            finished |= done
-            if bool(finished.all()):
-                break
-            td = td_next
-    policy.random_actions = was_random
-    return {"eval/episode_reward_sum": returns[finished].mean().item(), "eval/episode_length": lengths.mean().item(),
-            "eval/episodes": float(finished.sum())}
+    """One episode per env of ``env`` with mode actions (:func:`torchrl_dreamer.evaluation.run_episodes`)."""
+    return run_episodes(policy, env, max_steps=max_steps)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -472,8 +459,9 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     announce_compile(cfg)
     update = build_update(cfg, agent)
     rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len)
-    keys = obs_keys(cfg)
-    writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, cfg.env.num_envs)
+    keys = list(policy.obs_keys)  # the observations and, for a masked env, its action mask
+    writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, cfg.env.num_envs,
+                            reward_scale=cfg.env.reward_scale)
     p = restore(cfg, resume_state, run_dir, agent, update, rb, writer)
     eval_env = with_policy_state(make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 10_000), policy)
     collector = Collector(env, policy, frames_per_batch=cfg.env.num_envs * cfg.train.steps_per_collect,
@@ -485,7 +473,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                       x_label="env steps (all envs together)")
     window, metrics = LogWindow(), {}
     policy.random_actions = p.env_steps < cfg.replay.prefill
-    finite_keys = [*keys, *(("next", k) for k in keys), ("next", "reward")]
+    obs = [k for k in keys if k != policy.mask_key]
+    finite_keys = [*obs, *(("next", k) for k in obs), ("next", "reward")]
     try:
         t0 = time.perf_counter()
         for batch in collector:
@@ -621,7 +610,8 @@ RECIPE_SPEC = Recipe(
     run_name=lambda cfg: (cfg.env.factory.replace(":", ".") if cfg.env.factory
                           else cfg.env.name + ("-pixels" if cfg.env.pixels else "")),
     progress=("env_steps", "train.env_steps", "env steps"), log_step="env_steps",
-    required=("agent", "env_steps", "updates", "replay"),
+    required=("agent", "env_steps", "updates", "replay"), factory_env="custom",
+    algo="dreamer", algos={"ppo": "recipes.ppo:main"},
 )
 
 

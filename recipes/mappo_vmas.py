@@ -398,7 +398,16 @@ def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
 def preflight(cfg: MAPPOConfig, resume_state: Optional[dict]) -> None:
     """Builds what can fail before anything is written: the env (scenario or factory), the
     networks from its specs and, on resume, the checkpoint's weights loaded into them."""
-    env = make_env_from_config(cfg, num_envs=cfg.collector.frames_per_batch // cfg.env.max_steps, seed=cfg.seed)
+    num_envs = cfg.collector.frames_per_batch // cfg.env.max_steps
+    if cfg.env.factory:  # the env contract first: every problem of the user's env named, one per line
+        from torchrl_dreamer.check_env import check_factory
+        from torchrl_dreamer.dreamer.envs import EnvContractError
+
+        problems = check_factory(cfg.env.factory, "mappo", num_envs=num_envs, kwargs=dict(cfg.env.kwargs),
+                                 device=cfg.device, seed=cfg.seed, max_steps=cfg.env.max_steps)
+        if problems:
+            raise EnvContractError(cfg.env.factory, "mappo", problems)
+    env = make_env_from_config(cfg, num_envs=num_envs, seed=cfg.seed)
     try:
         _, policy, critic = make_agent(env, cfg.model, cfg.device)
         if resume_state is not None:

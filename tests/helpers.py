@@ -47,6 +47,13 @@ PPO_ROUTING_TSP_RUN = [
     "model.ff_dim=16", "run.progress=false", "run.tensorboard=false", "threads=1",
 ]
 
+# --- recipes.ppo (single-agent PPO; ``recipes.dreamer --algo ppo``) ------------------------------
+PPO_TINY = [
+    "env.num_envs=2", "train.steps_per_env=16", "ppo.minibatch_size=16", "ppo.epochs=1", "model.hidden=16",
+    "eval.episodes=2", "run.progress=false", "run.tensorboard=false", "run.log_every=32", "threads=1",
+    "model.cnn_depth=4",
+]
+
 # --- recipes.mappo_vmas ------------------------------------------------------------------------
 MAPPO_TINY = [
     "collector.iterations=2", "ppo.epochs=1", "ppo.compile=false", "model.width=16", "eval.every=1",

@@ -109,6 +109,10 @@ class CountingEnv(EnvBase):
         self.observation_spec = Composite(observation=Unbounded(shape=(B, 2)), shape=(B,))
         self.action_spec = OneHot(2, shape=(B, 2))
         self.reward_spec = Unbounded(shape=(B, 1))
+        from torchrl.data import Categorical
+
+        self.done_spec = Composite({k: Categorical(2, shape=(B, 1), dtype=torch.bool)
+                                    for k in ("done", "terminated", "truncated")}, shape=(B,))
         self.t = torch.zeros(B, 1)
 
     def _set_seed(self, seed):

@@ -20,7 +20,7 @@ from .config import ConfigError
 
 __all__ = [
     "CHECKPOINT_NAME", "PREVIOUS_CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint",
-    "load_resume_state", "rng_state", "set_rng_state", "latest_checkpoint", "run_clock_start",
+    "load_resume_state", "rng_state", "set_rng_state", "latest_checkpoint", "run_clock_start", "load_weights",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -186,3 +186,16 @@ def load_resume_state(run_dir: str | os.PathLike, map_location: str | torch.devi
         return state, path
     raise CheckpointError(f"cannot resume {run_dir}: no readable checkpoint ({'; '.join(problems)}). Start a new "
                           f"run, or put a good checkpoint file at {run_dir / CHECKPOINT_NAME}")
+
+
+def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
+    """``module.load_state_dict(state)`` with a :class:`CheckpointError` that says what to do when
+    the checkpoint was written by a differently sized model."""
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
+                       or "Unexpected" in line), first[0] if first else "")
+        raise CheckpointError(f"the {what}'s weights do not fit the model this config builds ({detail[:240]}); "
+                              "resume without model.* / env.* overrides that change network sizes") from None

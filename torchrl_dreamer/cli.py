@@ -31,6 +31,7 @@ def parse_recipe_args(
     description: str,
     default_env: str,
     env_config_dir: Path | None = None,
+    factory_env: str | None = None,
 ) -> RecipeArgs:
     """Parses the recipe command line and builds the layered config.
 
@@ -53,8 +54,9 @@ def parse_recipe_args(
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. ppo.lr=1e-3 collector.iterations=20")
     parser.add_argument(
         "--env",
-        default=default_env,
-        help=f"env YAML in {env_dir.name}/ (one of: {', '.join(env_yamls)}); default {default_env}",
+        default=None,
+        help=f"env YAML in {env_dir.name}/ (one of: {', '.join(env_yamls)}); default {default_env}"
+             + (f", or {factory_env} when env.factory=... is given" if factory_env else ""),
     )
     parser.add_argument("--config", action="append", default=[], help="extra YAML merged after the env YAML")
     parser.add_argument("--resume", type=Path, default=None, help="run directory to resume from")
@@ -62,6 +64,9 @@ def parse_recipe_args(
                         help="run directory whose checkpoint to evaluate, or a checkpoint file in one "
                              "(e.g. <run>/best.pt); deterministic actions, no training")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may sit between options
+    if args.env is None:  # your own env (env.factory=...) starts from the neutral YAML, not a tuned one
+        own_env = factory_env and any(o.split("=", 1)[0].strip() == "env.factory" for o in args.overrides)
+        args.env = factory_env if own_env else default_env
     if args.resume is not None and args.evaluate is not None:
         raise ConfigError("--resume and --evaluate exclude each other")
 

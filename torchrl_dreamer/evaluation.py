@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["EVAL_NAME", "evaluation_paths", "write_json_atomic", "report_evaluation", "draw_picture", "note"]
+__all__ = ["EVAL_NAME", "evaluation_paths", "write_json_atomic", "report_evaluation", "draw_picture", "note",
+           "run_episodes"]
 
 EVAL_NAME = "eval.json"
 DEFAULT_CHECKPOINT = "checkpoint.pt"
@@ -90,3 +91,48 @@ def draw_picture(name: str, draw: Callable[..., T], *args: Any, **kwargs: Any) -
     except Exception as exc:  # noqa: BLE001 - plotting must never hide the outcome
         note(f"{name} not drawn: {type(exc).__name__}: {exc}")
     return None
+
+
+def run_episodes(policy, env, *, max_steps: int = 100_000) -> dict[str, float]:
+    """One episode per env of ``env`` (run in parallel) with deterministic (mode) actions, for any
+    TorchRL policy (Dreamer's or PPO's). Returns the mean episode reward SUM (``env`` must carry
+    an ``episode_reward`` sum, e.g. :class:`~torchrl_dreamer.transforms.EpisodeRewardSum`) and
+    length over those episodes. A policy with ``random_actions`` (Dreamer's prefill switch) acts
+    with its actor here."""
+    import torch
+
+    with torch.no_grad():
+        return _run_episodes(policy, env, max_steps)
+
+
+def _run_episodes(policy, env, max_steps: int) -> dict[str, float]:
+    import torch
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+
+    n = max(1, env.batch_size.numel())
+    returns = torch.full((n,), float("nan"))
+    lengths = torch.zeros(n)
+    finished = torch.zeros(n, dtype=torch.bool)
+    was_random = getattr(policy, "random_actions", None)
+    if was_random is not None:
+        policy.random_actions = False
+    device = next(policy.parameters()).device  # the env stays on the CPU; the policy may be on cfg.device
+    td = env.reset()
+    env_device = env.device if env.device is not None else td.get("done").device  # custom envs may say None
+    move = torch.device(env_device) != device  # on one device, no per-step copies
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        for _ in range(max_steps):
+            td = policy(td.to(device)).to(env_device) if move else policy(td)
+            td, td_next = env.step_and_maybe_reset(td)
+            done = td["next", "done"].reshape(n)
+            lengths += (~finished).float()
+            new = done & ~finished
+            returns[new] = td["next", "episode_reward"].reshape(n)[new].float()
+            finished |= done
+            if bool(finished.all()):
+                break
+            td = td_next
+    if was_random is not None:
+        policy.random_actions = was_random
+    return {"eval/episode_reward_sum": returns[finished].mean().item(), "eval/episode_length": lengths.mean().item(),
+            "eval/episodes": float(finished.sum())}

@@ -8,6 +8,9 @@
   reward key, plus :meth:`EpisodeRewardSum.summarise`, which turns a collected batch into the
   numbers to log: the reward SUM of each *finished* episode (``train/episode_reward_sum``) and,
   clearly apart, the per-step reward mean (``train/step_reward_mean``).
+* :class:`CategoricalToOneHot` gives an env with a ``Categorical`` (integer index) action spec a
+  ``OneHot`` one, so the agents see one discrete action kind (TorchRL ships no transform for
+  this direction; ``DiscreteActionProjection`` maps one-hot to one-hot).
 """
 from __future__ import annotations
 
@@ -16,10 +19,10 @@ from typing import Sequence
 import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
-from torchrl.data import Binary, Composite
+from torchrl.data import Binary, Categorical, Composite, OneHot
 from torchrl.envs import EnvBase, RewardSum, Transform
 
-__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name"]
+__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name", "CategoricalToOneHot"]
 
 DONE_FLAGS = ("done", "terminated", "truncated")
 
@@ -162,3 +165,39 @@ class EpisodeRewardSum(RewardSum):
         out[f"{prefix}/episodes_finished"] = float(root_done.sum().item())
         out[f"{prefix}/step_reward_mean"] = torch.stack(step_means).mean().item()
         return out
+
+
+class CategoricalToOneHot(Transform):
+    """A ``Categorical(n)`` action spec becomes ``OneHot(n)``: the policy writes one-hot actions
+    ``[*B, n]`` and the env receives their index (``[*B]``, or ``[*B, 1]`` when its spec has that
+    trailing dim) with the spec's dtype. ``action_key`` names the action (root ``"action"``)."""
+
+    def __init__(self, action_key: NestedKey = "action") -> None:
+        super().__init__(in_keys=[], out_keys=[], in_keys_inv=[action_key], out_keys_inv=[action_key])
+        self.action_key = action_key
+        self._trailing_one = False
+        self._dtype = torch.int64
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        return next_tensordict
+
+    def _inv_apply_transform(self, action: torch.Tensor) -> torch.Tensor:
+        index = action.to(torch.uint8).argmax(-1).to(self._dtype)
+        return index.unsqueeze(-1) if self._trailing_one else index
+
+    def transform_input_spec(self, input_spec: Composite) -> Composite:
+        key = ("full_action_spec", *_as_tuple(self.action_key))
+        spec = input_spec[key]
+        if not isinstance(spec, Categorical):
+            raise TypeError(f"CategoricalToOneHot needs a Categorical action spec at {self.action_key!r}, got "
+                            f"{type(spec).__name__}")
+        n = int(spec.space.n)
+        self._trailing_one = len(spec.shape) > 0 and spec.shape[-1] == 1 and n != 1
+        self._dtype = spec.dtype
+        lead = spec.shape[:-1] if self._trailing_one else spec.shape
+        input_spec = input_spec.clone()
+        mask = getattr(spec, "mask", None)
+        input_spec[key] = OneHot(n, shape=(*lead, n), device=spec.device, dtype=torch.int64)
+        if mask is not None:
+            input_spec[key].update_mask(mask.reshape(*lead, n))
+        return input_spec

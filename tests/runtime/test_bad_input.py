@@ -59,7 +59,7 @@ ROWS = [
     ("mappo", ["eval.every=-1"], r"eval\.every must be >= 0"),
     ("mappo", ["env.scenario=navigaton"], r"unknown VMAS scenario 'navigaton'"),
     ("mappo", ["collector.frames_per_batch=150"], r"must be a multiple of env\.max_steps"),
-    ("mappo", ["--env", "custom", "env.kwargs.bogus=1"], r"env\.factory 'envs\.goal_reaching:make_env' failed .*bogus"),
+    ("mappo", ["--env", "custom", "env.kwargs.bogus=1"], r"env\.factory 'envs\.goal_reaching:make_env' (failed|does not fit).*bogus"),
     ("mappo", ["ppo.impl=jax"], r"ppo\.impl must be one of"),
     # --- PPO + pointer network on routing (recipes.routing --algo ppo) ---
     ("ppo_routing", ["model.n_heads=7"], r"model\.n_heads \(7\) must divide model\.embed_dim \(128\)"),

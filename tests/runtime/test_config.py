@@ -92,7 +92,7 @@ def test_bad_factory_fails_clearly(tmp_runs):
         main(["--env", "custom", "env.factory=no_such_pkg.mod:make", f"run.root={tmp_runs}"])
     with pytest.raises(ValueError, match="has no attribute 'nope'"):
         main(["--env", "custom", "env.factory=envs.goal_reaching:nope", f"run.root={tmp_runs}"])
-    with pytest.raises(ConfigError, match="failed when called as .*bogus=1.*TypeError"):
+    with pytest.raises(ConfigError, match=r"bogus=1.*TypeError"):
         main(["--env", "custom", "env.kwargs.bogus=1", f"run.root={tmp_runs}"])
     assert not Path(tmp_runs).exists()  # the factory is built before the run directory
 

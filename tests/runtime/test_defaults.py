@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 import recipes.dreamer as dreamer
 import recipes.dreamer_routing as dreamer_routing
 import recipes.mappo_vmas as mappo_vmas
+import recipes.ppo as ppo
 import recipes.ppo_routing as ppo_routing
 from torchrl_dreamer.cli import parse_recipe_args
 from torchrl_dreamer.config import Choice, ConfigError, help_text, load_config, save_config, to_object
@@ -84,6 +85,9 @@ RECIPES = [
                ("ppo.lr_schedule", "cosine", ("constant", "cosine")),
                ("ppo.advantage", "shared", ("gae", "shared")),
            )),
+    Recipe("ppo", ppo, ppo.PPOConfig, "cartpole", choices=(
+        ("model.activation", "relu", ("tanh", "relu", "silu")),
+    )),
     Recipe("mappo_vmas", mappo_vmas, mappo_vmas.MAPPOConfig, "navigation", choices=(
         ("model.activation", "relu", ("tanh", "relu", "silu", "elu")),
         ("ppo.impl", "torchrl", ("fused", "torchrl")),

@@ -22,12 +22,15 @@ Models
     ConvDecoder               latent features -> 64x64 pixels
     TwoHotHead                symexp two-hot regression head (reward, critic)
     ContinueHead              logit of "the episode continues"
+    MaskEncoder               an env's boolean action mask -> embedding
+    MaskDecoder               latent features -> per-action "allowed" logits (the mask head)
     DiscreteActor             categorical policy with unimix (optional action mask)
     ContinuousActor           bounded-std Normal policy on ``[-1, 1]``
 Imagination
     ImaginationModule         TensorDict boundary: posterior start states -> ``[N, H+1]`` imagined trajectory
     imagine                   the same rollout on plain tensors
     ImaginationHooks          exact env logic carried through imagination (e.g. routing masks)
+    ActionMaskHooks           imagined action masks from a rule or the mask head (any masked env)
 Losses (TorchRL ``LossModule``)
     DreamerWorldModelLoss     reconstruction, reward, continue and balanced KL with free bits
     DreamerCriticLoss         two-hot critic on lambda-returns with a slow EMA critic
@@ -45,6 +48,8 @@ Envs and configs
     make_gym_env              ``SerialEnv`` of Gymnasium envs (one-hot actions for discrete spaces)
     PixelsToUint8             rendered frames -> ``[3, 64, 64]`` uint8
     WorldModelLossConfig      world-model loss weights as a typed config section
+    SingleAgentEnvConfig      the env section of the single-agent recipes (Dreamer and PPO)
+    EnvContractError          a factory env that does not fit a recipe (every problem named)
     OptimConfig               optimiser settings as a typed config section
 Math (plain tensors)
     symlog, symexp            ``sign(x) log(1 + |x|)`` and its inverse
@@ -70,13 +75,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
     from .agent import (PRESETS, DreamerAgent, DreamerPolicy, ModelSizes, make_actor, make_agent, make_critic,
                         make_world_model, preset)
-    from .config import OptimConfig, WorldModelLossConfig
-    from .envs import PixelsToUint8, make_dreamer_env, make_gym_env
+    from .config import OptimConfig, SingleAgentEnvConfig, WorldModelLossConfig
+    from .envs import EnvContractError, PixelsToUint8, make_dreamer_env, make_gym_env
     from .functional import ReturnNormalizer, TwoHot, kl_loss, lambda_returns, symexp, symlog
-    from .imagination import ImaginationHooks, ImaginationModule, imagine
+    from .imagination import ActionMaskHooks, ImaginationHooks, ImaginationModule, imagine
     from .losses import DreamerCriticLoss, DreamerPolicyLoss, DreamerWorldModelLoss, LambdaReturn
-    from .nets import (ContinueHead, ContinuousActor, ConvDecoder, ConvEncoder, DiscreteActor, NormMLP, TwoHotHead,
-                       VectorDecoder, VectorEncoder)
+    from .nets import (ContinueHead, ContinuousActor, ConvDecoder, ConvEncoder, DiscreteActor, MaskDecoder,
+                       MaskEncoder, NormMLP, TwoHotHead, VectorDecoder, VectorEncoder)
     from .replay import SequenceWriter, load_replay_state_dict, make_replay_buffer, replay_state_dict
     from .routing import PointerActor, RoutingHooks, RoutingSizes, RoutingWorldModel, make_routing_agent
     from .rssm import RSSM
@@ -90,14 +95,14 @@ _EXPORTS: dict[str, str] = {
     "DreamerWorldModel": ".world_model",
     "RSSM": ".rssm",
     **dict.fromkeys(("NormMLP", "VectorEncoder", "VectorDecoder", "ConvEncoder", "ConvDecoder", "TwoHotHead",
-                     "ContinueHead", "DiscreteActor", "ContinuousActor"), ".nets"),
-    **dict.fromkeys(("ImaginationModule", "imagine", "ImaginationHooks"), ".imagination"),
+                     "ContinueHead", "MaskEncoder", "MaskDecoder", "DiscreteActor", "ContinuousActor"), ".nets"),
+    **dict.fromkeys(("ImaginationModule", "imagine", "ImaginationHooks", "ActionMaskHooks"), ".imagination"),
     **dict.fromkeys(("DreamerWorldModelLoss", "DreamerCriticLoss", "DreamerPolicyLoss", "LambdaReturn"), ".losses"),
     **dict.fromkeys(("SequenceWriter", "make_replay_buffer", "replay_state_dict", "load_replay_state_dict"),
                     ".replay"),
     **dict.fromkeys(("make_optimizer", "DreamerUpdate"), ".update"),
-    **dict.fromkeys(("make_dreamer_env", "make_gym_env", "PixelsToUint8"), ".envs"),
-    **dict.fromkeys(("WorldModelLossConfig", "OptimConfig"), ".config"),
+    **dict.fromkeys(("make_dreamer_env", "make_gym_env", "PixelsToUint8", "EnvContractError"), ".envs"),
+    **dict.fromkeys(("WorldModelLossConfig", "OptimConfig", "SingleAgentEnvConfig"), ".config"),
     **dict.fromkeys(("symlog", "symexp", "TwoHot", "lambda_returns", "kl_loss", "ReturnNormalizer"), ".functional"),
     **dict.fromkeys(("RoutingSizes", "RoutingWorldModel", "PointerActor", "RoutingHooks", "make_routing_agent"),
                     ".routing"),
@@ -109,16 +114,17 @@ __all__ = [
     "DreamerPolicy",
     # models
     "DreamerWorldModel", "RSSM", "NormMLP", "VectorEncoder", "VectorDecoder", "ConvEncoder", "ConvDecoder",
-    "TwoHotHead", "ContinueHead", "DiscreteActor", "ContinuousActor",
+    "TwoHotHead", "ContinueHead", "MaskEncoder", "MaskDecoder", "DiscreteActor", "ContinuousActor",
     # imagination
-    "ImaginationModule", "imagine", "ImaginationHooks",
+    "ImaginationModule", "imagine", "ImaginationHooks", "ActionMaskHooks",
     # losses
     "DreamerWorldModelLoss", "DreamerCriticLoss", "DreamerPolicyLoss", "LambdaReturn",
     # replay and update
     "SequenceWriter", "make_replay_buffer", "replay_state_dict", "load_replay_state_dict", "make_optimizer",
     "DreamerUpdate",
     # envs and configs
-    "make_dreamer_env", "make_gym_env", "PixelsToUint8", "WorldModelLossConfig", "OptimConfig",
+    "make_dreamer_env", "make_gym_env", "PixelsToUint8", "EnvContractError", "WorldModelLossConfig", "OptimConfig",
+    "SingleAgentEnvConfig",
     # math
     "symlog", "symexp", "TwoHot", "lambda_returns", "kl_loss", "ReturnNormalizer",
     # routing

@@ -20,7 +20,8 @@ from tensordict.nn import TensorDictModuleBase
 from torch import nn
 from torchrl.envs.utils import ExplorationType, exploration_type
 
-from .nets import ConvDecoder, ConvEncoder, ContinueHead, ContinuousActor, DiscreteActor, TwoHotHead, VectorDecoder, VectorEncoder
+from .nets import (ConvDecoder, ConvEncoder, ContinueHead, ContinuousActor, DiscreteActor, MaskDecoder, MaskEncoder,
+                   TwoHotHead, VectorDecoder, VectorEncoder)
 from .rssm import RSSM
 from .world_model import DreamerWorldModel
 
@@ -63,13 +64,21 @@ def preset(name: str, **overrides) -> ModelSizes:
 
 
 def make_world_model(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, sizes: ModelSizes,
-                     unimix: float = 0.01) -> DreamerWorldModel:
+                     unimix: float = 0.01, mask_key: str | None = None) -> DreamerWorldModel:
     """Encoders/decoders per observation (1-d shape: MLP with symlog; ``(3, 64, 64)``: CNN), RSSM,
-    reward (two-hot) and continue heads."""
+    reward (two-hot) and continue heads. ``mask_key``: the observation (in ``obs_shapes``, shape
+    ``[action_dim]``) holding the env's boolean action mask; it gets a mask encoder and a mask head
+    (:class:`MaskDecoder`) that imagination uses to predict the allowed actions."""
     encoders, decoders, embed_dim = {}, {}, 0
     feat_dim = sizes.deter + sizes.stoch * sizes.classes
+    if mask_key is not None and tuple(obs_shapes.get(mask_key, ())) != (action_dim,):
+        raise ValueError(f"action mask '{mask_key}' must have shape [{action_dim}] (one entry per action), got "
+                         f"{list(obs_shapes.get(mask_key, ())) or 'no such observation'}")
     for name, shape in obs_shapes.items():
-        if len(shape) == 1:
+        if name == mask_key:
+            encoders[name] = MaskEncoder(action_dim, sizes.units, sizes.layers)
+            decoders[name] = MaskDecoder(feat_dim, action_dim, sizes.units, sizes.layers)
+        elif len(shape) == 1:
             encoders[name] = VectorEncoder(shape[0], sizes.units, sizes.layers)
             decoders[name] = VectorDecoder(feat_dim, shape[0], sizes.units, sizes.layers)
         elif len(shape) == 3:
@@ -80,7 +89,7 @@ def make_world_model(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, si
         embed_dim += encoders[name].out_features
     rssm = RSSM(action_dim, embed_dim, sizes.deter, sizes.stoch, sizes.classes, sizes.hidden, sizes.blocks, unimix)
     return DreamerWorldModel(encoders, decoders, rssm, TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins),
-                      ContinueHead(feat_dim, sizes.units, sizes.layers))
+                             ContinueHead(feat_dim, sizes.units, sizes.layers), mask_key=mask_key)
 
 
 def make_actor(feat_dim: int, action_dim: int, discrete: bool, sizes: ModelSizes, unimix: float = 0.01) -> nn.Module:
@@ -106,8 +115,10 @@ class DreamerAgent(nn.Module):
 
 
 def make_agent(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, discrete: bool, sizes: ModelSizes,
-               unimix: float = 0.01) -> DreamerAgent:
-    wm = make_world_model(obs_shapes, action_dim, sizes, unimix)
+               unimix: float = 0.01, mask_key: str | None = None) -> DreamerAgent:
+    if mask_key is not None and not discrete:
+        raise ValueError("an action mask needs discrete actions")
+    wm = make_world_model(obs_shapes, action_dim, sizes, unimix, mask_key)
     return DreamerAgent(wm, make_actor(wm.feat_dim, action_dim, discrete, sizes, unimix), make_critic(wm.feat_dim, sizes))
 
 
@@ -135,14 +146,20 @@ class DreamerPolicy(TensorDictModuleBase):
         self.world_model, self.actor = world_model, actor
         self.obs_keys = obs_keys or {n: n for n in world_model.obs_names}
         self.discrete = bool(getattr(actor, "discrete", False))
-        self.mask_key = mask_key
+        # the env's action mask: the world model's mask observation unless named here
+        self.mask_key = mask_key if mask_key is not None else getattr(world_model, "mask_key", None)
+        if self.mask_key is not None and not self.discrete:
+            raise ValueError("an action mask needs a discrete actor")
+        mask_key = self.mask_key
         if not self.discrete:
             if action_low is None or action_high is None:
                 raise ValueError("a continuous policy needs action_low and action_high (the env's bounds)")
             self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32))
         self.random_actions = False
-        self.in_keys = [*self.obs_keys.values(), "is_first", *STATE_KEYS] + ([mask_key] if mask_key else [])
+        self.in_keys = [*self.obs_keys.values(), "is_first", *STATE_KEYS]
+        if mask_key and mask_key not in self.in_keys:
+            self.in_keys.append(mask_key)
         self.out_keys = ["action", *(("next", k) for k in STATE_KEYS)]
 
     def primer_specs(self, batch_shape: torch.Size = torch.Size([])) -> dict:
@@ -185,6 +202,12 @@ class DreamerPolicy(TensorDictModuleBase):
         z = flat.get("stoch").reshape(n, rssm.stoch, rssm.classes)
         prev = flat.get("prev_action").reshape(n, rssm.action_dim)
         mask = flat.get(self.mask_key).reshape(n, -1).bool() if self.mask_key else None
+        if mask is not None and not bool(mask.any(-1).all()):
+            from ..pointer import AllMaskedError
+
+            bad = (~mask.any(-1)).nonzero()[0].item()
+            raise AllMaskedError(f"the env's '{self.mask_key}' allows no action in env {bad} of {n}: an env with an "
+                                 "action mask must allow at least one action in every state it returns")
         deterministic = exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE,
                                                ExplorationType.MEAN)
         h, z, _ = rssm.obs_step(h, z, prev, self.world_model.embed(obs), is_first)

@@ -1,13 +1,15 @@
 """Config pieces every Dreamer recipe shares (the Gymnasium/custom-env recipe and the routing recipe):
-the world-model loss weights, the optimiser and the choice types of the Dreamer recipes' fields.
+the world-model loss weights, the optimiser and the choice types of the Dreamer recipes' fields, and
+the env section both single-agent recipes (Dreamer and PPO) read.
 Each field documents itself (``--help``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Dict, List
 
 from ..config import Choice, doc
 
-__all__ = ["WorldModelLossConfig", "OptimConfig", "FreeBitsGrad", "ModelSize", "CompileMode", "ActorGrad", "ContMode"]
+__all__ = ["SingleAgentEnvConfig", "WorldModelLossConfig", "OptimConfig", "FreeBitsGrad", "ModelSize", "CompileMode", "ActorGrad", "ContMode"]
 
 
 class FreeBitsGrad(Choice):
@@ -65,3 +67,24 @@ class OptimConfig:
     agc: float = doc(0.3, "Adaptive gradient clipping: max gradient norm as a fraction of each parameter's norm.")
     eps: float = doc(1e-20, "LaProp epsilon.")
     warmup_steps: int = doc(1000, "Linear learning-rate warm-up (updates).")
+
+
+@dataclass
+class SingleAgentEnvConfig:
+    """The env section of the single-agent recipes (Dreamer and PPO): a Gymnasium id or a factory."""
+
+    name: str = doc("CartPole-v1", "Gymnasium env id (ignored when env.factory is set).")
+    factory: str = doc("", "Custom env 'package.module:function' returning a TorchRL EnvBase (docs/custom_envs.md).")
+    kwargs: Dict[str, Any] = doc({}, "Keyword arguments for gymnasium.make or the factory.")
+    pixels: bool = doc(False, "Observe rendered frames, resized to 3x64x64 uint8 in the env transform.")
+    obs_keys: List[str] = doc([], "Observation keys the world model encodes ([] = ['pixels'] or ['observation']).")
+    num_envs: int = doc(4, "Envs stepped together (TorchRL SerialEnv).")
+    max_episode_steps: int = doc(0, "Episode step limit (0 = the env's own).")
+    mask_key: str = doc("action_mask", "Observation holding the env's bool action mask (True = allowed), used when the "
+                                       "env has it (discrete actions): acting, prefill and evaluation pick allowed "
+                                       "actions only, imagination predicts the mask ('' = ignore any mask).")
+    mask_rule: str = doc("", "Optional 'package.module:function' mapping decoded observations {key: [N, F]} to the "
+                             "bool mask [N, A] in imagination (else the world model's learned mask head).")
+    reward_scale: float = doc(1.0, "Multiply rewards by this before the replay (DreamerV3 divides returns by "
+                                   "max(1, range): returns spanning < 1 are not scaled up, so tiny rewards learn "
+                                   "slowly; logged episode sums stay in env units).")

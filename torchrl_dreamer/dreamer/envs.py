@@ -20,10 +20,11 @@ import torch.nn.functional as F
 from torchrl.data import Composite, Unbounded
 from torchrl.envs import Compose, EnvBase, InitTracker, ObservationTransform, SerialEnv, TransformedEnv
 
+from ..config import ConfigError
 from ..envs import call_factory
 from ..transforms import EpisodeRewardSum
 
-__all__ = ["PixelsToUint8", "make_gym_env", "make_dreamer_env", "gym_env_ids"]
+__all__ = ["PixelsToUint8", "make_gym_env", "make_dreamer_env", "gym_env_ids", "EnvContractError"]
 
 
 class PixelsToUint8(ObservationTransform):
@@ -81,18 +82,55 @@ def make_gym_env(env_id: str, *, num_envs: int = 1, pixels: bool = False, seed: 
 
 def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, pixels: bool = False, seed: int = 0,
                      device: str = "cpu", max_episode_steps: int = 0, kwargs: Mapping[str, Any] | None = None,
-                     pixel_size: int = 64) -> TransformedEnv:
-    """The base env (Gymnasium id or ``package.module:function`` factory) with ``is_first``,
-    episode reward sums and, for pixels, the uint8 resize."""
+                     pixel_size: int = 64, mask_key: str = "action_mask", check_as: str = "",
+                     obs_keys: tuple[str, ...] = ()) -> TransformedEnv:
+    """A single-agent env as both single-agent recipes (Dreamer and PPO) train on it: the base env
+    (Gymnasium id or ``package.module:function`` factory) with ``is_first``, episode reward sums
+    and, for pixels, the uint8 resize. A ``Categorical`` action spec becomes ``OneHot``
+    (:class:`~torchrl_dreamer.transforms.CategoricalToOneHot`); a boolean ``mask_key`` observation
+    with discrete actions gets TorchRL's ``ActionMask`` (the action spec follows the mask, so
+    random actions respect it).
+
+    ``check_as="dreamer"|"ppo"`` runs the env contract (:mod:`torchrl_dreamer.check_env`) on a
+    factory env first and raises :class:`EnvContractError` naming every problem."""
+    from torchrl.data import Categorical, OneHot
+    from torchrl.envs import ActionMask
+
+    from ..transforms import CategoricalToOneHot
+
     if factory:
         base = call_factory(factory, num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed,
                             **dict(kwargs or {}))
+        if check_as:
+            from ..check_env import env_problems
+
+            problems = env_problems(base, check_as, obs_keys=obs_keys or ("observation",), mask_key=mask_key,
+                                    num_envs=num_envs)
+            if problems:
+                base.close(raise_if_closed=False)
+                raise EnvContractError(factory, check_as, problems)
     else:
         base = make_gym_env(env_id, num_envs=num_envs, pixels=pixels, seed=seed, device=device,
                             max_episode_steps=max_episode_steps, kwargs=kwargs)
     transforms = [InitTracker(init_key="is_first")]
+    if isinstance(base.full_action_spec.get("action", None), Categorical):
+        transforms.append(CategoricalToOneHot("action"))
     if pixels:
         transforms.append(PixelsToUint8("pixels", pixel_size))
     env = TransformedEnv(base, Compose(*transforms))
+    if mask_key and mask_key in env.observation_spec.keys() and isinstance(env.action_spec_unbatched, OneHot):
+        env.append_transform(ActionMask(action_key="action", mask_key=mask_key))
     env.append_transform(EpisodeRewardSum(env))
     return env
+
+
+class EnvContractError(ConfigError):
+    """A factory env that does not fit a recipe: every problem, one line each (the first names the factory)."""
+
+    def __init__(self, factory: str, algo: str, problems) -> None:
+        self.problems = list(problems)
+        head = f"env.factory '{factory}' does not fit the {algo} recipe: {self.problems[0]}"
+        more = [f"  also {p}" for p in self.problems[1:]]
+        tail = (f"  (python -m torchrl_dreamer.check_env {factory} --algo {algo} prints this list)"
+                if more else "")
+        super().__init__("\n".join([head, *more, *([tail] if tail else [])]))

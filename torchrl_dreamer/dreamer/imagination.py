@@ -28,11 +28,12 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
-from .nets import clip_action
+from .functional import symexp
+from .nets import MaskDecoder, VectorEncoder, clip_action
 from .rssm import gumbel_noise
 from .world_model import DreamerWorldModel
 
-__all__ = ["ImaginationHooks", "imagine", "draw_noise", "ImaginationModule"]
+__all__ = ["ImaginationHooks", "ActionMaskHooks", "imagine", "draw_noise", "ImaginationModule"]
 
 
 class ImaginationHooks:
@@ -62,6 +63,11 @@ class ImaginationHooks:
         """Per-trajectory constant actor inputs (e.g. encoded node embeddings); default none."""
         return {}
 
+    def on_features(self, aux: Any, feat: torch.Tensor) -> Any:
+        """``aux`` once the features ``feat [N, F]`` of a new imagined state are known (after
+        :meth:`step` and :meth:`features`), e.g. a mask predicted from them; default unchanged."""
+        return aux
+
     def features(self, world_model: DreamerWorldModel, deter: torch.Tensor, stoch: torch.Tensor, aux: Any,
                  context: dict[str, torch.Tensor]) -> torch.Tensor:
         """Features of an imagined state for the heads, critic and actor (default ``[h, z]``)."""
@@ -70,6 +76,63 @@ class ImaginationHooks:
     def model_action(self, action: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
         """The actor's action -> the RSSM's action input (default: unchanged)."""
         return action
+
+
+_VECTOR_ENCODERS = (VectorEncoder,)
+
+
+class ActionMaskHooks(ImaginationHooks):
+    """Action masks through imagination, for any env whose observations include its boolean action
+    mask (the world model's ``mask_key`` observation, see :func:`~.agent.make_world_model`).
+
+    * At a start state the replayed (real) mask is used.
+    * At each imagined state the mask comes from ``rule`` when given: a function
+      ``rule({name: observation [N, ...]}) -> bool [N, A]`` applied to the world model's decoded
+      vector observations (in env units; pixels are not decoded), e.g. "no move into a wall" from
+      a decoded position. Rows the rule leaves empty, and every state without a rule, use the
+      world model's mask head (:meth:`MaskDecoder.predict`: at least one action always allowed).
+    * The actor gets the mask as ``action_mask`` (unimix over allowed actions, exactly 0 on masked
+      ones), so the trajectory carries it for :class:`~.losses.DreamerPolicyLoss`
+      (``actor_input_keys=("action_mask",)``).
+
+    A mask predicted in imagination is never used in the real env (the acting policy reads the
+    env's mask). How good the imagined masks are is measured on the replayed states, where the
+    real mask is known: ``last_accuracy`` is the fraction of mask entries predicted right at the
+    last rollout's start states (a tensor, no host sync; :class:`~.update.DreamerUpdate` logs it
+    as ``diag/imagined_mask_accuracy``).
+    """
+
+    def __init__(self, world_model: DreamerWorldModel, rule=None) -> None:
+        if world_model.mask_key is None:
+            raise ValueError("ActionMaskHooks needs a world model with a mask observation (mask_key)")
+        self.world_model, self.rule = world_model, rule
+        self.mask_key = world_model.mask_key
+        self.start_keys = (self.mask_key, "feat")
+        self.last_accuracy: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def predict(self, feat: torch.Tensor) -> torch.Tensor:
+        """The mask ``[N, A]`` imagination uses at states with features ``feat [N, F]``."""
+        wm = self.world_model
+        learned = MaskDecoder.predict(wm.decoders[self.mask_key](feat))
+        if self.rule is None:
+            return learned
+        obs = {name: symexp(wm.decoders[name](feat)) for name in wm.obs_names
+               if name != self.mask_key and isinstance(wm.encoders[name], _VECTOR_ENCODERS)}
+        ruled = torch.as_tensor(self.rule(obs), device=feat.device).bool().reshape(learned.shape)
+        return torch.where(ruled.any(-1, keepdim=True), ruled, learned)
+
+    def start(self, start: TensorDictBase) -> torch.Tensor:
+        real = start[self.mask_key].bool()
+        self.last_accuracy = (self.predict(start["feat"]) == real).float().mean()
+        return real
+
+    def actor_inputs(self, aux: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"action_mask": aux}
+
+    def on_features(self, aux: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
+        return self.predict(feat)
+
 
 
 def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bool, model_action=None,
@@ -141,6 +204,7 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
         known_rewards, known_terms = [], []
         h, z = deter, stoch
         model_action = None if type(hooks).model_action is ImaginationHooks.model_action else hooks.model_action
+        on_features = hooks.on_features
         feat = hooks.features(world_model, h, z, aux, context)
         feats.append(feat)
         for t in range(horizon):
@@ -157,6 +221,7 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             known_rewards.append(k_rew)
             known_terms.append(k_term)
             feat = hooks.features(world_model, h, z, aux, context)
+            aux = on_features(aux, feat)
             deters.append(h)
             stochs.append(z)
             feats.append(feat)

@@ -7,6 +7,9 @@
 * :class:`TwoHotHead`: symexp two-hot regression head (reward, critic) with a zero-initialised
   output layer, so early predictions are exactly 0 (DreamerV3).
 * :class:`ContinueHead`: Bernoulli logit of "the episode continues".
+* :class:`MaskEncoder` / :class:`MaskDecoder`: an env's boolean ``action_mask`` as a world-model
+  observation (encoded as 0/1 floats, predicted per action as a Bernoulli logit), so imagination
+  can predict which actions an imagined state allows.
 * :class:`DiscreteActor` (one-hot actions, unimix applied over the *allowed* actions before any
   mask, so masked actions get probability exactly 0) and :class:`ContinuousActor` (normal with
   bounded std, actions in ``[-1, 1]``).
@@ -32,6 +35,8 @@ __all__ = [
     "ConvDecoder",
     "TwoHotHead",
     "ContinueHead",
+    "MaskEncoder",
+    "MaskDecoder",
     "OneHotDist",
     "BoundedNormalDist",
     "clip_action",
@@ -200,6 +205,43 @@ class ContinueHead(nn.Module):
     @staticmethod
     def loss(logit: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logit, cont, reduction="none")
+
+
+class MaskEncoder(nn.Module):
+    """``mask [..., A]`` (bool, True = allowed) -> ``embed [..., units]``."""
+
+    def __init__(self, action_dim: int, units: int, layers: int) -> None:
+        super().__init__()
+        self.action_dim = action_dim
+        self.net = NormMLP(action_dim, units, max(layers, 1))
+        self.out_features = units
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:
+        if mask.shape[-1] != self.action_dim:
+            raise ValueError(f"MaskEncoder expects action masks [..., {self.action_dim}], got {tuple(mask.shape)}")
+        return self.net(mask.to(self.net.body[0].weight.dtype))
+
+
+class MaskDecoder(nn.Module):
+    """``feat -> [..., A]`` logits of "this action is allowed"; :meth:`loss` is the binary cross
+    entropy summed over actions, :meth:`predict` the boolean mask (always at least one action
+    allowed: the most likely one, so an imagined state never has an empty action set)."""
+
+    def __init__(self, feat_dim: int, action_dim: int, units: int, layers: int) -> None:
+        super().__init__()
+        self.net = NormMLP(feat_dim, units, layers, action_dim)
+
+    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+        return self.net(feat)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(logits, mask.to(logits.dtype), reduction="none").sum(-1)
+
+    @staticmethod
+    def predict(logits: torch.Tensor) -> torch.Tensor:
+        best = F.one_hot(logits.argmax(-1), logits.shape[-1]).bool()
+        return (logits > 0) | best
 
 
 class OneHotDist:

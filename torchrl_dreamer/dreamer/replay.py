@@ -39,10 +39,14 @@ class SequenceWriter:
         action_transform: env action -> actor units (one-hot float, or ``[-1, 1]``).
         num_envs: envs in the collector batch (the batch is ``[num_envs, T]`` or ``[T]`` for one).
         stream_offset: added to the env index to form the ``stream`` id.
+        reward_scale: rewards are multiplied by this before they reach the rows (the world model,
+            critic and actor learn scaled returns; logged episode sums stay in env units).
     """
 
-    def __init__(self, obs_keys: dict[str, object], action_transform, num_envs: int, stream_offset: int = 0) -> None:
+    def __init__(self, obs_keys: dict[str, object], action_transform, num_envs: int, stream_offset: int = 0,
+                 reward_scale: float = 1.0) -> None:
         self.obs_keys = dict(obs_keys)
+        self.reward_scale = float(reward_scale)
         self.action_transform = action_transform
         self.num_envs = num_envs
         self.stream_offset = stream_offset
@@ -68,6 +72,8 @@ class SequenceWriter:
         flag = lambda key: batch.get(key).reshape(E, T).bool()  # noqa: E731
         done, terminated, is_first = flag(("next", "done")), flag(("next", "terminated")), flag("is_first")
         reward = batch.get(("next", "reward")).reshape(E, T).float()
+        if self.reward_scale != 1.0:
+            reward = reward * self.reward_scale
         prev_reward = torch.cat([self.carry_reward.to(reward.device).unsqueeze(1), reward[:, :-1]], 1)
         prev_reward = torch.where(is_first, torch.zeros_like(prev_reward), prev_reward)
 

@@ -254,6 +254,9 @@ class DreamerUpdate:
         if "loss/replay_value" in ac_losses:
             metrics["loss/replay_value"] = ac_losses["loss/replay_value"].detach()
         metrics.update(norms)
+        mask_accuracy = getattr(self.imagination.hooks, "last_accuracy", None)
+        if mask_accuracy is not None:
+            metrics["diag/imagined_mask_accuracy"] = mask_accuracy
         if self.timing:
             metrics.update({"time/update_world_model_s": torch.tensor(t1 - t0),
                             "time/update_imagination_s": torch.tensor(t2 - t1),

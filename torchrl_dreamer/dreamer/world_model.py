@@ -45,10 +45,12 @@ class DreamerWorldModel(nn.Module):
         rssm: the :class:`RSSM` (its ``embed_dim`` must be ``sum(E_i)``).
         reward_head: :class:`TwoHotHead`.
         continue_head: :class:`ContinueHead`.
+        mask_key: the observation that is the env's boolean action mask (its decoder is a
+            :class:`~.nets.MaskDecoder`), or ``None``.
     """
 
     def __init__(self, encoders: Mapping[str, nn.Module], decoders: Mapping[str, nn.Module], rssm: RSSM,
-                 reward_head: TwoHotHead, continue_head: ContinueHead) -> None:
+                 reward_head: TwoHotHead, continue_head: ContinueHead, mask_key: str | None = None) -> None:
         super().__init__()
         if set(encoders) != set(decoders):
             raise ValueError(f"encoders {sorted(encoders)} and decoders {sorted(decoders)} must cover the same keys")
@@ -58,6 +60,9 @@ class DreamerWorldModel(nn.Module):
         self.rssm = rssm
         self.reward_head = reward_head
         self.continue_head = continue_head
+        if mask_key is not None and mask_key not in self.obs_names:
+            raise ValueError(f"mask_key '{mask_key}' is not one of the observations {self.obs_names}")
+        self.mask_key = mask_key
 
     @property
     def feat_dim(self) -> int:
