@@ -12,9 +12,14 @@ Routing (:mod:`envs.routing`)
     DevSetError          a dev set that cannot be found or read, or does not fit the problem asked for
     InvalidActionError   an action chose a masked node
     tour_length          exact (float64) length of tours over given coordinates
-Custom env example (:mod:`envs.goal_reaching`)
+Custom env examples (:mod:`envs.goal_reaching`, :mod:`envs.masked_grid`)
     GoalReachingEnv      batched multi-agent goal reaching: the worked example of plugging in your own
                          env (its factory for recipes is ``envs.goal_reaching:make_env``)
+    MaskedGridEnv        batched single-agent grid walk with masked discrete actions (Dreamer or PPO;
+                         factory ``envs.masked_grid:make_env``)
+    MaskedActionError    a masked action reached a strict :class:`MaskedGridEnv`
+    mask_rule            the grid's action mask from its observation (``env.mask_rule`` for Dreamer)
+    scripted_action      the grid's shortest-path reference policy
 
 Names are imported on first use (module ``__getattr__``), so ``import envs`` loads nothing else.
 """
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
     from .goal_reaching import GoalReachingEnv
+    from .masked_grid import MaskedActionError, MaskedGridEnv, mask_rule, scripted_action
     from .routing import (KOOL_CAPACITY, CVRPEnv, DevSetError, InvalidActionError, TSPEnv, dev_set_path,
                           generate_cvrp, generate_tsp, load_dev_set, load_npz, tour_length)
 
@@ -33,12 +39,13 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("TSPEnv", "CVRPEnv", "generate_tsp", "generate_cvrp", "KOOL_CAPACITY", "load_dev_set",
                      "dev_set_path", "load_npz", "DevSetError", "InvalidActionError", "tour_length"), ".routing"),
     "GoalReachingEnv": ".goal_reaching",
+    **dict.fromkeys(("MaskedGridEnv", "MaskedActionError", "mask_rule", "scripted_action"), ".masked_grid"),
 }
 
 __all__ = [
     "TSPEnv", "CVRPEnv", "generate_tsp", "generate_cvrp", "KOOL_CAPACITY", "load_dev_set", "dev_set_path", "load_npz",
     "DevSetError", "InvalidActionError", "tour_length",
-    "GoalReachingEnv",
+    "GoalReachingEnv", "MaskedGridEnv", "MaskedActionError", "mask_rule", "scripted_action",
 ]
 
 

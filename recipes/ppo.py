@@ -194,8 +194,7 @@ class ObservationEncoder(nn.Module):
 
 
 def _mlp(in_features: int, out_features: int, cfg: PPOModelConfig, out_gain: float) -> nn.Sequential:
-    act = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}[str(cfg.activation.value if hasattr(cfg.activation, "value")
-                                                               else cfg.activation)]
+    act = {"tanh": nn.Tanh, "relu": nn.ReLU, "silu": nn.SiLU}[Activation(cfg.activation).value]
     layers, size = [], in_features
     for _ in range(cfg.layers):
         linear = nn.Linear(size, cfg.hidden)
@@ -209,33 +208,26 @@ def _mlp(in_features: int, out_features: int, cfg: PPOModelConfig, out_gain: flo
     return nn.Sequential(*layers, head)
 
 
+class Tower(nn.Module):
+    """Observations -> :class:`ObservationEncoder` -> MLP (one for the actor, one for the critic)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], out_features: int, cfg: PPOModelConfig, out_gain: float) -> None:
+        super().__init__()
+        self.encoder = ObservationEncoder(shapes, cfg.cnn_depth)
+        self.head = _mlp(self.encoder.out_features, out_features, cfg, out_gain)
+
+    def forward(self, *obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(*obs))
+
+
 class PPONetworks(nn.Module):
-    """Actor and critic networks (separate encoders and MLPs), for checkpoints and ``.to(device)``."""
+    """The actor and critic towers (no shared parameters, so ``ClipPPOLoss`` trains each with its
+    own loss term), kept together for checkpoints and ``.to(device)``."""
 
     def __init__(self, shapes: list[tuple[int, ...]], action_dim: int, continuous: bool, cfg: PPOModelConfig) -> None:
         super().__init__()
-        self.actor_encoder = ObservationEncoder(shapes, cfg.cnn_depth)
-        self.critic_encoder = ObservationEncoder(shapes, cfg.cnn_depth)
-        out = 2 * action_dim if continuous else action_dim
-        self.actor_head = _mlp(self.actor_encoder.out_features, out, cfg, 0.01)
-        self.critic_head = _mlp(self.critic_encoder.out_features, 1, cfg, 1.0)
-
-    def actor_out(self, *obs: torch.Tensor) -> torch.Tensor:
-        return self.actor_head(self.actor_encoder(*obs))
-
-    def value(self, *obs: torch.Tensor) -> torch.Tensor:
-        return self.critic_head(self.critic_encoder(*obs))
-
-
-class _Call(nn.Module):
-    """``fn`` of a module as a module (what ``TensorDictModule`` wraps)."""
-
-    def __init__(self, owner: nn.Module, name: str) -> None:
-        super().__init__()
-        self.owner, self.name = owner, name
-
-    def forward(self, *args):
-        return getattr(self.owner, self.name)(*args)
+        self.actor = Tower(shapes, 2 * action_dim if continuous else action_dim, cfg, 0.01)
+        self.critic = Tower(shapes, 1, cfg, 1.0)
 
 
 def build_agent(cfg: PPOConfig, env: EnvBase):
@@ -265,7 +257,7 @@ def build_agent(cfg: PPOConfig, env: EnvBase):
                           f"spec; got {type(action).__name__}")
     nets = PPONetworks(shapes, action_dim, continuous, cfg.model).to(cfg.device)
     if continuous:
-        module = TensorDictModule(nn.Sequential(_Call(nets, "actor_out"), NormalParamExtractor()), in_keys=keys,
+        module = TensorDictModule(nn.Sequential(nets.actor, NormalParamExtractor()), in_keys=keys,
                                   out_keys=["loc", "scale"])
         actor = ProbabilisticActor(module, in_keys=["loc", "scale"], spec=env.full_action_spec_unbatched,
                                    distribution_class=TanhNormal,
@@ -273,12 +265,12 @@ def build_agent(cfg: PPOConfig, env: EnvBase):
                                                         "high": action.space.high.to(cfg.device)},
                                    return_log_prob=True)
     else:
-        module = TensorDictModule(_Call(nets, "actor_out"), in_keys=keys, out_keys=["logits"])
+        module = TensorDictModule(nets.actor, in_keys=keys, out_keys=["logits"])
         dist_keys = {"logits": "logits", "mask": mask_key} if mask_key else ["logits"]
         actor = ProbabilisticActor(module, in_keys=dist_keys, spec=env.full_action_spec_unbatched,
                                    distribution_class=MaskedOneHotCategorical if mask_key else OneHotCategorical,
                                    return_log_prob=True)
-    critic = ValueOperator(_Call(nets, "value"), in_keys=keys)
+    critic = ValueOperator(nets.critic, in_keys=keys)
     return nets, actor, critic, mask_key
 
 

@@ -161,5 +161,25 @@ BROKEN = {
     "gymnasium_env": ("broken_envs:gymnasium_env", "not_torchrl"),
     "multi_agent": ("broken_envs:multi_agent", "agents"),
 }
+#: broken for MAPPO (multi-agent)
+BROKEN_MAPPO = {
+    "multi_agent_misnamed_reward": ("broken_envs:multi_agent_misnamed_reward", "reward_key"),
+    "single_agent": ("envs.masked_grid:make_env", "agents"),
+}
 
-__all__ = ["BROKEN", "TensorDict"]
+__all__ = ["BROKEN", "BROKEN_MAPPO", "TensorDict"]
+
+
+class _RenamedAgentReward:
+    """Multi-agent goal reaching whose reward is ('agents', 'rew')."""
+
+    def __new__(cls, **kw):
+        from torchrl.envs import RenameTransform, TransformedEnv
+
+        from envs.goal_reaching import make_env
+
+        return TransformedEnv(make_env(**kw), RenameTransform([("agents", "reward")], [("agents", "rew")]))
+
+
+def multi_agent_misnamed_reward(*, num_envs, max_steps, device, seed):
+    return _RenamedAgentReward(num_envs=num_envs, max_steps=max_steps, device=device, seed=seed)

@@ -35,6 +35,7 @@ Checkpoints and guards
     load_resume_state        the state to resume from, falling back to the previous checkpoint
     rng_state                Python, NumPy and torch generator states
     set_rng_state            restores :func:`rng_state`'s states
+    load_weights             ``load_state_dict`` with an error that says what to do on a size mismatch
     NonFiniteError           a NaN or inf where a finite value is required
     MissingKeyError          a key an env or model should have written is absent
     check_finite             raises :class:`NonFiniteError` naming the key, iteration and run dir
@@ -45,6 +46,7 @@ Logging, evaluation and plots
     RunLogger                one logger for TensorBoard, ``metrics.jsonl`` and a tqdm bar
     make_run_dir             ``<root>/<recipe>/<env>/<timestamp>/``
     report_evaluation        prints an evaluation record as JSON and writes it beside the run
+    run_episodes             one deterministic episode per env of a batched env, for any policy
     read_metrics             the records of a run's ``metrics.jsonl``
     plot_learning_curves     ``curves.png`` from ``metrics.jsonl``
     plot_tours               pictures of routing tours (ours beside the reference)
@@ -56,6 +58,11 @@ Envs and transforms
     DoneToAgents             copies env-level done flags into every agent group
     EpisodeRewardSum         episode reward sums over every reward key of an env
     reward_keys              every reward key of an env
+    CategoricalToOneHot      a ``Categorical`` action spec as ``OneHot`` (the env still gets indices)
+The env contract (``python -m torchrl_dreamer.check_env package.module:function``)
+    EnvProblem               one broken part of an env's contract, with its fix
+    env_problems             every way an env breaks an algorithm's contract (dreamer, ppo, mappo)
+    check_factory            :func:`env_problems` of a factory, built as the recipes build it
 Routing policy networks
     RoutingEncoder           attention encoder of TSP / CVRP instances (once per episode)
     PointerDecoder           pointer-network decoder over the encoded nodes
@@ -74,13 +81,14 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load on first use
     from . import dreamer
-    from .checkpoint import (CheckpointError, load_checkpoint, load_resume_state, rng_state, save_checkpoint,
-                             set_rng_state)
+    from .check_env import EnvProblem, check_factory, env_problems
+    from .checkpoint import (CheckpointError, load_checkpoint, load_resume_state, load_weights, rng_state,
+                             save_checkpoint, set_rng_state)
     from .cli import RecipeArgs, parse_recipe_args
     from .config import ConfigError, check_ranges, doc, help_text, load_config, save_config, to_object
     from .cpu import compile_unavailable, tune_malloc
     from .envs import EnvFactoryError, make_env, make_vmas_env, with_shared_transforms
-    from .evaluation import report_evaluation
+    from .evaluation import report_evaluation, run_episodes
     from .guards import (MissingKeyError, NonFiniteError, check_finite, check_metrics_finite,
                          check_parameters_finite, check_tensordict_finite)
     from .logging import RunLogger, make_run_dir
@@ -88,7 +96,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from .pointer import AllMaskedError, PointerActorCritic, PointerDecoder, RoutingEncoder
     from .runtime import RunLockedError, check_device, open_run_dir, run_cli
     from .trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_recipe
-    from .transforms import DoneToAgents, EpisodeRewardSum, reward_keys
+    from .transforms import CategoricalToOneHot, DoneToAgents, EpisodeRewardSum, reward_keys
 
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
@@ -99,14 +107,15 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("TrainingRun", "RunConfig", "EvalConfig", "Recipe", "run_recipe", "entry_points"), ".trainer"),
     **dict.fromkeys(("tune_malloc", "compile_unavailable"), ".cpu"),
     **dict.fromkeys(("CheckpointError", "save_checkpoint", "load_checkpoint", "load_resume_state", "rng_state",
-                     "set_rng_state"), ".checkpoint"),
+                     "set_rng_state", "load_weights"), ".checkpoint"),
     **dict.fromkeys(("NonFiniteError", "MissingKeyError", "check_finite", "check_tensordict_finite",
                      "check_parameters_finite", "check_metrics_finite"), ".guards"),
     **dict.fromkeys(("RunLogger", "make_run_dir"), ".logging"),
-    "report_evaluation": ".evaluation",
+    **dict.fromkeys(("report_evaluation", "run_episodes"), ".evaluation"),
     **dict.fromkeys(("read_metrics", "plot_learning_curves", "plot_tours"), ".plots"),
     **dict.fromkeys(("make_env", "make_vmas_env", "with_shared_transforms", "EnvFactoryError"), ".envs"),
-    **dict.fromkeys(("DoneToAgents", "EpisodeRewardSum", "reward_keys"), ".transforms"),
+    **dict.fromkeys(("DoneToAgents", "EpisodeRewardSum", "reward_keys", "CategoricalToOneHot"), ".transforms"),
+    **dict.fromkeys(("EnvProblem", "env_problems", "check_factory"), ".check_env"),
     **dict.fromkeys(("RoutingEncoder", "PointerDecoder", "PointerActorCritic", "AllMaskedError"), ".pointer"),
 }
 _SUBPACKAGES = ("dreamer",)
@@ -120,13 +129,17 @@ __all__ = [
     "tune_malloc", "compile_unavailable",
     # checkpoints and guards
     "CheckpointError", "save_checkpoint", "load_checkpoint", "load_resume_state", "rng_state", "set_rng_state",
+    "load_weights",
     "NonFiniteError", "MissingKeyError", "check_finite", "check_tensordict_finite", "check_parameters_finite",
     "check_metrics_finite",
     # logging, evaluation and plots
-    "RunLogger", "make_run_dir", "report_evaluation", "read_metrics", "plot_learning_curves", "plot_tours",
+    "RunLogger", "make_run_dir", "report_evaluation", "run_episodes", "read_metrics", "plot_learning_curves",
+    "plot_tours",
     # envs and transforms
     "make_env", "make_vmas_env", "with_shared_transforms", "EnvFactoryError", "DoneToAgents", "EpisodeRewardSum",
-    "reward_keys",
+    "reward_keys", "CategoricalToOneHot",
+    # the env contract
+    "EnvProblem", "env_problems", "check_factory",
     # routing policy networks
     "RoutingEncoder", "PointerDecoder", "PointerActorCritic", "AllMaskedError",
 ]

@@ -89,6 +89,9 @@ def _spec_problems(env, algo: str, obs_keys: Sequence[str], mask_key: str, num_e
             return problems
         for rk in reward_keys:
             group = rk[:-1]
+            if rk[-1] != "reward":
+                add("reward_key", f"the agent reward is named '{_key_str(rk)}', not '{_key_str((*group, 'reward'))}'",
+                    "name it (<group>, 'reward') (or rename it with torchrl.envs.RenameTransform)")
             obs_key, act_key = (*group, "observation"), (*group, "action")
             if obs_key not in _leaf_keys(env.observation_spec):
                 add("observation", f"agent group '{_key_str(group)}' has no {_key_str(obs_key)} observation",

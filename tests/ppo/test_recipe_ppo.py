@@ -95,6 +95,20 @@ def test_ppo_config_errors_name_the_key(tmp_runs):
     assert not tmp_runs.exists()
 
 
-def test_ppo_networks_run_on_plain_tensors():
+def test_ppo_networks_run_on_plain_tensors_and_the_loss_trains_both_towers():
+    from torchrl.envs import GymEnv
+
     nets = ppo.PPONetworks([(4,)], 2, False, ppo.PPOModelConfig(hidden=8))
-    assert nets.actor_out(torch.zeros(3, 4)).shape == (3, 2) and nets.value(torch.zeros(3, 4)).shape == (3, 1)
+    assert nets.actor(torch.zeros(3, 4)).shape == (3, 2) and nets.critic(torch.zeros(3, 4)).shape == (3, 1)
+    cfg = ppo.PPOConfig()
+    env = GymEnv("CartPole-v1")
+    nets, actor, critic, _ = ppo.build_agent(cfg, env)
+    loss, gae = ppo.build_loss(cfg, actor, critic)
+    with torch.no_grad():
+        batch = env.rollout(20, actor)
+        gae(batch)
+    out = loss(batch)
+    (out["loss_objective"] + out["loss_critic"] + out["loss_entropy"]).backward()
+    for tower in (nets.actor, nets.critic):  # every parameter of both towers gets a gradient
+        assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tower.parameters())
+    assert not set(map(id, nets.actor.parameters())) & set(map(id, nets.critic.parameters()))

@@ -6,7 +6,7 @@ import pytest
 
 from torchrl_dreamer.check_env import check_factory, env_problems, main
 
-from broken_envs import BROKEN
+from broken_envs import BROKEN, BROKEN_MAPPO
 from helpers import REPO
 
 
@@ -64,3 +64,21 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "torchrl_dreamer.check_env", "envs.goal_reaching:make_env", "--algo",
                           "mappo"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "mappo: ok", out.stderr
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN_MAPPO))
+def test_broken_multi_agent_envs_are_named_for_mappo(name):
+    factory, expected = BROKEN_MAPPO[name]
+    assert expected in [p.name for p in check_factory(factory, "mappo", num_envs=2)]
+
+
+def test_mappo_start_up_names_a_misnamed_agent_reward(tmp_runs, capsys):
+    from recipes.mappo_vmas import main as mappo_main
+    from torchrl_dreamer.runtime import run_cli
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(mappo_main, ["--env", "custom", "env.factory=broken_envs:multi_agent_misnamed_reward", "env.kwargs={}",
+                             f"run.root={tmp_runs}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "[reward_key] the agent reward is named 'agents/rew'" in err[0]
+    assert not tmp_runs.exists()
