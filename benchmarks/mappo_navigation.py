@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds for our recipe")
     parser.add_argument("--ref-at", type=int, nargs="*", default=[2, 4, 8, 12, 17, 23, 28],
                         help="our iterations after which one reference iteration runs (empty = no reference)")
-    parser.add_argument("--ref-threads", type=int, default=1, help="threads for the reference (the issue's anchor: 1)")
+    parser.add_argument("--ref-threads", type=int, default=1, help="threads for the reference (the published anchor: 1)")
     parser.add_argument("--ref-threads-also", type=int, default=2,
                         help="also time the reference with this many threads (0 = skip)")
     parser.add_argument("--tune-malloc", action="store_true",

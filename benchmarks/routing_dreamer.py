@@ -1,7 +1,7 @@
 """DreamerV3 + pointer actor on TSP20 (or CVRP20, ...) for a fixed wall-clock budget.
 
 Same output as ``benchmarks/routing_ppo.py`` (greedy dev-set gap over time, training
-instances/s, JSON + PNG), plus what issue 5 asks of Dreamer: the imagined invalid-action rate, the
+instances/s, JSON + PNG), plus Dreamer's own health checks: the imagined invalid-action rate, the
 value and lambda-target range over time (no explosion, no NaN), and learned vs known reward.
 
     python benchmarks/routing_dreamer.py --env tsp20 --budget-min 60                   # learned reward head

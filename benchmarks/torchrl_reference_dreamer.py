@@ -38,8 +38,7 @@ Two ways to run the same update (``build_torchrl_update(mode=...)``):
   ``DreamerEnv.rollout``), backward + optimizer step + slow-critic EMA are one lump.
 
 Default sizes (``RefSizes``): deter 192, 16 x 4 latents, hidden/units 32, 3-layer MLPs everywhere
-(a scaled-down reference "size1m": classes 4, 3 layers) give 136,613 parameters, i.e. the ~137k of
-the comparison in the issue.
+(a scaled-down reference "size1m": classes 4, 3 layers) give 136,613 parameters (~137k).
 
 Parameter count: unique trainable parameters the optimizer updates = world model (encoder, RSSM,
 decoder, reward and continue heads) + actor + online critic. The slow critic is a buffer copy

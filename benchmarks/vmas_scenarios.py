@@ -1,4 +1,4 @@
-"""MAPPO on the four tuned VMAS scenarios, each under a wall-clock budget: the README table.
+"""MAPPO on the four tuned VMAS scenarios, each under a wall-clock budget: the table in docs/multi_agent.md.
 
 For every scenario YAML in ``recipes/configs/mappo_vmas/`` (navigation, reverse_transport,
 wheel, buzz_wire) runs the recipe with its default settings, stopping at the YAML's iteration

@@ -69,8 +69,8 @@ class CriticLoss(Choice):
 @dataclass
 class EnvConfig:
     scenario: str = doc("navigation", "VMAS scenario name (ignored when env.factory is set; the tuned ones have an "
-                                      "--env YAML, see README).")
-    factory: str = doc("", "Custom env 'package.module:function' returning a TorchRL EnvBase (see README).")
+                                      "--env YAML, see docs/multi_agent.md).")
+    factory: str = doc("", "Custom env 'package.module:function' returning a TorchRL EnvBase (docs/custom_envs.md).")
     kwargs: Dict[str, Any] = doc({}, "Keyword arguments for the VMAS scenario or the factory (e.g. n_agents).")
     max_steps: int = doc(100, "Episode horizon; envs in parallel = frames_per_batch // max_steps.")
 
@@ -422,7 +422,7 @@ RECIPE_SPEC = Recipe(
     validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
     run_name=lambda cfg: cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario,
     progress=("iteration", "collector.iterations", "iterations"), log_step="frames",
-    required=("policy", "critic", "iteration", "frames"),
+    required=("policy", "critic", "iteration", "frames"), factory_env="custom",
 )
 
 

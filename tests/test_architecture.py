@@ -189,7 +189,9 @@ def test_every_recipe_has_a_console_script_with_the_python_m_behaviour():
     scripts = dict(line.split("=", 1) for line in cfg["options.entry_points"]["console_scripts"].strip().splitlines())
     targets = {name.strip(): target.strip() for name, target in scripts.items()}
     assert targets == {"td-dreamer": "recipes.dreamer:cli", "td-routing": "recipes.routing:cli",
-                       "td-mappo-vmas": "recipes.mappo_vmas:cli"}
+                       "td-ppo": "recipes.ppo:cli", "td-mappo-vmas": "recipes.mappo_vmas:cli",
+                       "td-check-env": "torchrl_dreamer.check_env:main"}
+    targets.pop("td-check-env")  # a plain main(argv) -> exit status, like python -m torchrl_dreamer.check_env
     for target in targets.values():
         module, _, attr = target.partition(":")
         mod = importlib.import_module(module)

@@ -2,7 +2,7 @@
 
 * :class:`DoneToAgents` copies the env-level ``done``/``terminated``/``truncated`` flags
   (``[*B, 1]``) into every agent group (``[*B, n_agents, 1]``), at reset and at every step, so
-  GAE and the losses see flags with the reward's shape (SEEDS_DIGEST section 4). Groups are
+  GAE and the losses see flags with the reward's shape. Groups are
   discovered from the env's reward keys; any group name and several groups work.
 * :class:`EpisodeRewardSum` is TorchRL's :class:`~torchrl.envs.transforms.RewardSum` over every
   reward key, plus :meth:`EpisodeRewardSum.summarise`, which turns a collected batch into the

@@ -174,3 +174,15 @@ def test_reward_scale_scales_the_replay_not_the_logged_sums(tmp_runs):
                                  "terminated": torch.zeros(1, 2, dtype=torch.bool)}}, [1, 2])
     rows = w(batch)
     assert rows["reward"].tolist() == [0.0, 5.0]
+
+
+def test_an_env_of_the_wrong_shape_is_told_which_recipe_fits(tmp_runs):
+    from torchrl_dreamer.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"\[agents\] .*multi-agent env.*train it with MAPPO"):
+        dreamer.main(["env.factory=envs.goal_reaching:make_env", f"run.root={tmp_runs}"])
+    from recipes.mappo_vmas import main as mappo_main
+
+    with pytest.raises(ConfigError, match=r"\[agents\] .*single-agent env.*--algo dreamer or ppo"):
+        mappo_main(["--env", "custom", "env.factory=envs.masked_grid:make_env", "env.kwargs={}", f"run.root={tmp_runs}"])
+    assert not tmp_runs.exists()

@@ -1,11 +1,11 @@
 """DreamerV3 math on plain tensors, each piece tested against a naive reference.
 
-Every function here guards one of the bugs listed in SEEDS_DIGEST sections 1-2:
+Every function here guards a mistake that silently breaks DreamerV3 (each is tested):
 
 * :func:`symlog` / :func:`symexp` and the two-hot codec (:class:`TwoHot`) for rewards and values;
 * :func:`lambda_returns`: R_t = r_{t+1} + gamma * c_{t+1} * ((1 - lambda) V_{t+1} + lambda R_{t+1}),
-  bootstrapping from V at the *next* state (the hand-rolled version used V(s_t) and did worse
-  than random);
+  bootstrapping from V at the *next* state (bootstrapping from V(s_t) instead learns worse than
+  random);
 * :func:`kl_loss` with KL balancing (``dyn`` trains only the prior, ``rep`` only the posterior)
   and free bits on the KL *summed over latents* per (batch, time), in the paper's ``clip`` form
   (zero gradient below the threshold, on purpose) or a ``straight_through`` form (value clipped,
@@ -255,7 +255,7 @@ def unimix_masked_probs(logits: torch.Tensor, mask: torch.Tensor | None = None, 
 
     ``p = (1 - unimix) * softmax(logits over allowed) + unimix / n_allowed`` on allowed actions and
     exactly 0 on masked ones. (Mixing before masking over *all* actions, then masking logits with
-    -inf afterwards, is the bug of SEEDS_DIGEST 1.1: the uniform part leaked onto masked nodes.)
+    -inf afterwards, is a classic bug: the uniform part leaks onto masked actions.)
     Raises ``ValueError`` when a row has no allowed action.
     """
     if mask is None:

@@ -15,7 +15,7 @@ Trajectory layout (``[N, H+1]``, index t = imagined state s_t, s_0 = the posteri
 | ``cont`` | continue flag of s_t: the data's ``1 - is_terminal`` at t = 0, then the continue head's probability (or mode) |
 | extra actor inputs | whatever :class:`ImaginationHooks` provide, e.g. ``action_mask`` |
 
-Environment knowledge that need not be learned (SEEDS_DIGEST 1.2: for routing, the visited set is
+Environment knowledge that need not be learned (for routing, the visited set is
 a deterministic function of the actions) enters through :class:`ImaginationHooks`: exact action
 masks, known rewards and known termination, updated from each imagined action.
 """

@@ -329,7 +329,7 @@ class DiscreteActor(nn.Module):
 
     The mix is taken over the allowed actions only (:func:`unimix_masked_probs`): a masked action
     has probability exactly 0 and every allowed one at least ``unimix / n_allowed``, so log-probs
-    are finite however peaked the logits are (SEEDS_DIGEST 1.1 and 1.4).
+    are finite however peaked the logits are.
     ``forward(feat, action_mask=None) -> OneHotDist``."""
 
     discrete = True

@@ -1,6 +1,6 @@
 """DreamerV3 on routing problems (TSP, CVRP): static context carried, masks exact, pointer actor.
 
-What the earlier hand-rolled version got wrong (SEEDS_DIGEST 1) and how this module avoids it:
+Three things a routing world model easily gets wrong, and how this module avoids them:
 
 * **Static context is carried, not predicted.** Coordinates (CVRP: demands, depot) do not change
   within an episode. The pointer encoder of the PPO baseline (:class:`~torchrl_dreamer.pointer.RoutingEncoder`)

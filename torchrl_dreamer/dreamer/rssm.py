@@ -13,7 +13,7 @@ Both distributions get 1% unimix; samples are straight-through one-hots (value o
 of the probabilities). ``is_first`` resets h, z and the previous action to the learned initial
 state (h = tanh(w), z = mode of the prior at that h, previous action 0).
 
-Speed (the scan over time is inherently sequential, SEEDS_DIGEST 3): everything that does not
+Speed (the scan over time is inherently sequential): everything that does not
 depend on the recurrent state is computed for all time steps *before* the loop (the observation
 part of the posterior input layer, the action part of the GRU input layer, the Gumbel noise of
 the samples, the reset masks), and the prior is computed for all steps *after* it, since nothing

@@ -1,0 +1,277 @@
+"""Writes ``benchmarks/RESULTS.md``: the benchmark results that carry a provenance stamp, one table per kind.
+
+    python benchmarks/report.py            # (re)write benchmarks/RESULTS.md
+    python benchmarks/report.py --check    # exit 1 if benchmarks/RESULTS.md is missing or out of date
+
+A result carries the stamp of ``benchmarks/provenance.py`` when it has a ``git_commit`` key, at its top
+level (``{**provenance(), ...}``) or in a nested object (``"provenance": {...}``, ``"machine": {...}``).
+Results without one are counted at the end of the page, not listed. The kind of a result is its
+``"benchmark"`` field, else the benchmark script its file name starts with (``crash_resume_corrupt4.json``:
+``crash_resume``), else its file name. Each row ends with the short commit (``+dirty`` when the tree had
+uncommitted changes), the date of the stamp (UTC), the torch threads of the measured runs and links to the
+JSON and to the PNG of the same name when there is one.
+
+The output depends only on the JSON files (sorted, no generation time), so ``--check`` can compare it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
+OUT = HERE / "RESULTS.md"
+
+#: keys of the stamp itself (not figures of the benchmark)
+STAMP_KEYS = {"git_commit", "git_dirty", "torch", "torchrl", "tensordict", "python", "cpu", "cpu_count", "argv", "date"}
+
+Record = dict[str, Any]
+Row = dict[str, Any]
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+def find_stamp(record: Any) -> dict | None:
+    """The object holding ``git_commit``: the record itself, else the first nested one (breadth first)."""
+    queue = [record]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, dict):
+            if isinstance(node.get("git_commit"), str):
+                return node
+            queue.extend(node.values())
+        elif isinstance(node, list):
+            queue.extend(node)
+    return None
+
+
+def load_results(results_dir: Path) -> tuple[list[tuple[Path, Record, dict]], list[Path], list[Path]]:
+    """``(stamped, unstamped, unreadable)``: stamped as ``(path, record, stamp)``, all sorted by file name."""
+    stamped, unstamped, unreadable = [], [], []
+    for path in sorted(Path(results_dir).glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            unreadable.append(path)  # e.g. a benchmark writing it right now
+            continue
+        stamp = find_stamp(record)
+        if stamp is None:
+            unstamped.append(path)
+        else:
+            stamped.append((path, record, stamp))
+    return stamped, unstamped, unreadable
+
+
+def known_prefixes(results_dir: Path) -> set[str]:
+    """Kinds a file name can start with: those with their own table and the benchmark scripts next to results/."""
+    scripts = {p.stem for p in Path(results_dir).parent.glob("*.py")} - {"report", "provenance"}
+    return set(KINDS) | scripts
+
+
+def kind_of(path: Path, record: Record, prefixes: Iterable[str]) -> str:
+    if isinstance(record, dict) and isinstance(record.get("benchmark"), str) and record["benchmark"]:
+        return record["benchmark"]
+    stem = path.stem
+    matches = [p for p in prefixes if stem == p or stem.startswith(p + "_")]
+    return max(matches, key=len) if matches else stem
+
+
+# --- formatting ------------------------------------------------------------------------------------------------
+
+def fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 10_000 else f"{value:.4g}"
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    text = " ".join(text.split())
+    if len(text) > 60:
+        text = text[:59] + "…"
+    return text.replace("|", "\\|")
+
+
+def short_commit(stamp: dict) -> str:
+    commit = stamp.get("git_commit") or "unknown"
+    return commit[:8] + ("+dirty" if stamp.get("git_dirty") else "")
+
+
+def stamp_date(stamp: dict) -> str:
+    date = str(stamp.get("date") or "—")
+    return date[:16].replace("T", " ")  # minutes are enough to tell runs apart; the JSON has the rest
+
+
+def stamp_threads(stamp: dict, record: Record) -> Any:
+    """Threads of the measured runs; else the benchmark's own ``threads``; else the harness's."""
+    for value in (stamp.get("torch_threads_runs"), record.get("threads") if isinstance(record, dict) else None,
+                  stamp.get("torch_threads_harness")):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def link(target: Path, out_dir: Path) -> str:
+    return Path(os.path.relpath(target, out_dir)).as_posix()
+
+
+# --- per-kind columns --------------------------------------------------------------------------------------------
+
+def _get(d: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(key)
+    return d
+
+
+def rows_dreamer_vs_ppo(record: Record) -> list[Row]:
+    return [{"env": r.get("env"), "algorithm": r.get("algo"), "best eval": r.get("best_eval"),
+             "final eval": r.get("final_eval"), "env steps": r.get("env_steps"), "seconds": r.get("wall_clock_s"),
+             "budget s": record.get("budget_s")} for r in record.get("results", [])]
+
+
+def rows_ppo_single_agent(record: Record) -> list[Row]:
+    return [{"env": r.get("env"), "best eval": r.get("best_eval"), "final eval": r.get("final_eval"),
+             "env steps": r.get("env_steps"), "seconds": r.get("wall_clock_s"), "solved at": r.get("solved_at"),
+             "reached after s": r.get("reached_s"), "budget s": record.get("budget_s")}
+            for r in record.get("results", [])]
+
+
+def rows_crash_resume(record: Record) -> list[Row]:
+    summary, final = record.get("summary", {}), record.get("final", {})
+    return [{"cycles": summary.get("cycles"), "kills random / write": f"{summary.get('kills_random')} / "
+             f"{summary.get('kills_write')}", "corrupted": summary.get("corrupted"),
+             "fallbacks": summary.get("fallbacks"), "stray files removed": summary.get("stray_files_removed"),
+             "failed checks": len(record.get("failures", [])), "final run ok": final.get("metrics_ok"),
+             "all ok": record.get("ok"), "seconds": record.get("wall_s")}]
+
+
+def rows_checkpoint_size(record: Record) -> list[Row]:
+    return [{"env": r.get("env"), "env steps": r.get("env_steps"), "replay rows": r.get("replay_rows"),
+             "checkpoint bytes": r.get("checkpoint_bytes"), "old format bytes": r.get("old_format_bytes"),
+             "old / new": r.get("old_over_new")} for r in record.get("results", [])]
+
+
+def rows_dreamer_throughput(record: Record) -> list[Row]:
+    ours, theirs = record.get("ours_updates_per_s"), record.get("torchrl_updates_per_s")
+    ratio = record.get("ratio_median")
+    if ratio is None and isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs:
+        ratio = ours / theirs
+    lo, hi = record.get("ratio_min"), record.get("ratio_max")
+    return [{"compile": record.get("compile"), "malloc tuned": record.get("malloc_tuned"), "ratio": ratio,
+             "ratio min – max": f"{fmt(lo)} – {fmt(hi)}" if lo is not None and hi is not None else None,
+             "ours updates/s": ours, "TorchRL updates/s": theirs}]
+
+
+def rows_generic(record: Record) -> list[Row]:
+    """The record's top-level scalar fields (stamp fields left out)."""
+    if not isinstance(record, dict):
+        return [{}]
+    return [{k: v for k, v in record.items() if k not in STAMP_KEYS and not k.startswith("torch_threads_")
+             and (v is None or isinstance(v, (str, int, float, bool)))}]
+
+
+#: kind -> rows of one record (columns in the order of the first row's keys)
+KINDS: dict[str, Callable[[Record], list[Row]]] = {
+    "checkpoint_size": rows_checkpoint_size,
+    "crash_resume": rows_crash_resume,
+    "dreamer_throughput": rows_dreamer_throughput,
+    "dreamer_vs_ppo": rows_dreamer_vs_ppo,
+    "ppo_single_agent": rows_ppo_single_agent,
+}
+PROVENANCE_COLUMNS = ["commit", "date (UTC)", "threads", "files"]
+
+
+# --- the page ------------------------------------------------------------------------------------------------------
+
+def table_rows(results_dir: Path, out_dir: Path | None = None) -> dict[str, list[Row]]:
+    """Rows per kind (kinds and rows sorted), each with the provenance columns; links relative to ``out_dir``
+    (default: the folder above ``results_dir``, where RESULTS.md lives)."""
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir is not None else results_dir.parent
+    prefixes = known_prefixes(results_dir)
+    stamped, _, _ = load_results(results_dir)
+    by_kind: dict[str, list[Row]] = {}
+    for path, record, stamp in stamped:
+        kind = kind_of(path, record, prefixes)
+        rows = KINDS.get(kind, rows_generic)(record) or [{}]
+        files = f"[json]({link(path, out_dir)})"
+        png = path.with_suffix(".png")
+        if png.exists():
+            files += f" [png]({link(png, out_dir)})"
+        for row in rows:
+            row.update({"commit": short_commit(stamp), "date (UTC)": stamp_date(stamp),
+                        "threads": stamp_threads(stamp, record), "files": files, "_file": path.name})
+            by_kind.setdefault(kind, []).append(row)
+    return dict(sorted(by_kind.items()))
+
+
+def markdown_table(rows: list[Row]) -> list[str]:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns and c not in PROVENANCE_COLUMNS and not c.startswith("_")]
+    columns += PROVENANCE_COLUMNS
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row["files"] if c == "files" else fmt(row.get(c)) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render(results_dir: Path = RESULTS_DIR, out_dir: Path | None = None) -> str:
+    """The text of RESULTS.md for the JSON files in ``results_dir``."""
+    results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir is not None else results_dir.parent
+    _, unstamped, unreadable = load_results(results_dir)
+    lines = ["# Benchmark results", "",
+             "Generated by `python benchmarks/report.py` from the JSON files in `benchmarks/results/`; do not edit "
+             "(`python benchmarks/report.py --check` tells whether it is up to date).",
+             "Only results that carry the provenance stamp of `benchmarks/provenance.py` (commit, library versions, "
+             "CPU, threads, command line, date) appear here. Each row ends with the commit the numbers were "
+             "measured on (`+dirty`: with uncommitted changes), the stamp's date, the torch threads of the measured "
+             "runs and the result files.", ""]
+    scripts = {p.stem for p in results_dir.parent.glob("*.py")}
+    for kind, rows in table_rows(results_dir, out_dir).items():
+        lines += [f"## {kind}", ""]
+        if kind in scripts:
+            lines += [f"Script: [`{kind}.py`]({link(results_dir.parent / (kind + '.py'), out_dir)}).", ""]
+        lines += markdown_table(rows) + [""]
+    n = len(unstamped)
+    lines.append(f"{n} older result {'file carries' if n == 1 else 'files carry'} no provenance stamp and "
+                 f"{'is' if n == 1 else 'are'} not listed.")
+    if unreadable:
+        lines.append(f"{len(unreadable)} result {'file' if len(unreadable) == 1 else 'files'} could not be read as "
+                     f"JSON: {', '.join(p.name for p in unreadable)}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the output file is missing or differs from what would be written")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of the result JSONs")
+    parser.add_argument("--out", type=Path, default=OUT, help="the Markdown file")
+    args = parser.parse_args(argv)
+    text = render(args.results, args.out.resolve().parent)
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else None
+        if current != text:
+            state = "missing" if current is None else "out of date"
+            print(f"{args.out} is {state}: run `python benchmarks/report.py`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
