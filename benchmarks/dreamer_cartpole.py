@@ -20,6 +20,7 @@ from pathlib import Path
 
 from recipes import dreamer
 from torchrl_dreamer.plots import read_metrics
+from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 TARGETS = {  # env yaml: (threshold, minutes, env steps, eval every)
     "cartpole": (475.0, 15.0, 50_000, 2500),
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("overrides", nargs="*", help="extra config overrides (reported in the JSON)")
     args = parser.parse_args()
+    stamp = provenance()  # before the runs: the code they ran
     threshold, minutes, steps, eval_every = TARGETS[args.env]
     minutes = args.minutes or minutes
     steps = args.env_steps or steps
@@ -74,7 +76,7 @@ def main() -> None:
         print(f"seed {seed}: {verdict}", flush=True)
     summary = {"env": args.env, "threshold": threshold, "budget_min": minutes, "budget_env_steps": steps,
                "eval_every": eval_every, "overrides": args.overrides, "seeds": results,
-               "all_reached": all(r["reached"] for r in results)}
+               "all_reached": all(r["reached"] for r in results), **stamp}
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     import matplotlib
 

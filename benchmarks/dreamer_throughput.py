@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
 
 from torchrl_dreamer.cpu import minor_page_faults, tune_malloc  # noqa: E402
+from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
@@ -144,6 +145,7 @@ def main() -> None:
                              "(which the recipes apply at start-up; process-wide, so it applies to both sides)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
     args = parser.parse_args()
+    stamp = provenance()  # before the runs: the code they ran
     torch.set_num_threads(args.threads)
     # the recipes' allocator settings, for both updates alike (same process). glibc's defaults
     # return freed blocks to the OS, and the next update pays for them again in page faults: how
@@ -200,7 +202,7 @@ def main() -> None:
               f"min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.ours_only:
-        args.out.write_text(json.dumps(result, indent=1))
+        args.out.write_text(json.dumps({**result, **stamp}, indent=1))
         print(f"wrote {args.out}")
 
 

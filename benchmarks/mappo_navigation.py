@@ -38,6 +38,7 @@ from mappo_plain_reference import iter_plain_mappo  # noqa: E402
 from recipes.mappo_vmas import CONFIG_DIR, MAPPOConfig, train  # noqa: E402
 from torchrl_dreamer.config import load_config, to_object  # noqa: E402
 from torchrl_dreamer.cpu import minor_page_faults, tune_malloc  # noqa: E402
+from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 
 def _show_ref(name: str, r: dict) -> None:
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mappo_navigation")
     parser.add_argument("overrides", nargs="*", help="config overrides for our recipe (key=value)")
     args = parser.parse_args()
+    stamp = provenance()  # before the runs: the code they ran
     args.out.parent.mkdir(parents=True, exist_ok=True)
     malloc_tuned = tune_malloc() if args.tune_malloc else False
     print(f"allocator: {'tune_malloc' if malloc_tuned else 'glibc defaults'}")
@@ -216,7 +218,7 @@ def main() -> None:
         "reference": {name: ref["records"] for name, ref in refs.items()},
         "argv": sys.argv[1:],
     }
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    args.out.with_suffix(".json").write_text(json.dumps({**result, **stamp}, indent=1))
     plot(args.out.with_suffix(".png"), runs, {n: r["records"] for n, r in refs.items()})
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from recipes import dreamer_routing
 from torchrl_dreamer.config import load_config, to_object
 from torchrl_dreamer.plots import read_metrics
+from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -106,11 +107,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/routing_dreamer_<env>)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides (recorded in the JSON)")
     args = parser.parse_args()
+    stamp = provenance(torch_threads_runs=args.threads)  # before the runs: the code they ran
     rewards = ["learned", "known"] if args.reward == "both" else [args.reward]
     results = [run(args.env, r, args.budget_min, args.threads, args.root, args.overrides) for r in rewards]
     out = args.out or RESULTS / f"routing_dreamer_{args.env}{'' if args.reward == 'learned' else '_' + args.reward}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results if len(results) > 1 else results[0], indent=1))
+    record = {"runs": results} if len(results) > 1 else results[0]
+    out.with_suffix(".json").write_text(json.dumps({**record, **stamp}, indent=1))
     plot(args.env, results, out.with_suffix(".png"))
     if len(results) > 1:
         print("\nreward   | final greedy gap % | best greedy gap % | instances/s")

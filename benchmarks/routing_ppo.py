@@ -19,6 +19,7 @@ from recipes.ppo_routing import PPORoutingConfig, evaluate_checkpoint
 from recipes.ppo_routing import main as ppo_main
 from torchrl_dreamer.config import load_config, to_object
 from torchrl_dreamer.plots import read_metrics
+from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
@@ -32,6 +33,7 @@ def main() -> None:
                         help="extra YAML layer(s) for the recipe, e.g. recipes/configs/ppo_routing/multistart20.yaml")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()  # overrides may come before or after the options
+    stamp = provenance(torch_threads_runs=args.threads)  # before the run: the code it ran
     out = args.out or Path(__file__).parent / "results" / f"routing_ppo_{args.env}"
     out.parent.mkdir(parents=True, exist_ok=True)
     run_dir = ppo_main(["--env", args.env, f"run.time_budget_s={args.budget_min * 60}", "train.iterations=1000000",
@@ -67,7 +69,7 @@ def main() -> None:
     print(f"training throughput: {throughput:.0f} instances/s (median over iterations, rollout + update; "
           f"{args.threads} threads)" + (f"; {k} rollouts per problem: {throughput / k:.1f} distinct problems/s"
                                         if k > 1 else ""))
-    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({**results, **stamp}, indent=1))
     plot_curve(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

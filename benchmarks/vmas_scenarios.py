@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from recipes.mappo_vmas import main as mappo_main
+from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 SCENARIOS = ["navigation", "reverse_transport", "wheel", "buzz_wire"]
 
@@ -90,6 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "vmas_scenarios")
     parser.add_argument("overrides", nargs="*", help="config overrides applied to every scenario")
     args = parser.parse_args()
+    stamp = provenance(torch_threads_runs=args.threads)  # before the runs: the code they ran
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = []
     for scenario in args.scenarios:
@@ -99,7 +101,7 @@ def main() -> None:
         print(f"{scenario}: {res['iterations']} iterations, {res['frames']} frames, {res['train_s'] / 60:.1f} min; "
               f"train reward sum {res['final_train_reward_sum']:.3f}, eval {res['final_eval_reward_sum']:.3f} "
               f"(best eval {res['best_eval_reward_sum']:.3f})", flush=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"budget_min": args.budget_min, "results": results}, indent=1))
+        args.out.with_suffix(".json").write_text(json.dumps({"budget_min": args.budget_min, "results": results, **stamp}, indent=1))
     print()
     print(f"| scenario | iterations (frames) | training time | train episode reward sum (last iter) | "
           f"eval episode reward sum (last / best) |")
