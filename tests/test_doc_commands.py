@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -68,10 +69,13 @@ COMMANDS = commands()
 
 
 def _recipe_key(module: str, argv: list[str]):
-    if module != "recipes.routing":
-        return module
+    """Which recipe's tiny settings apply (``--algo`` picks the other single-agent recipe)."""
     algo = argv[argv.index("--algo") + 1] if "--algo" in argv else None
-    return module, algo
+    if module == "recipes.routing":
+        return module, algo or "ppo"
+    if module in ("recipes.dreamer", "recipes.ppo") and algo:
+        return f"recipes.{algo}"
+    return module
 
 
 _RUNS: dict = {}
@@ -84,9 +88,9 @@ def _tiny_run(module: str, argv: list[str], root: Path) -> Path:
     key = (module, recipe_dir, env_dir)
     if key not in _RUNS:
         main = importlib.import_module(module).main
-        if module == "recipes.routing":
+        if module == "recipes.routing":  # with its dev set: --evaluate decodes it
             algo = {"ppo_routing": "ppo", "dreamer_routing": "dreamer"}[recipe_dir]
-            args = ["--algo", algo, "--env", env_dir, *TINY[(module, algo)]]
+            args = ["--algo", algo, "--env", env_dir, *[a for a in TINY[(module, algo)] if not a.startswith("env.dev_set")]]
         else:
             env_yaml = {"CartPole-v1": "cartpole", "navigation": "navigation"}[env_dir]
             args = ["--env", env_yaml, *TINY[module]]
@@ -106,8 +110,9 @@ def _prepare(command: str, tmp_path: Path) -> tuple[str, list[str]]:
             a.startswith("env.kwargs") for a in argv):
         argv.append("env.kwargs={n_agents: 2}")
     for i, a in enumerate(argv):
-        if "<stamp>" in a:
-            run_dir = _tiny_run(module, a.split("/"), tmp_path.parent)
+        if "<stamp>" in a:  # a private copy of a finished tiny run (resuming changes it)
+            run_dir = tmp_path / "stamped_copy"
+            shutil.copytree(_tiny_run(module, a.split("/"), tmp_path.parent.parent / "doc_runs"), run_dir)
             argv[i] = str(run_dir / a.split("<stamp>", 1)[1].lstrip("/")) if a.split("<stamp>", 1)[1] else str(run_dir)
     return module, argv
 
@@ -140,14 +145,17 @@ def test_doc_command_runs(where, command, expect_error, tmp_path, capsys):
     key = _recipe_key(module, argv)
     resuming = "--resume" in argv or "--evaluate" in argv
     overrides = [] if resuming and module != "recipes.routing" else TINY[key]
+    # the tiny lengths, not the documented ones (the documented settings themselves do apply)
+    argv = [a for a in argv if not re.match(r"(train\.env_steps|collector\.iterations|train\.iterations)=", a)]
     if resuming:  # the run's own config.yaml holds the tiny settings; only lengths/episodes may move
         overrides = ["run.progress=false", "run.tensorboard=false"]
-        argv = [a for a in argv if not re.match(r"(train\.env_steps|collector\.iterations|train\.iterations)=", a)]
         if "--resume" in argv:
             argv.append({"recipes.dreamer": "train.env_steps=96", "recipes.ppo": "train.env_steps=64",
                          "recipes.mappo_vmas": "collector.iterations=3"}.get(module, "train.iterations=3"))
         argv = [a if not a.startswith(("eval.episodes=", "eval.num_envs=")) else a.split("=")[0] + "=2" for a in argv]
-    full = [*argv, *overrides, f"run.root={tmp_path / 'runs'}"]
+    if any("multistart20.yaml" in a for a in argv):  # its 20 rollouts per instance must divide the batch
+        overrides = [*overrides, "ppo.batch_instances=20", "ppo.minibatch_instances=20"]
+    full = [*overrides, *argv, f"run.root={tmp_path / 'runs'}"]  # the command's own settings win
     if expect_error:
         from torchrl_dreamer.runtime import run_cli
 
