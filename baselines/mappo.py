@@ -30,6 +30,7 @@ from torch import nn
 from torchrl.objectives import ClipPPOLoss, LossModule, ValueEstimators
 from torchrl.objectives.value import GAE
 
+from torchrl_dreamer.distributed import SINGLE, DataParallel, total_count
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite
 from .mappo_networks import AgentGroupMLP, TanhNormalHead
 
@@ -214,18 +215,22 @@ class MultiAgentPPOLoss(LossModule):
         old_log_prob: torch.Tensor,
         advantage: torch.Tensor,
         value_target: torch.Tensor,
+        advantage_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The PPO terms on plain tensors.
 
         Shapes: ``obs [N, A, D]``, ``action_pretanh [N, A, act]``, ``old_log_prob [N, A]``,
-        ``advantage [N, A, 1]``, ``value_target [N, A, 1]``.
+        ``advantage [N, A, 1]``, ``value_target [N, A, 1]``. ``advantage_stats``: the ``(mean, std)``
+        to standardise with instead of this minibatch's own (data-parallel ranks use the global ones).
         """
         head = self.policy.head
         loc, scale = self.policy.distribution_params(obs)
         # The squash Jacobian depends on the stored pre-tanh sample only: same for old and new.
         log_prob = head.gaussian_log_prob(action_pretanh, loc, scale) - head.log_abs_det_jacobian(action_pretanh)
         log_ratio = (log_prob - old_log_prob).unsqueeze(-1)
-        if self.normalize_advantage and advantage.numel() > 1:
+        if self.normalize_advantage and advantage_stats is not None:
+            advantage = (advantage - advantage_stats[0]) / advantage_stats[1].clamp_min(1e-6)
+        elif self.normalize_advantage and advantage.numel() > 1:
             advantage = (advantage - advantage.mean()) / advantage.std().clamp_min(1e-6)
         low, high = math.log1p(-self.clip_epsilon), math.log1p(self.clip_epsilon)
         log_ratio_clipped = log_ratio.clamp(low, high)
@@ -274,7 +279,7 @@ def _flat(batch: TensorDictBase, key: NestedKey) -> torch.Tensor:
 
 def _guarded_step(
     terms, params: list[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float,
-    iteration: int | None, run_dir: str | None,
+    iteration: int | None, run_dir: str | None, dp: DataParallel = SINGLE,
 ) -> torch.Tensor:
     """Backward of the summed ``loss_*`` terms, gradient clipping, then the optimizer step unless
     the loss or the gradient norm is non-finite (then :class:`NonFiniteError`, step not taken).
@@ -282,6 +287,7 @@ def _guarded_step(
     total = terms["loss_objective"] + terms["loss_critic"] + terms["loss_entropy"]
     optimizer.zero_grad(set_to_none=True)
     total.backward()
+    dp.sync_gradients(params, average=True)  # torchrun: equal minibatch shares, so the mean is the full gradient
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):  # one sync per step
         bad = next((k for k in terms.keys() if not bool(torch.isfinite(terms[k]).all())), "grad_norm")
@@ -291,6 +297,14 @@ def _guarded_step(
     optimizer.step()
     check_parameters_finite(params, iteration=iteration, run_dir=run_dir)
     return grad_norm.detach()
+
+
+def global_advantage_stats(advantage: torch.Tensor, dp: DataParallel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (unbiased) standard deviation of ``advantage`` over the minibatch shares of all ranks."""
+    count, total = total_count(dp, [advantage.new_tensor(float(advantage.numel())), advantage.sum()])
+    mean = total / count
+    (squares,) = total_count(dp, [((advantage - mean) ** 2).sum()])
+    return mean, (squares / (count - 1).clamp_min(1)).sqrt()
 
 
 def ppo_update(
@@ -304,8 +318,13 @@ def ppo_update(
     iteration: int | None = None,
     run_dir: str | None = None,
     generator: torch.Generator | None = None,
+    dp: DataParallel = SINGLE,
 ) -> dict[str, float]:
     """``epochs`` passes over ``batch`` (advantages already computed) in shuffled minibatches.
+
+    ``dp`` (under ``torchrun``): ``batch`` and ``minibatch_size`` are this rank's shares; advantages
+    are standardised with the statistics of the global minibatch and the gradients averaged over
+    ranks before clipping, so every rank takes the one-process step on the global minibatch.
 
     Every minibatch permutation drops the remainder (like ``SamplerWithoutReplacement`` with
     ``drop_last``). Before each ``optimizer.step()`` the loss and the gradient norm are checked:
@@ -333,12 +352,16 @@ def ppo_update(
         shuffled = [t[perm] for t in (obs, action_pretanh, old_log_prob, advantage, value_target)]
         for i in range(n_minibatches):
             window = slice(i * minibatch_size, (i + 1) * minibatch_size)
-            terms = losses_fn(*(t[window] for t in shuffled))
-            grad_norm = _guarded_step(terms, params, optimizer, max_grad_norm, iteration, run_dir)
+            args = [t[window] for t in shuffled]
+            stats = global_advantage_stats(args[3], dp) if dp.enabled and loss.normalize_advantage else None
+            terms = losses_fn(*args, advantage_stats=stats) if stats is not None else losses_fn(*args)
+            grad_norm = _guarded_step(terms, params, optimizer, max_grad_norm, iteration, run_dir, dp)
             grad_norm_total += grad_norm
             for name, value in terms.items():
                 totals[name] = totals.get(name, 0.0) + value.detach()
     n_steps = max(1, epochs * n_minibatches)
+    if dp.enabled and totals:  # every rank's means over its share: average them once
+        totals = dict(zip(totals, (v / dp.world_size for v in total_count(dp, totals.values()))))
     out = {}
     for name, value in totals.items():
         prefix = "loss/" if name.startswith("loss_") else "diag/"

@@ -21,6 +21,7 @@ from torchrl.envs.utils import step_mdp
 from torchrl.objectives.value.functional import generalized_advantage_estimate
 
 from envs.routing import SQUARE_SYMMETRIES
+from torchrl_dreamer.distributed import SINGLE, DataParallel, total_count
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite
 from torchrl_dreamer.pointer import DecoderCache, PointerActorCritic
 
@@ -239,6 +240,11 @@ class PointerPPOLoss(LossModule):
         self.normalize_advantage, self.group_size, self.instance_group = normalize_advantage, group_size, G
         self.first_move_coef = first_move_coef
         self._compiled = None
+        self.dp = SINGLE  # data-parallel group (torchrun): means over the learnable steps of *all* ranks
+
+    def _total(self, *values: torch.Tensor) -> list[torch.Tensor]:
+        """Sums over the data-parallel ranks (one all-reduce; identity in one process)."""
+        return total_count(self.dp, values) if self.dp.enabled else list(values)
 
     def _forward_value_estimator_keys(self, **kwargs) -> None:  # advantages come from the rollout code
         pass
@@ -266,11 +272,16 @@ class PointerPPOLoss(LossModule):
         forced = mb.get(k.forced, None)
         learn = _require(mb, k.active) & ~forced if forced is not None else _require(mb, k.active)
         active = learn.float()
-        n_active = active.sum().clamp_min(1)
         adv = _require(mb, k.advantage)
+        # means over the learnable steps of the whole (global) minibatch: under torchrun each rank
+        # divides its sums by the count over all ranks and the gradients are summed, which is the
+        # one-process gradient exactly
+        n_active, adv_sum = self._total(active.sum(), (adv * active).sum())
+        n_active = n_active.clamp_min(1)
         if self.normalize_advantage:
-            mean = (adv * active).sum() / n_active
-            std = (((adv - mean) ** 2 * active).sum() / n_active).sqrt().clamp_min(1e-8)
+            mean = adv_sum / n_active
+            (sq_sum,) = self._total(((adv - mean) ** 2 * active).sum())
+            std = (sq_sum / n_active).sqrt().clamp_min(1e-8)
             adv = (adv - mean) / std
         log_ratio = (new_lp - _require(mb, k.sample_log_prob)) * active
         ratio = log_ratio.exp()
@@ -291,7 +302,9 @@ class PointerPPOLoss(LossModule):
             # the rows of one encoder group start from the same state: one row per encoder group
             # (per instance without symmetries; every row with them), each taught its instance's best start
             target = action[best, 0].repeat_interleave(G // K)
-            out["loss_first_move"] = -self.first_move_coef * log_probs[::K, 0].gather(-1, target[:, None]).mean()
+            first = log_probs[::K, 0].gather(-1, target[:, None])
+            (rows,) = self._total(torch.tensor(float(first.numel()), device=first.device))
+            out["loss_first_move"] = -self.first_move_coef * first.sum() / rows
         with torch.no_grad():
             out["entropy"] = (entropy * active).sum() / n_active
             out["clip_fraction"] = (((ratio - 1).abs() > eps).float() * active).sum() / n_active
@@ -338,6 +351,7 @@ def ppo_routing_update(
     instance_group: int = 0,
     iteration: int | None = None,
     run_dir: str | None = None,
+    dp: DataParallel = SINGLE,
 ) -> dict[str, float]:
     """Clipped PPO over minibatches of episodes (one encoder pass per minibatch).
 
@@ -362,6 +376,7 @@ def ppo_routing_update(
     loss = PointerPPOLoss(model, clip_epsilon=clip_epsilon, entropy_coef=entropy_coef, critic_coef=critic_coef,
                           normalize_advantage=normalize_advantage, group_size=K, first_move_coef=first_move_coef,
                           instance_group=G)
+    loss.dp = dp
     for _ in range(epochs):
         perm = (torch.randperm(B // G)[:, None] * G + torch.arange(G)).reshape(-1)  # whole groups, in order
         for start in range(0, B - minibatch_instances + 1, minibatch_instances):
@@ -370,6 +385,7 @@ def ppo_routing_update(
             total = sum(losses.values())
             optimizer.zero_grad(set_to_none=True)
             total.backward()
+            dp.sync_gradients(params, average=False)  # torchrun: each rank's loss is its share of the global mean
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if not bool(torch.isfinite(total) & torch.isfinite(grad_norm)):
                 raise NonFiniteError("loss/total", iteration=iteration, run_dir=run_dir,
@@ -380,6 +396,10 @@ def ppo_routing_update(
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + v.detach()
             n += 1
+    if dp.enabled and totals:  # each rank holds its share of every loss and diagnostic: sum them once
+        names = [k for k in totals if k != "diag/grad_norm"]  # the norm is taken after the all-reduce
+        for k, v in zip(names, total_count(dp, [totals[k] for k in names])):
+            totals[k] = v
     return {k: float(v) / max(n, 1) for k, v in totals.items()}
 
 

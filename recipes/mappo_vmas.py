@@ -11,6 +11,7 @@ Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector``
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from torchrl_dreamer.checkpoint import (
     CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
+from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel, rank_device
 from torchrl_dreamer.envs import episode_reward_transform, make_env
 from torchrl_dreamer.guards import check_tensordict_finite
 from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
@@ -202,14 +204,16 @@ def make_loss(policy: TanhNormalPolicy, critic: AgentGroupMLP, cfg: PPOConfig, g
     raise ConfigError(f"ppo.impl must be 'fused' or 'torchrl', got '{cfg.impl}'")
 
 
-def update(loss, batch, optimizer, cfg: PPOConfig, *, iteration: int, run_dir: str) -> dict[str, float]:
-    """One iteration's PPO epochs on a collected batch (advantages already in it)."""
+def update(loss, batch, optimizer, cfg: PPOConfig, *, iteration: int, run_dir: str,
+           dp: DataParallel = SINGLE) -> dict[str, float]:
+    """One iteration's PPO epochs on a collected batch (advantages already in it; ``dp``: gradients
+    averaged over the data-parallel ranks)."""
     kwargs = dict(
         epochs=cfg.epochs, minibatch_size=cfg.minibatch_size, max_grad_norm=cfg.max_grad_norm,
         iteration=iteration, run_dir=run_dir,
     )
     if isinstance(loss, MultiAgentPPOLoss):
-        return ppo_update(loss, batch, optimizer, **kwargs)
+        return ppo_update(loss, batch, optimizer, dp=dp, **kwargs)
     return torchrl_ppo_update(loss, batch, optimizer, **kwargs)
 
 
@@ -237,28 +241,36 @@ def train(
     """
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    dp = data_parallel(cfg.device)  # torchrun: this rank collects its share of the batch (see rank_config)
+    cfg = rank_config(cfg, dp)
     torch.manual_seed(cfg.seed)
     frames_per_batch, max_steps = cfg.collector.frames_per_batch, cfg.env.max_steps
-    env = make_env_from_config(cfg, num_envs=frames_per_batch // max_steps, seed=cfg.seed)
+    rank_seed = cfg.seed + 1_000_003 * dp.rank  # each rank's own VMAS envs
+    env = make_env_from_config(cfg, num_envs=frames_per_batch // max_steps, seed=rank_seed)
     group = agent_group(env)
     policy_module, policy, critic = make_agent(env, cfg.model, cfg.device)
     fused_loss, loss = make_loss(policy, critic, cfg.ppo, group)
     optimizer = make_optimizer(cfg, policy, critic)
     start_iteration, frames = restore(resume_state, policy, critic, optimizer)
-    eval_env = make_env_from_config(cfg, num_envs=cfg.eval.num_envs, seed=cfg.seed + 10_000) if cfg.eval.every else None
+    if dp.enabled:
+        dp.broadcast_module(policy, critic)  # every rank starts from rank 0's weights
+        if dp.rank:
+            torch.manual_seed(rank_seed + start_iteration)  # own minibatch order and action noise
+    evaluating = cfg.eval.every and dp.is_main  # rank 0 evaluates
+    eval_env = make_env_from_config(cfg, num_envs=cfg.eval.num_envs, seed=cfg.seed + 10_000) if evaluating else None
     reward_sum = episode_reward_transform(env)
     collector = Collector(
         env, policy_module, frames_per_batch=frames_per_batch,
         total_frames=frames_per_batch * (cfg.collector.iterations - start_iteration), device=cfg.device,
         storing_device=cfg.device, auto_register_policy_transforms=False,  # the policy is stateless: no InitTracker
     )
-    collector.set_seed(cfg.seed + start_iteration)
+    collector.set_seed(rank_seed + start_iteration)
     finite_keys = [(group, "observation"), (group, "action"), ("next", group, "observation"), ("next", group, "reward")]
     metrics: dict[str, float] = {}
     # logged step = frames = batch.numel(): env steps summed over the vectorised envs (one env step moves every agent)
     run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.collector.iterations, initial=start_iteration, unit="iter",
                       resume_state=resume_state, resume_step=frames, postfix=POSTFIX,
-                      x_label="env steps (all vectorised envs, not per agent)")
+                      x_label="env steps (all vectorised envs, not per agent)", dp=dp)
     try:
         t_last = time.perf_counter()
         for iteration, batch in enumerate(collector, start=start_iteration + 1):
@@ -268,10 +280,10 @@ def train(
             check_tensordict_finite(batch, [(group, "advantage"), (group, "value_target")], iteration=iteration,
                                     run_dir=run.rd)
             t_advantage = time.perf_counter()
-            metrics = update(loss, batch, optimizer, cfg.ppo, iteration=iteration, run_dir=run.rd)
+            metrics = update(loss, batch, optimizer, cfg.ppo, iteration=iteration, run_dir=run.rd, dp=dp)
             collector.update_policy_weights_()
             t_updated = time.perf_counter()
-            frames += batch.numel()
+            frames += batch.numel() * dp.world_size  # every rank collected as much
             metrics.update(reward_sum.summarise(batch))
             metrics.update(batch_metrics(batch, group, iteration, frames, t_last, t_collected, t_advantage, t_updated))
             out_of_time = run.out_of_time()  # read once: the last iteration still evaluates and checkpoints
@@ -380,6 +392,27 @@ def validate(cfg: MAPPOConfig) -> None:
     if cfg.eval.every < 0 or (cfg.eval.every and cfg.eval.num_envs <= 0):
         raise ConfigError("eval.every must be >= 0 and eval.num_envs > 0 when evaluating")
     check_device(cfg.device)
+    dp = data_parallel(cfg.device)
+    if dp.enabled:
+        if cfg.ppo.impl != "fused":
+            raise ConfigError("data-parallel MAPPO (torchrun) needs ppo.impl=fused")
+        local = rank_config(cfg, dp)
+        if local.collector.frames_per_batch % cfg.env.max_steps:
+            raise ConfigError(f"collector.frames_per_batch={cfg.collector.frames_per_batch} split over "
+                              f"{dp.world_size} ranks gives {local.collector.frames_per_batch} per rank, not a "
+                              f"multiple of env.max_steps ({cfg.env.max_steps})")
+
+
+def rank_config(cfg: MAPPOConfig, dp: DataParallel) -> MAPPOConfig:
+    """This rank's config under ``torchrun``: ``collector.frames_per_batch`` and ``ppo.minibatch_size`` are
+    global and each rank collects and trains on its share (``device=cuda``: ``cuda:LOCAL_RANK``)."""
+    if not dp.enabled:
+        return cfg
+    local = copy.deepcopy(cfg)
+    local.collector.frames_per_batch = dp.shard(cfg.collector.frames_per_batch, "collector.frames_per_batch")
+    local.ppo.minibatch_size = dp.shard(cfg.ppo.minibatch_size, "ppo.minibatch_size")
+    local.device = rank_device(cfg.device, dp)
+    return local
 
 
 def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
@@ -422,7 +455,7 @@ RECIPE_SPEC = Recipe(
     validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
     run_name=lambda cfg: cfg.env.factory.replace(":", ".") if cfg.env.factory else cfg.env.scenario,
     progress=("iteration", "collector.iterations", "iterations"), log_step="frames",
-    required=("policy", "critic", "iteration", "frames"), factory_env="custom",
+    required=("policy", "critic", "iteration", "frames"), factory_env="custom", data_parallel=True,
 )
 
 

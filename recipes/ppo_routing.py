@@ -15,6 +15,7 @@ logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- C
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from torchrl_dreamer.checkpoint import (
     CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, config_errors, doc
+from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel, rank_device
 from torchrl_dreamer.guards import check_finite
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.routing_eval import (
@@ -171,6 +173,26 @@ def validate(cfg: PPORoutingConfig) -> None:
     for key in ("batch_instances", "minibatch_instances", "epochs"):
         if getattr(cfg.ppo, key) <= 0:
             raise ConfigError(f"ppo.{key} must be > 0")
+    dp = data_parallel(cfg.device)
+    if dp.enabled:  # under torchrun: each rank's share must keep instance groups whole too
+        local = rank_config(cfg, dp)
+        for key in ("batch_instances", "minibatch_instances"):
+            if getattr(local.ppo, key) % k:
+                raise ConfigError(f"ppo.{key}={getattr(cfg.ppo, key)} split over {dp.world_size} ranks gives "
+                                  f"{getattr(local.ppo, key)} per rank, not a multiple of ppo.rollouts_per_instance "
+                                  f"({k})")
+
+
+def rank_config(cfg: PPORoutingConfig, dp: DataParallel) -> PPORoutingConfig:
+    """This rank's config under ``torchrun``: ``ppo.batch_instances`` and ``ppo.minibatch_instances`` are
+    global and each rank takes its share (``device=cuda``: ``cuda:LOCAL_RANK``); unchanged in one process."""
+    if not dp.enabled:
+        return cfg
+    local = copy.deepcopy(cfg)
+    local.ppo.batch_instances = dp.shard(cfg.ppo.batch_instances, "ppo.batch_instances")
+    local.ppo.minibatch_instances = dp.shard(cfg.ppo.minibatch_instances, "ppo.minibatch_instances")
+    local.device = rank_device(cfg.device, dp)
+    return local
 
 
 def make_model(cfg: PPORoutingConfig) -> PointerActorCritic:
@@ -232,9 +254,17 @@ def preflight(cfg: PPORoutingConfig, resume_state: Optional[dict]) -> None:
 def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = None) -> dict[str, float]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    dp = data_parallel(cfg.device)  # torchrun: this rank decodes its share of the batch (see rank_config)
+    global_batch, cfg = cfg.ppo.batch_instances, rank_config(cfg, dp)
     torch.manual_seed(cfg.seed)
     model, optimizer, ema, start, instances = restore(cfg, resume_state)
-    env = make_train_env(cfg, seed=cfg.seed + start)
+    if dp.enabled:
+        dp.broadcast_module(model)  # every rank starts from rank 0's weights
+        if ema is not None:
+            dp.broadcast_module(ema)
+        if dp.rank:
+            torch.manual_seed(cfg.seed + 7919 * dp.rank + start)  # own minibatch order and decoding samples
+    env = make_train_env(cfg, seed=cfg.seed + start + 1_000_003 * dp.rank)  # own instances per rank
     first_nodes, group_size = multistart_setup(cfg)
     dev = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size) if cfg.env.dev_set else None
     eval_model = model if ema is None else ema.module
@@ -247,7 +277,7 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
     with TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.iterations, initial=start, unit="iter",
                      resume_state=resume_state, resume_step=instances, postfix=POSTFIX, curves=CURVES,
                      x_label="training instances" if k == 1 else f"training rollouts ({k} per instance)",
-                     pictures=pictures) as run:
+                     pictures=pictures, dp=dp) as run:
         for iteration in range(start + 1, cfg.train.iterations + 1):
             t0 = time.perf_counter()
             lr = cfg.ppo.lr * lr_factor(cfg, iteration - 1, run.elapsed())
@@ -263,15 +293,16 @@ def train(cfg: PPORoutingConfig, run_dir: Path, resume_state: Optional[dict] = N
                 check_finite(key, batch[key], iteration=iteration, run_dir=run.rd)
             t1 = time.perf_counter()
             model.train()
-            metrics = update_step(cfg, model, batch, optimizer, group_size, iteration=iteration, run_dir=run.rd)
+            metrics = update_step(cfg, model, batch, optimizer, group_size, iteration=iteration, run_dir=run.rd,
+                                  dp=dp)
             if ema is not None:
                 ema.update_parameters(model)
             t2 = time.perf_counter()
-            instances += cfg.ppo.batch_instances
-            metrics.update(batch_metrics(cfg, batch, iteration, instances, lr, t0, t1, t2))
+            instances += global_batch
+            metrics.update(batch_metrics(cfg, batch, iteration, instances, lr, t0, t1, t2, global_batch))
             out_of_time = run.out_of_time()
             last = iteration == cfg.train.iterations or out_of_time
-            if dev is not None and run.due(iteration, cfg.eval.every, last):
+            if dev is not None and run.is_main and run.due(iteration, cfg.eval.every, last):
                 metrics.update(run.evaluated(evaluate_with_ema(cfg, model, ema, dev), iteration=iteration))
             metrics.update({"time/iteration_s": time.perf_counter() - t0, "time/total_s": run.elapsed()})
             run.log(metrics, step=instances)  # log, then checkpoint (see TrainingRun)
@@ -320,20 +351,23 @@ def multistart_setup(cfg: PPORoutingConfig):
     return first_nodes, 1 if cfg.ppo.symmetric_rollouts else cfg.ppo.rollouts_per_instance
 
 
-def update_step(cfg: PPORoutingConfig, model, batch, optimizer, group_size: int, *, iteration: int, run_dir: str):
-    """``ppo.epochs`` passes of clipped-PPO minibatch steps over one batch (see baselines.pointer_ppo)."""
+def update_step(cfg: PPORoutingConfig, model, batch, optimizer, group_size: int, *, iteration: int, run_dir: str,
+                dp: DataParallel = SINGLE):
+    """``ppo.epochs`` passes of clipped-PPO minibatch steps over one batch (see baselines.pointer_ppo;
+    ``dp``: gradients summed over the data-parallel ranks)."""
     p = cfg.ppo
     return ppo_routing_update(
         model, batch, optimizer, epochs=p.epochs, minibatch_instances=p.minibatch_instances,
         clip_epsilon=p.clip_epsilon, entropy_coef=p.entropy_coef, critic_coef=p.critic_coef,
         max_grad_norm=p.max_grad_norm, normalize_advantage=p.normalize_advantage, group_size=group_size,
         first_move_coef=p.first_move_coef if p.multistart else 0.0,
-        instance_group=p.rollouts_per_instance if p.multistart else 0, iteration=iteration, run_dir=run_dir,
+        instance_group=p.rollouts_per_instance if p.multistart else 0, iteration=iteration, run_dir=run_dir, dp=dp,
     )
 
 
 def batch_metrics(cfg: PPORoutingConfig, batch, iteration: int, instances: int, lr: float, t0: float, t1: float,
-                  t2: float) -> dict[str, float]:
+                  t2: float, global_batch: int = 0) -> dict[str, float]:
+    """The iteration's scalars (the batch statistics are this rank's; the rate counts all ranks)."""
     active = batch["active"]
     return {
         "train/iteration": iteration, "train/instances": instances,
@@ -344,7 +378,7 @@ def batch_metrics(cfg: PPORoutingConfig, batch, iteration: int, instances: int, 
         "diag/value_target_min": batch["value_target"][active].min().item(),
         "diag/value_target_max": batch["value_target"][active].max().item(),
         "time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
-        "time/instances_per_s": cfg.ppo.batch_instances / (t2 - t0),
+        "time/instances_per_s": (global_batch or cfg.ppo.batch_instances) / (t2 - t0),
     }
 
 
@@ -409,7 +443,7 @@ RECIPE_SPEC = Recipe(
     validate=validate, preflight=preflight, train=train, evaluate=evaluate_checkpoint,
     run_name=lambda cfg: f"{cfg.env.problem}{cfg.env.size}",
     progress=("iteration", "train.iterations", "iterations"), log_step="instances",
-    required=("model", "optimizer", "iteration", "instances"), env_config_dir=ENV_CONFIG_DIR,
+    required=("model", "optimizer", "iteration", "instances"), env_config_dir=ENV_CONFIG_DIR, data_parallel=True,
 )
 
 

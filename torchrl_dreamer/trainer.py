@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequenc
 
 from .checkpoint import CHECKPOINT_NAME, run_clock_start, save_checkpoint
 from .config import doc
+from .distributed import DataParallel, data_parallel, shutdown
 from .evaluation import draw_picture
 from .guards import check_metrics_finite
 from .logging import RunLogger
@@ -100,14 +101,19 @@ class TrainingRun:
         curves: Sequence[tuple[str, Sequence[str]]] = DEFAULT_PANELS,
         x_label: str = "env frames",
         pictures: Sequence[tuple[str, Callable[[], Any]]] = (),
+        dp: DataParallel | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.cfg = run_cfg
+        self.dp = dp if dp is not None else data_parallel()
         self.curves, self.x_label, self.pictures = curves, x_label, list(pictures)
-        self.logger = RunLogger(self.run_dir, total=total, initial=initial, unit=unit, postfix_keys=postfix,
-                                tensorboard=run_cfg.tensorboard, progress=run_cfg.progress,
-                                purge_step=resume_step + 1 if resume_state is not None and resume_step is not None
-                                else None)
+        if self.dp.is_main:
+            self.logger = RunLogger(self.run_dir, total=total, initial=initial, unit=unit, postfix_keys=postfix,
+                                    tensorboard=run_cfg.tensorboard, progress=run_cfg.progress,
+                                    purge_step=resume_step + 1 if resume_state is not None and resume_step is not None
+                                    else None)
+        else:  # other data-parallel ranks train only: rank 0 logs, evaluates and writes checkpoints
+            self.logger = _SilentLogger()
         self._start = run_clock_start(resume_state, run_cfg.time_budget_s)
         self._excluded = 0.0  # seconds spent outside training (benchmark callbacks)
         self.best = -math.inf
@@ -124,7 +130,15 @@ class TrainingRun:
         return time.perf_counter() - self._start - self._excluded
 
     def out_of_time(self) -> bool:
-        return 0 < self.cfg.time_budget_s <= self.elapsed()
+        """Whether the time budget is spent (under ``torchrun``: rank 0's clock decides for every rank,
+        so all of them stop after the same iteration)."""
+        return self.dp.agree(0 < self.cfg.time_budget_s <= self.elapsed())
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process evaluates, logs and writes checkpoints (always, except the ranks > 0 of
+        a data-parallel run)."""
+        return self.dp.is_main
 
     @contextlib.contextmanager
     def not_counted(self) -> Iterator[None]:
@@ -161,7 +175,9 @@ class TrainingRun:
         self.logger.log(metrics, step=step)
 
     def save(self, state: dict[str, Any], name: str = CHECKPOINT_NAME) -> None:
-        """Writes the checkpoint (with the training clock), keeping the previous one."""
+        """Writes the checkpoint (with the training clock), keeping the previous one (rank 0 only)."""
+        if not self.dp.is_main:
+            return
         save_checkpoint(self.run_dir / name, {**state, "elapsed_s": self.elapsed()},
                         keep_previous=name == CHECKPOINT_NAME)
 
@@ -182,13 +198,23 @@ class TrainingRun:
     def close(self) -> None:
         """Closes the logger and draws the pictures (also after a failure: the curves show what led to it)."""
         self.logger.close()
-        self.draw()
+        if self.dp.is_main:
+            self.draw()
 
     def __enter__(self) -> "TrainingRun":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _SilentLogger:
+    """The logger of a data-parallel rank > 0: it writes nothing."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    write = advance = close = log
 
 
 @dataclass(frozen=True)
@@ -218,6 +244,8 @@ class Recipe:
         algo, algos: this recipe's algorithm name and the others reachable with ``--algo NAME``
             (``{name: "module:main"}``); ``--resume``/``--evaluate`` need no ``--algo`` (the run's
             ``config.yaml`` says which algorithm wrote it).
+        data_parallel: whether ``train`` supports data-parallel learners under ``torchrun``
+            (:mod:`torchrl_dreamer.distributed`); other recipes refuse to start under it.
     """
 
     name: str
@@ -237,6 +265,7 @@ class Recipe:
     factory_env: Optional[str] = None
     algo: str = ""
     algos: Mapping[str, str] = field(default_factory=dict)
+    data_parallel: bool = False
 
 
 def run_recipe(recipe: Recipe, argv: Sequence[str] | None = None) -> Path:
@@ -245,14 +274,30 @@ def run_recipe(recipe: Recipe, argv: Sequence[str] | None = None) -> Path:
     networks (with a resumed checkpoint's weights) have been built without error; the run directory
     is locked while training. Returns the run directory (or the evaluated path)."""
     from .cli import parse_recipe_args
-    from .config import ConfigError, to_object
-    from .checkpoint import load_resume_state
-    from .runtime import open_run_dir
+    from .config import to_object
 
     args = parse_recipe_args(argv, schema=recipe.schema, config_dir=recipe.config_dir, description=recipe.description,
                              default_env=recipe.default_env, env_config_dir=recipe.env_config_dir,
                              factory_env=recipe.factory_env)
     cfg = to_object(args.cfg)
+    dp = data_parallel(str(getattr(cfg, "device", "cpu")))
+    try:
+        return _run_recipe(recipe, args, cfg, dp)
+    finally:
+        if dp.enabled:
+            shutdown()
+
+
+def _run_recipe(recipe: Recipe, args, cfg, dp: DataParallel) -> Path:
+    from .config import ConfigError
+    from .checkpoint import load_resume_state
+    from .runtime import open_run_dir
+
+    if dp.enabled and not recipe.data_parallel:
+        raise ConfigError(f"the {recipe.name} recipe does not train data-parallel: start it with python, not "
+                          "torchrun (routing PPO and MAPPO do; see docs/scaling.md)")
+    if dp.enabled and args.evaluate is not None:
+        raise ConfigError("--evaluate runs in one process: start it with python, not torchrun")
     recipe.validate(cfg)
     if args.evaluate is not None:
         recipe.evaluate(cfg, args.evaluate)
@@ -269,10 +314,16 @@ def run_recipe(recipe: Recipe, argv: Sequence[str] | None = None) -> Path:
                               f"raise {target_key}")
         run_clock_start(resume_state, cfg.run.time_budget_s)  # a spent time budget: nothing to do
     recipe.preflight(cfg, resume_state)  # nothing is written before this passes
+    if not dp.is_main:  # rank 0 opens (and locks) the run directory; the other ranks train into it
+        run_dir = Path(dp.broadcast_object(None))
+        recipe.train(cfg, run_dir, resume_state)
+        return run_dir
     run_dir, lock = open_run_dir(args.cfg, root=cfg.run.root, recipe=recipe.name, name=recipe.run_name(cfg),
                                  resume=args.resume,
                                  last_step=resume_state[recipe.log_step] if resume_state is not None else None)
-    print(f"run directory: {run_dir}", flush=True)
+    dp.broadcast_object(str(run_dir))
+    print(f"run directory: {run_dir}" + (f" ({dp.world_size} data-parallel ranks)" if dp.enabled else ""),
+          flush=True)
     try:
         recipe.train(cfg, run_dir, resume_state)
     finally:
