@@ -14,6 +14,7 @@ Loop: collect ``env.num_envs x train.steps_per_collect`` env steps with TorchRL'
 """
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -22,12 +23,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-from torchrl.collectors import Collector
 from torchrl.envs import EnvBase, TensorDictPrimer
 
 from torchrl_dreamer.checkpoint import (
     CheckpointError, load_checkpoint, load_weights, rng_state, set_rng_state,
 )
+from torchrl_dreamer.collectors import (CollectorConfig, WeightPusher, WorkerFailedError, WorkerWatchdog, acting_copy,
+                                        check_collector_config, describe, finite_frames, make_collector,
+                                        shutdown_quietly, worker_chunks)
 from torchrl_dreamer.config import ConfigError, check_ranges, doc
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
 from torchrl_dreamer.dreamer.config import (ActorGrad, CompileMode, ContMode, ModelSize, OptimConfig,
@@ -145,6 +148,8 @@ class DreamerConfig:
     optim: OptimConfig = doc(OptimConfig(), "Optimiser (LaProp + AGC, TorchRL's DreamerV3Optimizer).")
     replay: ReplayConfig = doc(ReplayConfig(), "Replay buffer and train ratio.")
     train: TrainConfig = doc(TrainConfig(), "Training length and collection.")
+    collector: CollectorConfig = doc(CollectorConfig(), "Where the envs run: in the learner process, worker "
+                                                        "processes or Ray actors (docs/scaling.md).")
     eval: DreamerEvalConfig = doc(DreamerEvalConfig(), "Evaluation.")
     run: DreamerRunConfig = doc(DreamerRunConfig(), "Run directory, logging and checkpoints.")
 
@@ -173,9 +178,12 @@ def validate(cfg: DreamerConfig) -> None:
     })
     if cfg.replay.capacity < cfg.replay.batch_size * cfg.replay.seq_len:
         raise ConfigError("replay.capacity is smaller than one batch (batch_size * seq_len)")
-    if cfg.replay.prefill < cfg.env.num_envs * cfg.replay.seq_len:
-        raise ConfigError(f"replay.prefill ({cfg.replay.prefill}) must be at least env.num_envs * replay.seq_len "
-                          f"({cfg.env.num_envs} x {cfg.replay.seq_len} = {cfg.env.num_envs * cfg.replay.seq_len}) env "
+    check_collector_config(cfg.collector)
+    streams = total_envs(cfg)
+    if cfg.replay.prefill < streams * cfg.replay.seq_len:
+        what = "env.num_envs" if streams == cfg.env.num_envs else "env.num_envs * collector.num_workers"
+        raise ConfigError(f"replay.prefill ({cfg.replay.prefill}) must be at least {what} * replay.seq_len "
+                          f"({streams} x {cfg.replay.seq_len} = {streams * cfg.replay.seq_len}) env "
                           "steps, so that every env's stream holds one whole sequence before the first update")
     if cfg.eval.stop_at_return is not None and not math.isfinite(cfg.eval.stop_at_return):
         raise ConfigError(f"eval.stop_at_return must be finite or null, got {cfg.eval.stop_at_return}")
@@ -225,6 +233,19 @@ def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int, check:
                             seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
                             mask_key=cfg.env.mask_key, check_as="dreamer" if check else "",
                             obs_keys=tuple(obs_keys(cfg)))
+
+
+def total_envs(cfg: DreamerConfig) -> int:
+    """Envs over all collector workers (one replay stream each)."""
+    return cfg.env.num_envs * (cfg.collector.num_workers if cfg.collector.backend != "direct" else 1)
+
+
+def worker_env(cfg: DreamerConfig, primers: dict, seed: int, worker: int) -> EnvBase:
+    """One collector worker's env (built in the worker): the config's env, seeded per worker, with
+    the policy's state primer."""
+    env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=seed + 1_000_003 * worker)
+    env.append_transform(TensorDictPrimer(primers=primers, default_value=0.0, expand_specs=True))
+    return env
 
 
 def obs_keys(cfg: DreamerConfig) -> list[str]:
@@ -356,6 +377,7 @@ class LogWindow:
         self.episode_sums: list[float] = []
         self.episode_lengths: list[float] = []
         self.updates = self.steps = 0
+        self.batches, self.lag_sum = 0, 0
         self.t_collect = self.t_update = 0.0
         self.t_start = time.perf_counter()
 
@@ -365,8 +387,11 @@ class LogWindow:
         self.count += 1
         self.updates += 1
 
-    def add_batch(self, batch) -> None:
+    def add_batch(self, batch, lag: int = 0) -> None:
+        """A received batch; ``lag``: learner updates since the weights its workers act with were sent."""
         self.steps += batch.numel()
+        self.batches += 1
+        self.lag_sum += lag
         done = batch["next", "done"].reshape(-1)
         if bool(done.any()):
             self.episode_sums += batch["next", "episode_reward"].reshape(-1)[done].tolist()
@@ -380,6 +405,7 @@ class LogWindow:
         row.update({
             "train/episode_reward_sum": sum(sums) / len(sums) if sums else math.nan,
             "train/episodes_finished": len(sums),
+            "diag/policy_version_lag": self.lag_sum / self.batches if self.batches else 0.0,
             "time/updates_per_s": self.updates / max(self.t_update, 1e-9) if self.updates else 0.0,
             "time/env_steps_per_s": self.steps / max(time.perf_counter() - self.t_start, 1e-9),
             "time/collect_s": self.t_collect, "time/update_s": self.t_update, "time/total_s": elapsed_s,
@@ -414,11 +440,16 @@ def restore(cfg: DreamerConfig, resume_state: Optional[dict], run_dir: Path, age
     update.optimizer.load_state_dict(resume_state["optimizer"])
     update.critic_loss.load_state_dict(resume_state["critic_loss"])
     update.actor_loss.load_state_dict(resume_state["actor_loss"])
+    streams = writer.num_envs
     if resume_state.get("replay") is not None:
         load_replay_state_dict(rb, resume_state["replay"])  # also reads older full-capacity states
         writer.load_state_dict(resume_state["writer"])
-    writer.stream_offset += cfg.env.num_envs  # no replay window joins the old and the new episodes
-    writer.carry_reward.zero_()
+    # the envs restart: new stream ids past every old one (also when the number of envs or workers
+    # changed), so no replay window joins the old and the new episodes
+    writer.stream_offset += max(streams, len(writer.next_step))
+    if len(writer.next_step) != streams:
+        writer.next_step = torch.zeros(streams, dtype=torch.long)
+    writer.carry_reward = torch.zeros(streams)
     progress = Progress(**{k: resume_state[k] for k in ("env_steps", "updates", "owed", "next_eval", "next_ckpt",
                                                         "next_log")})
     # absent in checkpoints written before keep_best; best.pt may be newer than the checkpoint
@@ -453,40 +484,62 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     if cfg.tune_malloc:
         tune_malloc()
     torch.manual_seed(cfg.seed)
-    env = make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=cfg.seed)
+    cc, E = cfg.collector, cfg.env.num_envs
+    env = make_env_from_config(cfg, num_envs=E, seed=cfg.seed)  # collects (direct); its specs build the agent
     agent, policy = build_agent(cfg, env)
     with_policy_state(env, policy)
     announce_compile(cfg)
     update = build_update(cfg, agent)
     rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len)
     keys = list(policy.obs_keys)  # the observations and, for a masked env, its action mask
-    writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, cfg.env.num_envs,
+    writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, total_envs(cfg),
                             reward_scale=cfg.env.reward_scale)
     p = restore(cfg, resume_state, run_dir, agent, update, rb, writer)
     eval_env = with_policy_state(make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 10_000), policy)
-    collector = Collector(env, policy, frames_per_batch=cfg.env.num_envs * cfg.train.steps_per_collect,
-                          total_frames=-1, env_device="cpu", policy_device=cfg.device, storing_device="cpu",
-                          auto_register_policy_transforms=False)  # InitTracker + primer are already there
-    collector.set_seed(cfg.seed + p.env_steps)
+    policy.random_actions = p.env_steps < cfg.replay.prefill  # before the workers' copy is taken: it travels with it
+    collector = None
+    if cc.backend != "direct":
+        env.close()
+        print(describe(cc, E), flush=True)
+    batch_frames = total_envs(cfg) * cfg.train.steps_per_collect
+    try:
+        collector = make_collector(
+            cc, make_env=functools.partial(worker_env, cfg, policy.primer_specs(), cfg.seed + p.env_steps),
+            policy=acting_copy(policy, cc), frames_per_worker=E * cfg.train.steps_per_collect,
+            total_frames=finite_frames(cfg.train.env_steps - p.env_steps, batch_frames), device=cfg.device,
+            env=env if cc.backend == "direct" else None, learner_threads=torch.get_num_threads())
+        if cc.backend == "direct":
+            collector.set_seed(cfg.seed + p.env_steps)
+    except BaseException:
+        shutdown_quietly(collector)
+        for e in (env, eval_env):
+            e.close(raise_if_closed=False)
+        raise
+    watchdog = WorkerWatchdog(collector)  # a dead worker process: an error and a checkpoint, not a hang
+    pusher = WeightPusher(collector, policy, cc, watchdog)
+    pusher.initial_push()
     run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.env_steps, initial=p.env_steps, unit="step",
                       resume_state=resume_state, resume_step=p.env_steps, postfix=POSTFIX, curves=CURVES,
                       x_label="env steps (all envs together)")
     window, metrics = LogWindow(), {}
-    policy.random_actions = p.env_steps < cfg.replay.prefill
     obs = [k for k in keys if k != policy.mask_key]
     finite_keys = [*obs, *(("next", k) for k in obs), ("next", "reward")]
     try:
         t0 = time.perf_counter()
-        for batch in collector:
+        watchdog.__enter__()
+        for batch in watchdog.iterate(collector):
             t1 = time.perf_counter()
             window.t_collect += t1 - t0
             check_tensordict_finite(batch, finite_keys, iteration=p.updates, run_dir=run.rd)
-            rb.extend(writer(batch))
-            p.env_steps += batch.numel()
-            window.add_batch(batch)
+            for worker, chunk in worker_chunks(batch, E):  # one replay stream per env of every worker
+                rb.extend(writer(chunk, first_env=worker * E))
+            p.env_steps += batch.numel()  # the train ratio counts the frames received
+            window.add_batch(batch, lag=pusher.lag(p.updates))
+            prefill_ended = policy.random_actions and p.env_steps >= cfg.replay.prefill
             if p.env_steps >= cfg.replay.prefill:
                 policy.random_actions = False
                 run_owed_updates(cfg, update, rb, p, window, run.rd, batch.numel())
+            pusher.after_batch(p.updates, force=prefill_ended)  # workers act with the new weights from here
             t0 = time.perf_counter()
             window.t_update += t0 - t1
             out_of_time = run.out_of_time()
@@ -502,7 +555,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 p.next_log = p.env_steps + cfg.run.log_every
                 metrics = {**window.row(run.elapsed()), **(evaluation or {}), "train/env_steps": p.env_steps,
                            "train/updates": p.updates, "diag/replay_rows": len(rb),
-                           "diag/random_actions": float(policy.random_actions)}
+                           "diag/random_actions": float(policy.random_actions), "diag/weight_pushes": pusher.pushes}
                 run.log(metrics, step=p.env_steps)  # log, then checkpoint (see TrainingRun)
                 window = LogWindow()
             if evaluation is not None and on_eval is not None:
@@ -517,9 +570,14 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                     run.logger.write(f"stopping at {p.env_steps} env steps: {stop_reason}")
                 break
             t0 = time.perf_counter()
+    except WorkerFailedError as exc:  # raised in a wait on the collector: the learner's state is whole
+        run.save(checkpoint_state(cfg, agent, update, rb, writer, p))
+        run.logger.write(f"stopping at {p.env_steps} env steps: {exc}; checkpoint written (continue with --resume)")
+        raise
     finally:
+        watchdog.__exit__(None, None, None)
         run.close()
-        collector.shutdown()  # closes env too
+        shutdown_quietly(collector)  # closes env too; worker processes / Ray actors end here, also on errors
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
     return metrics

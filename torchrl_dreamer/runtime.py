@@ -211,6 +211,8 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     """Runs a recipe's ``main`` as a command: expected failures become one ``error: ...`` line on
     stderr and an exit code (see the module docstring); anything else is a bug and keeps its
     traceback."""
+    from .collectors import WorkerFailedError
+
     show_traceback = os.environ.get("TORCHRL_DREAMER_TRACEBACK", "") not in ("", "0")
     try:
         main(argv)
@@ -222,7 +224,7 @@ def run_cli(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_INPUT)
-    except NonFiniteError as exc:
+    except (NonFiniteError, WorkerFailedError) as exc:
         if show_traceback:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@
 * :class:`CategoricalToOneHot` gives an env with a ``Categorical`` (integer index) action spec a
   ``OneHot`` one, so the agents see one discrete action kind (TorchRL ships no transform for
   this direction; ``DiscreteActionProjection`` maps one-hot to one-hot).
+* :class:`WorkerTag` marks every step with the index of the collector worker that ran it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from tensordict.utils import NestedKey
 from torchrl.data import Binary, Categorical, Composite, OneHot
 from torchrl.envs import EnvBase, RewardSum, Transform
 
-__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name", "CategoricalToOneHot"]
+__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name", "CategoricalToOneHot", "WorkerTag"]
 
 DONE_FLAGS = ("done", "terminated", "truncated")
 
@@ -201,3 +202,31 @@ class CategoricalToOneHot(Transform):
         if mask is not None:
             input_spec[key].update_mask(mask.reshape(*lead, n))
         return input_spec
+
+
+class WorkerTag(Transform):
+    """Writes the constant ``worker`` index (int64, one per env of the batch) into every reset and step
+    output, so a learner receiving batches from several collector workers (processes or Ray actors,
+    in any order) knows which worker's envs a batch row belongs to and keeps one replay stream per
+    env. Everything else passes through unchanged."""
+
+    def __init__(self, worker: int, key: str = "worker") -> None:
+        super().__init__(in_keys=[], out_keys=[key])
+        self.worker, self.key = int(worker), key
+
+    def _tag(self, td: TensorDictBase) -> TensorDictBase:
+        td.set(self.key, torch.full(td.batch_size, self.worker, dtype=torch.int64, device=td.device))
+        return td
+
+    def _call(self, next_tensordict: TensorDictBase) -> TensorDictBase:
+        return self._tag(next_tensordict)
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        return self._tag(tensordict_reset)
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        from torchrl.data import Unbounded
+
+        observation_spec[self.key] = Unbounded(shape=observation_spec.shape, dtype=torch.int64,
+                                               device=observation_spec.device)
+        return observation_spec

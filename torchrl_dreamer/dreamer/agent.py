@@ -156,11 +156,29 @@ class DreamerPolicy(TensorDictModuleBase):
                 raise ValueError("a continuous policy needs action_low and action_high (the env's bounds)")
             self.register_buffer("action_low", torch.as_tensor(action_low, dtype=torch.float32))
             self.register_buffer("action_high", torch.as_tensor(action_high, dtype=torch.float32))
-        self.random_actions = False
+        # the prefill switch is a (non-persistent) buffer so that it travels with the weights a
+        # collector sends to worker processes / Ray actors; a plain attribute would not
+        self.register_buffer("prefill_flag", torch.zeros((), dtype=torch.bool), persistent=False)
+        self._random_actions = False
         self.in_keys = [*self.obs_keys.values(), "is_first", *STATE_KEYS]
         if mask_key and mask_key not in self.in_keys:
             self.in_keys.append(mask_key)
         self.out_keys = ["action", *(("next", k) for k in STATE_KEYS)]
+
+    @property
+    def random_actions(self) -> bool:
+        """Prefill: uniformly random (allowed) actions instead of the actor's."""
+        return self._random_actions
+
+    @random_actions.setter
+    def random_actions(self, value: bool) -> None:
+        self._random_actions = bool(value)
+        self.prefill_flag.fill_(bool(value))
+
+    def _acting_randomly(self) -> bool:
+        # a CPU copy in a collector worker only sees the buffer (synced with the weights); reading it
+        # costs nothing there. On an accelerator the attribute avoids a device sync per step.
+        return bool(self.prefill_flag) if self.prefill_flag.device.type == "cpu" else self._random_actions
 
     def primer_specs(self, batch_shape: torch.Size = torch.Size([])) -> dict:
         """Specs for ``TensorDictPrimer(primers=...)``: the carried state, zeros at reset."""
@@ -211,7 +229,7 @@ class DreamerPolicy(TensorDictModuleBase):
         deterministic = exploration_type() in (ExplorationType.DETERMINISTIC, ExplorationType.MODE,
                                                ExplorationType.MEAN)
         h, z, _ = rssm.obs_step(h, z, prev, self.world_model.embed(obs), is_first)
-        if self.random_actions:
+        if self._acting_randomly():
             action = self._random_action(n, mask, h.device)
         else:
             kwargs = {"action_mask": mask} if mask is not None else {}

@@ -62,19 +62,27 @@ class SequenceWriter:
         self.next_step = state["next_step"].clone()
         self.stream_offset = state["stream_offset"]
 
-    def __call__(self, batch: TensorDictBase) -> TensorDictBase:
-        """``batch [E, T]`` (or ``[T]``) of transitions -> rows ``[N]`` (env-major, in time order)."""
+    def __call__(self, batch: TensorDictBase, first_env: int | None = None) -> TensorDictBase:
+        """``batch [E, T]`` (or ``[T]``) of transitions -> rows ``[N]`` (env-major, in time order).
+
+        ``first_env``: the batch holds envs ``first_env .. first_env + E - 1`` of the writer's
+        ``num_envs`` (one collector worker's share); by default all of them."""
         if batch.batch_dims == 1:
             batch = batch.unsqueeze(0)
         E, T = batch.batch_size
-        if E != self.num_envs:
-            raise ValueError(f"SequenceWriter was built for {self.num_envs} envs, got a batch of {E}")
+        if first_env is None:
+            if E != self.num_envs:
+                raise ValueError(f"SequenceWriter was built for {self.num_envs} envs, got a batch of {E}")
+            first_env = 0
+        if not 0 <= first_env <= self.num_envs - E:
+            raise ValueError(f"envs {first_env}..{first_env + E - 1} are outside the writer's {self.num_envs} envs")
+        envs = slice(first_env, first_env + E)
         flag = lambda key: batch.get(key).reshape(E, T).bool()  # noqa: E731
         done, terminated, is_first = flag(("next", "done")), flag(("next", "terminated")), flag("is_first")
         reward = batch.get(("next", "reward")).reshape(E, T).float()
         if self.reward_scale != 1.0:
             reward = reward * self.reward_scale
-        prev_reward = torch.cat([self.carry_reward.to(reward.device).unsqueeze(1), reward[:, :-1]], 1)
+        prev_reward = torch.cat([self.carry_reward[envs].to(reward.device).unsqueeze(1), reward[:, :-1]], 1)
         prev_reward = torch.where(is_first, torch.zeros_like(prev_reward), prev_reward)
 
         counts = 1 + done.long().reshape(-1)  # one row per transition, two after a done
@@ -107,10 +115,10 @@ class SequenceWriter:
         env_of_row = torch.repeat_interleave(torch.arange(E).repeat_interleave(T), counts)
         rows_per_env = counts.reshape(E, T).sum(1)
         env_start = torch.cumsum(rows_per_env, 0) - rows_per_env
-        rows["stream"] = env_of_row + self.stream_offset
-        rows["step"] = self.next_step[env_of_row] + torch.arange(n_rows) - env_start[env_of_row]
-        self.next_step += rows_per_env
-        self.carry_reward = torch.where(done[:, -1], torch.zeros(E), reward[:, -1].cpu())
+        rows["stream"] = env_of_row + first_env + self.stream_offset
+        rows["step"] = self.next_step[envs][env_of_row] + torch.arange(n_rows) - env_start[env_of_row]
+        self.next_step[envs] += rows_per_env
+        self.carry_reward[envs] = torch.where(done[:, -1], torch.zeros(E), reward[:, -1].cpu())
         return TensorDict(rows, batch_size=[n_rows])
 
 
