@@ -29,8 +29,8 @@ from torchrl_dreamer.checkpoint import (
     CheckpointError, load_checkpoint, load_weights, rng_state, set_rng_state,
 )
 from torchrl_dreamer.collectors import (CollectorConfig, WeightPusher, WorkerFailedError, WorkerWatchdog, acting_copy,
-                                        check_collector_config, describe, finite_frames, make_collector,
-                                        shutdown_quietly, worker_chunks)
+                                        check_collector_config, describe, finite_frames, keep_threads,
+                                        make_collector, shutdown_quietly, worker_chunks)
 from torchrl_dreamer.config import ConfigError, check_ranges, doc
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
 from torchrl_dreamer.dreamer.config import (ActorGrad, CompileMode, ContMode, ModelSize, OptimConfig,
@@ -485,6 +485,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         tune_malloc()
     torch.manual_seed(cfg.seed)
     cc, E = cfg.collector, cfg.env.num_envs
+    learner_threads = torch.get_num_threads()
     env = make_env_from_config(cfg, num_envs=E, seed=cfg.seed)  # collects (direct); its specs build the agent
     agent, policy = build_agent(cfg, env)
     with_policy_state(env, policy)
@@ -507,7 +508,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             cc, make_env=functools.partial(worker_env, cfg, policy.primer_specs(), cfg.seed + p.env_steps),
             policy=acting_copy(policy, cc), frames_per_worker=E * cfg.train.steps_per_collect,
             total_frames=finite_frames(cfg.train.env_steps - p.env_steps, batch_frames), device=cfg.device,
-            env=env if cc.backend == "direct" else None, learner_threads=torch.get_num_threads())
+            env=env if cc.backend == "direct" else None, learner_threads=learner_threads)
         if cc.backend == "direct":
             collector.set_seed(cfg.seed + p.env_steps)
     except BaseException:
@@ -518,6 +519,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     watchdog = WorkerWatchdog(collector)  # a dead worker process: an error and a checkpoint, not a hang
     pusher = WeightPusher(collector, policy, cc, watchdog)
     pusher.initial_push()
+    learner_threads = keep_threads(learner_threads)
     run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.env_steps, initial=p.env_steps, unit="step",
                       resume_state=resume_state, resume_step=p.env_steps, postfix=POSTFIX, curves=CURVES,
                       x_label="env steps (all envs together)")
@@ -530,6 +532,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         for batch in watchdog.iterate(collector):
             t1 = time.perf_counter()
             window.t_collect += t1 - t0
+            keep_threads(learner_threads)
             check_tensordict_finite(batch, finite_keys, iteration=p.updates, run_dir=run.rd)
             for worker, chunk in worker_chunks(batch, E):  # one replay stream per env of every worker
                 rb.extend(writer(chunk, first_env=worker * E))

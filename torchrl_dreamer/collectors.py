@@ -40,7 +40,7 @@ from torchrl.envs import EnvBase
 from .config import Choice, ConfigError, doc
 
 __all__ = ["CollectorBackend", "CollectorConfig", "check_collector_config", "make_collector", "WeightPusher",
-           "worker_chunks", "ray_available", "WorkerFailedError", "WorkerWatchdog"]
+           "worker_chunks", "ray_available", "WorkerFailedError", "WorkerWatchdog", "keep_threads"]
 
 
 class CollectorBackend(Choice):
@@ -235,10 +235,13 @@ def make_collector(cc: CollectorConfig, *, make_env: Callable[[int], EnvBase], p
     W = cc.num_workers
     factories = [functools.partial(_worker_env, make_env, w, cc.worker_threads) for w in range(W)]
     frames = frames_per_worker * W if cc.sync else frames_per_worker
+    threads = learner_threads or torch.get_num_threads()
     if cc.backend == "process":
-        return Collector(factories, policy, backend="process", num_collectors=W, sync=cc.sync, frames_per_batch=frames,
-                         policy_device="cpu", num_threads=learner_threads or torch.get_num_threads(),
-                         num_sub_threads=cc.worker_threads, **common)
+        collector = Collector(factories, policy, backend="process", num_collectors=W, sync=cc.sync,
+                              frames_per_batch=frames, policy_device="cpu", num_threads=threads,
+                              num_sub_threads=cc.worker_threads, **common)
+        keep_threads(threads)  # see keep_threads
+        return collector
     # ray: one single-process collector per actor, each asking Ray for its CPUs
     init = {"address": cc.ray_address} if cc.ray_address else {}
     if not cc.ray_address and cc.ray_num_cpus:
@@ -330,6 +333,16 @@ def worker_chunks(batch: TensorDictBase, envs_per_worker: int, key: str = "worke
         else:
             worker = 0
         yield worker, chunk
+
+
+def keep_threads(threads: int) -> int:
+    """Puts the learner's torch thread count back to ``threads`` (returns it). torchrl 0.14.1's process
+    collectors change the parent's count (to 2 instead of the 1 asked, here, once the workers run),
+    which made each Dreamer update 4-15x slower on a busy 2-core machine; the recipes call this
+    after every batch (a no-op when nothing changed it)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def finite_frames(remaining_steps: int, batch_frames: int, slack_batches: int = 2) -> int:

@@ -152,7 +152,14 @@ def test_process_workers_act_with_pushed_weights_only_and_the_prefill_switch_tra
 
 
 @pytest.mark.slow
-def test_dreamer_with_two_process_workers_trains_resumes_and_keeps_streams_apart(tmp_runs):
+def test_dreamer_with_two_process_workers_trains_resumes_and_keeps_streams_apart(tmp_runs, monkeypatch):
+    original, threads = dreamer.run_owed_updates, []
+
+    def record_threads(*a, **k):
+        threads.append(torch.get_num_threads())
+        return original(*a, **k)
+
+    monkeypatch.setattr(dreamer, "run_owed_updates", record_threads)
     args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "eval.every=0", "run.checkpoint_every=64",
             "collector.backend=process", "collector.num_workers=2", "replay.prefill=64"]
     run_dir = dreamer.main([*args, "train.env_steps=96"])
@@ -162,6 +169,8 @@ def test_dreamer_with_two_process_workers_trains_resumes_and_keeps_streams_apart
     assert set(streams.tolist()) == {0, 1, 2, 3}  # 2 workers x 2 envs, one stream each
     rows = read_metrics(run_dir)
     assert rows[-1]["diag/weight_pushes"] >= 1 and "diag/policy_version_lag" in rows[-1]
+    # the learner updates with the threads it asked for (threads=1), not what the collector left
+    assert threads and set(threads) == {1}
     dreamer.main(["--resume", str(run_dir), "train.env_steps=160"])
     second = load_checkpoint(run_dir)
     assert second["env_steps"] == 160 and second["updates"] > first["updates"]
