@@ -35,7 +35,9 @@ def provenance(**extra: Any) -> dict[str, Any]:
     import tensordict
     import torchrl
 
-    return {"git_commit": _git("rev-parse", "HEAD").strip(), "git_dirty": bool(_git("status", "--porcelain").strip()),
+    # dirty = uncommitted changes to the code; result files written by earlier benchmarks do not count
+    dirty = bool(_git("status", "--porcelain", "--", ".", ":(exclude)benchmarks/results").strip())
+    return {"git_commit": _git("rev-parse", "HEAD").strip(), "git_dirty": dirty,
             "torch": torch.__version__, "torchrl": torchrl.__version__, "tensordict": tensordict.__version__,
             "python": platform.python_version(), "cpu": _cpu_model() or platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads_harness": torch.get_num_threads(), **extra,

@@ -36,6 +36,10 @@ NOT_RUN = {
     "python -c": "a one-line interpreter check (GPU set-up)",
     "tensorboard": "a viewer",
     "python benchmarks/": "benchmarks run for minutes to hours; tests cover their code",
+    "ray start": "starts a Ray cluster node (tests/dreamer/test_collectors.py runs Ray locally and as a simulated "
+                 "2-node cluster when Ray is installed)",
+    "python -m recipes.dreamer --env lunarlander collector.backend=ray": "needs a running Ray cluster (see above)",
+    "torchrun": "tests/distributed/test_data_parallel.py runs these recipes under torchrun with 2 gloo ranks",
 }
 
 TINY = {

@@ -63,6 +63,12 @@ The env contract (``python -m torchrl_dreamer.check_env package.module:function`
     EnvProblem               one broken part of an env's contract, with its fix
     env_problems             every way an env breaks an algorithm's contract (dreamer, ppo, mappo)
     check_factory            :func:`env_problems` of a factory, built as the recipes build it
+Past one process (docs/scaling.md)
+    CollectorConfig          the ``collector`` config section (direct, process or Ray collectors)
+    make_collector           TorchRL's collector for a ``CollectorConfig``
+    WorkerFailedError        a collector worker process died
+    DataParallel             this process's rank in a ``torchrun`` data-parallel group
+    data_parallel            joins the group ``torchrun`` started (a single process otherwise)
 Routing policy networks
     RoutingEncoder           attention encoder of TSP / CVRP instances (once per episode)
     PointerDecoder           pointer-network decoder over the encoded nodes
@@ -85,6 +91,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time the names load
     from .checkpoint import (CheckpointError, load_checkpoint, load_resume_state, load_weights, rng_state,
                              save_checkpoint, set_rng_state)
     from .cli import RecipeArgs, parse_recipe_args
+    from .collectors import CollectorConfig, WorkerFailedError, make_collector
+    from .distributed import DataParallel, data_parallel
     from .config import ConfigError, check_ranges, doc, help_text, load_config, save_config, to_object
     from .cpu import compile_unavailable, tune_malloc
     from .envs import EnvFactoryError, make_env, make_vmas_env, with_shared_transforms
@@ -116,6 +124,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("make_env", "make_vmas_env", "with_shared_transforms", "EnvFactoryError"), ".envs"),
     **dict.fromkeys(("DoneToAgents", "EpisodeRewardSum", "reward_keys", "CategoricalToOneHot"), ".transforms"),
     **dict.fromkeys(("EnvProblem", "env_problems", "check_factory"), ".check_env"),
+    **dict.fromkeys(("CollectorConfig", "make_collector", "WorkerFailedError"), ".collectors"),
+    **dict.fromkeys(("DataParallel", "data_parallel"), ".distributed"),
     **dict.fromkeys(("RoutingEncoder", "PointerDecoder", "PointerActorCritic", "AllMaskedError"), ".pointer"),
 }
 _SUBPACKAGES = ("dreamer",)
@@ -140,6 +150,8 @@ __all__ = [
     "reward_keys", "CategoricalToOneHot",
     # the env contract
     "EnvProblem", "env_problems", "check_factory",
+    # past one process
+    "CollectorConfig", "make_collector", "WorkerFailedError", "DataParallel", "data_parallel",
     # routing policy networks
     "RoutingEncoder", "PointerDecoder", "PointerActorCritic", "AllMaskedError",
 ]
