@@ -28,7 +28,7 @@ RESULTS_DIR = HERE / "results"
 OUT = HERE / "RESULTS.md"
 
 #: keys of the stamp itself (not figures of the benchmark)
-STAMP_KEYS = {"git_commit", "git_dirty", "torch", "torchrl", "tensordict", "python", "cpu", "cpu_count", "argv", "date"}
+STAMP_KEYS = {"git_commit", "git_dirty", "git_dirty_note", "torch", "torchrl", "tensordict", "python", "cpu", "cpu_count", "argv", "date"}
 
 Record = dict[str, Any]
 Row = dict[str, Any]
@@ -171,6 +171,46 @@ def rows_dreamer_throughput(record: Record) -> list[Row]:
              "ours updates/s": ours, "TorchRL updates/s": theirs}]
 
 
+def rows_dreamer_learning(record: Record) -> list[Row]:
+    """``dreamer_cartpole.py`` (any env): one row per seed."""
+    return [{"env": record.get("env"), "seed": s.get("seed"), "target": record.get("threshold"),
+             "reached": s.get("reached"), "minutes": (s.get("wall_clock_s") or math.nan) / 60,
+             "env steps": s.get("env_steps"), "best eval": s.get("best_eval"), "final eval": s.get("final_eval")}
+            for s in record.get("seeds", [])]
+
+
+def rows_mappo_navigation(record: Record) -> list[Row]:
+    summary = record.get("summary", {})
+    rows = [{"seed": seed, "reward sum at iter 10": v.get("reward_sum_at_iter10"),
+             "mean iter 20-30": v.get("reward_sum_mean_iter20_30"), "final eval": v.get("final_eval_reward_sum"),
+             "s/iter": v.get("median_s_per_iter"), "speed-up vs plain loop (1 thread)": None}
+            for seed, v in sorted(summary.get("seeds", {}).items())]
+    if rows:
+        rows[0]["speed-up vs plain loop (1 thread)"] = summary.get("speedup_vs_plain_1t")
+    return rows
+
+
+def rows_routing_ppo(record: Record) -> list[Row]:
+    return [{"env": record.get("env"), "minutes": record.get("budget_min"),
+             "greedy gap % (final)": record.get("final_greedy_gap_pct"),
+             "greedy gap % (best)": record.get("best_greedy_gap_pct"), "greedy x8 %": record.get("gap_pct_greedy_x8"),
+             "multi-start %": record.get("gap_pct_multistart_x1"), "multi-start x8 %": record.get("gap_pct_multistart_x8"),
+             "instances/s": record.get("instances_per_s_median")}]
+
+
+def rows_vmas_scenarios(record: Record) -> list[Row]:
+    runs = record.get("results") or record.get("scenarios") or []
+    if isinstance(runs, dict):
+        runs = [{"scenario": k, **v} for k, v in runs.items()]
+    return [{k: v for k, v in r.items() if v is None or isinstance(v, (str, int, float, bool))} for r in runs]
+
+
+def rows_scaling(record: Record) -> list[Row]:
+    return [{"env": r.get("env"), "collector": r.get("setup"), "env frames/s": r.get("frames_per_s"),
+             "updates/s": r.get("updates_per_s"), "policy lag": r.get("policy_lag")}
+            for r in record.get("throughput", [])]
+
+
 def rows_generic(record: Record) -> list[Row]:
     """The record's top-level scalar fields (stamp fields left out)."""
     if not isinstance(record, dict):
@@ -186,6 +226,11 @@ KINDS: dict[str, Callable[[Record], list[Row]]] = {
     "dreamer_throughput": rows_dreamer_throughput,
     "dreamer_vs_ppo": rows_dreamer_vs_ppo,
     "ppo_single_agent": rows_ppo_single_agent,
+    "dreamer_cartpole": rows_dreamer_learning,
+    "mappo_navigation": rows_mappo_navigation,
+    "routing_ppo": rows_routing_ppo,
+    "vmas_scenarios": rows_vmas_scenarios,
+    "scaling": rows_scaling,
 }
 PROVENANCE_COLUMNS = ["commit", "date (UTC)", "threads", "files"]
 

@@ -6,8 +6,9 @@ learning curves against the single-process run, and a paper estimate for 8 and 6
     python benchmarks/scaling.py --learning --seeds 0 1 2 --minutes 10   # curves: direct vs 2 process workers
 
 **Throughput.** For every ``(backend, workers, sync)`` of ``--setups`` the Dreamer recipe runs the env's
-own YAML (``model.compile=false``: compile time would swamp a short run; ``env.num_envs`` per worker as
-in the YAML) for ``--budget-s`` seconds of training. Rates are taken after prefill (random actions,
+own YAML (``model.compile=false``: compile time would swamp a short run; ``replay.prefill=1024`` so that
+a short run leaves prefill; ``env.num_envs`` per worker as in the YAML) for ``--budget-s`` seconds of
+training. Rates are taken after prefill (random actions,
 no updates) between the first and the last log row: env frames/s received by the learner and
 learner updates/s over the same wall clock.
 
@@ -59,7 +60,7 @@ def throughput(env: str, setup: str, budget_s: float, root: Path, seed: int) -> 
 
     backend, workers, sync = parse_setup(setup)
     t0 = time.perf_counter()
-    run_dir = dreamer.main(["--env", env, f"seed={seed}", "model.compile=false", "eval.every=0",
+    run_dir = dreamer.main(["--env", env, f"seed={seed}", "model.compile=false", "eval.every=0", "replay.prefill=1024",
                             "train.env_steps=100000000", f"run.time_budget_s={budget_s}", f"run.root={root}",
                             "run.progress=false", "run.tensorboard=false", "run.log_every=200",
                             *collector_args(backend, workers, sync)])
