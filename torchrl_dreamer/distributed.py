@@ -75,18 +75,22 @@ class DataParallel:
         """All-reduces the gradients of ``params`` in one flat buffer (sum, or mean with ``average``).
         A parameter without a gradient on this rank contributes zeros, so every rank sends the same
         layout."""
-        if not self.enabled:
+        if not self.enabled or not params:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(self.comm_device)
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+        # one collective: the gradients and, at the end, which parameters have one on any rank (a
+        # parameter no rank touched keeps grad None, so Adam skips it as in one process)
+        flat = torch.cat([*(g.reshape(-1) for g in grads), has_grad.to(grads[0].dtype)]).to(self.comm_device)
         torch.distributed.all_reduce(flat)
-        flat = flat.to(params[0].device) if params else flat
+        flat = flat.to(params[0].device)
+        touched = flat[-len(params):] > 0
         if average:
             flat /= self.world_size
         offset = 0
-        for p in params:
+        for p, keep in zip(params, touched.tolist()):
             n = p.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
+            p.grad = flat[offset:offset + n].view_as(p).clone() if keep else None
             offset += n
 
     def broadcast_module(self, *modules: torch.nn.Module) -> None:
