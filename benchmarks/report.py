@@ -202,7 +202,8 @@ def rows_vmas_scenarios(record: Record) -> list[Row]:
     runs = record.get("results") or record.get("scenarios") or []
     if isinstance(runs, dict):
         runs = [{"scenario": k, **v} for k, v in runs.items()]
-    return [{k: v for k, v in r.items() if v is None or isinstance(v, (str, int, float, bool))} for r in runs]
+    return [{k: v for k, v in r.items() if k != "run_dir" and (v is None or isinstance(v, (str, int, float, bool)))}
+            for r in runs]
 
 
 def rows_scaling(record: Record) -> list[Row]:
