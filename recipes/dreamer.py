@@ -511,18 +511,18 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             env=env if cc.backend == "direct" else None, learner_threads=learner_threads)
         if cc.backend == "direct":
             collector.set_seed(cfg.seed + p.env_steps)
-    except BaseException:
+        watchdog = WorkerWatchdog(collector)  # a dead worker process: an error and a checkpoint, not a hang
+        pusher = WeightPusher(collector, policy, cc, watchdog)
+        pusher.initial_push()
+        learner_threads = keep_threads(learner_threads)
+        run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.env_steps, initial=p.env_steps, unit="step",
+                          resume_state=resume_state, resume_step=p.env_steps, postfix=POSTFIX, curves=CURVES,
+                          x_label="env steps (all envs together)")
+    except BaseException:  # nothing may leave worker processes or Ray actors behind
         shutdown_quietly(collector)
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
         raise
-    watchdog = WorkerWatchdog(collector)  # a dead worker process: an error and a checkpoint, not a hang
-    pusher = WeightPusher(collector, policy, cc, watchdog)
-    pusher.initial_push()
-    learner_threads = keep_threads(learner_threads)
-    run = TrainingRun(run_dir, run_cfg=cfg.run, total=cfg.train.env_steps, initial=p.env_steps, unit="step",
-                      resume_state=resume_state, resume_step=p.env_steps, postfix=POSTFIX, curves=CURVES,
-                      x_label="env steps (all envs together)")
     window, metrics = LogWindow(), {}
     obs = [k for k in keys if k != policy.mask_key]
     finite_keys = [*obs, *(("next", k) for k in obs), ("next", "reward")]
