@@ -16,8 +16,9 @@ learner updates/s over the same wall clock.
 collector and with ``--learning-setup`` (default 2 async process workers), same seeds and wall-clock
 budget; the evaluation curves are stored and summarised (final and best evaluation per seed).
 
-**Estimate.** With ``k`` workers on ``k`` free cores a worker keeps its one-worker rate ``f1`` (frames/s
-measured with ``process``, 1 worker); the learner consumes at most ``U * batch * seq_len /
+**Estimate.** With ``k`` workers on ``k`` free cores a worker keeps its one-worker rate ``f1`` (frames/s of
+one process worker collecting without a learner, ``--worker-rate``; else the learner-bound rate of the
+``process:1`` run); the learner consumes at most ``U * batch * seq_len /
 train_ratio`` frames/s (``U``: its updates/s at that batch), so ``frames/s(k) ~ min(k * f1, learner
 cap)`` (the env rate also lower-bounds nothing else: network, Ray's object store and the weight
 pushes are not modelled). Cost: ``(k + learner cores) x --usd-per-core-hour``.
@@ -77,6 +78,43 @@ def throughput(env: str, setup: str, budget_s: float, root: Path, seed: int) -> 
             "env_steps": last["train/env_steps"], "run_dir": str(run_dir)}
 
 
+def worker_rate(env: str, workers: int, batches: int = 30) -> dict:
+    """Env frames/s of ``workers`` process workers collecting with the acting policy and no learner
+    (what a worker can deliver when the learner does not hold it back)."""
+    import functools
+
+    import torch
+
+    from recipes import dreamer
+    from torchrl_dreamer.cli import parse_recipe_args
+    from torchrl_dreamer.collectors import (CollectorConfig, WeightPusher, acting_copy, make_collector,
+                                            shutdown_quietly)
+    from torchrl_dreamer.config import to_object
+
+    cfg = to_object(parse_recipe_args(["--env", env, "model.compile=false"], schema=dreamer.DreamerConfig,
+                                      config_dir=dreamer.CONFIG_DIR, description="", default_env="cartpole").cfg)
+    learner_env = dreamer.make_env_from_config(cfg, num_envs=cfg.env.num_envs, seed=0)
+    agent, policy = dreamer.build_agent(cfg, learner_env)
+    learner_env.close()
+    cc = CollectorConfig(backend="process", num_workers=workers, sync=True)
+    per_worker = cfg.env.num_envs * cfg.train.steps_per_collect
+    collector = make_collector(cc, make_env=functools.partial(dreamer.worker_env, cfg, policy.primer_specs(), 0),
+                               policy=acting_copy(policy, cc), frames_per_worker=per_worker,
+                               total_frames=per_worker * workers * (batches + 10), learner_threads=torch.get_num_threads())
+    try:
+        WeightPusher(collector, policy, cc).initial_push()  # the actor's own actions, not prefill
+        it = iter(collector)
+        for _ in range(3):  # warm-up
+            next(it)
+        t0, frames = time.perf_counter(), 0
+        for _ in range(batches):
+            frames += next(it).numel()
+        rate = frames / (time.perf_counter() - t0)
+    finally:
+        shutdown_quietly(collector)
+    return {"env": env, "workers": workers, "collect_only_frames_per_s": rate}
+
+
 def learning(setup: str, seed: int, minutes: float, root: Path) -> dict:
     from recipes import dreamer
 
@@ -91,7 +129,7 @@ def learning(setup: str, seed: int, minutes: float, root: Path) -> dict:
             "first_475_s": next((c[0] for c in curve if c[2] >= 475), None)}
 
 
-def estimate(results: list[dict], env: str, usd_per_core_hour: float) -> dict:
+def estimate(results: list[dict], env: str, usd_per_core_hour: float, rates: list[dict] = ()) -> dict:
     """Frames/s and cost for 8 and 64 workers from the one-worker process figures (see the docstring)."""
     from recipes import dreamer
     from torchrl_dreamer.cli import parse_recipe_args
@@ -101,6 +139,9 @@ def estimate(results: list[dict], env: str, usd_per_core_hour: float) -> dict:
     direct = next((r for r in results if r["env"] == env and r["backend"] == "direct"), None)
     if one is None or direct is None:
         return {}
+    rate = next((r["collect_only_frames_per_s"] for r in rates if r["env"] == env and r["workers"] == 1), None)
+    if rate is not None:  # a worker's own rate, without the learner holding it back
+        one = {**one, "frames_per_s": rate}
     cfg = to_object(parse_recipe_args(["--env", env], schema=dreamer.DreamerConfig, config_dir=dreamer.CONFIG_DIR,
                                       description="", default_env="cartpole").cfg)
     per_update = cfg.replay.batch_size * cfg.replay.seq_len / cfg.replay.train_ratio  # env frames one update pays for
@@ -128,6 +169,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget per learning run")
     parser.add_argument("--usd-per-core-hour", type=float, default=0.04)
+    parser.add_argument("--worker-rate", action="store_true",
+                        help="also time 1 and 2 process workers collecting without a learner (feeds the estimate)")
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scaling")
     args = parser.parse_args()
@@ -146,7 +189,15 @@ def main() -> None:
             print(f"{env:16s} {setup:16s} {r['frames_per_s']:8.1f} env frames/s {r['updates_per_s']:7.2f} updates/s "
                   f"(learner {r['learner_updates_per_s_while_updating']:.2f} while updating; lag "
                   f"{r['policy_lag']:.1f}; startup+run {r['wall_s_with_startup']:.0f} s)", flush=True)
-    estimates = [e for e in (estimate(results, env, args.usd_per_core_hour) for env in args.envs) if e]
+    rates = []
+    if args.worker_rate:
+        for env in args.envs:
+            for workers in (1, 2):
+                r = worker_rate(env, workers)
+                rates.append(r)
+                print(f"{env:16s} collect only, {workers} process worker(s): {r['collect_only_frames_per_s']:8.1f} "
+                      "env frames/s", flush=True)
+    estimates = [e for e in (estimate(results, env, args.usd_per_core_hour, rates) for env in args.envs) if e]
     for e in estimates:
         print(f"estimate {e['env']}: one worker {e['one_worker_frames_per_s']:.0f} frames/s, learner cap "
               f"{e['learner_frame_cap_per_s']:.0f} frames/s at train_ratio {e['train_ratio']:.0f}")
@@ -162,7 +213,7 @@ def main() -> None:
                 curves.append(c)
                 print(f"learning {setup:16s} seed {seed}: final {c['final']:.1f}, best {c['best']:.1f}, first >= 475 at "
                       f"{c['first_475_s'] if c['first_475_s'] is not None else '-'} s", flush=True)
-    summary = {**stamp, "budget_s": args.budget_s, "throughput": results, "estimates": estimates,
+    summary = {**stamp, "budget_s": args.budget_s, "throughput": results, "worker_rates": rates, "estimates": estimates,
                "learning": curves, "learning_minutes": args.minutes if args.learning else None,
                "usd_per_core_hour": args.usd_per_core_hour,
                "note": "2-core machine: learner and workers share the cores; per-worker rates feed the estimate"}

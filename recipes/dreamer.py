@@ -388,7 +388,7 @@ class LogWindow:
         self.updates += 1
 
     def add_batch(self, batch, lag: int = 0) -> None:
-        """A received batch; ``lag``: learner updates since the weights its workers act with were sent."""
+        """A received batch; ``lag``: learner updates since the weights behind its actions were sent."""
         self.steps += batch.numel()
         self.batches += 1
         self.lag_sum += lag
@@ -537,7 +537,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             for worker, chunk in worker_chunks(batch, E):  # one replay stream per env of every worker
                 rb.extend(writer(chunk, first_env=worker * E))
             p.env_steps += batch.numel()  # the train ratio counts the frames received
-            window.add_batch(batch, lag=pusher.lag(p.updates))
+            window.add_batch(batch, lag=pusher.lag(p.updates, batch))
             prefill_ended = policy.random_actions and p.env_steps >= cfg.replay.prefill
             if p.env_steps >= cfg.replay.prefill:
                 policy.random_actions = False

@@ -266,7 +266,10 @@ def acting_copy(policy: torch.nn.Module, cc: CollectorConfig) -> torch.nn.Module
 
     if cc.backend == "direct":
         return policy
-    return copy.deepcopy(policy).to("cpu")
+    acting = copy.deepcopy(policy).to("cpu")
+    if hasattr(acting, "report_version"):
+        acting.report_version = True  # batches say which push their actions came from
+    return acting
 
 
 class WeightPusher:
@@ -287,6 +290,9 @@ class WeightPusher:
             self._push(self.pushed_at)
 
     def _push(self, updates: int) -> None:
+        version = getattr(self.policy, "policy_version", None)
+        if isinstance(version, torch.Tensor):
+            version.fill_(updates)  # travels with the weights: the workers' steps report it
         weights = TensorDict.from_module(self.policy).data.to("cpu")
         if self.cc.backend == "ray":  # one object in Ray's store, read by every actor's collector
             import ray
@@ -310,8 +316,12 @@ class WeightPusher:
         if force or self.batches % self.cc.weight_sync_every == 0:
             self._push(updates)
 
-    def lag(self, updates: int) -> int:
-        return updates - self.pushed_at
+    def lag(self, updates: int, batch: Optional[TensorDictBase] = None) -> float:
+        """Learner updates since the weights behind ``batch``'s actions (mean over its steps; they
+        carry ``policy_version`` from :func:`acting_copy`), else since the last push."""
+        if batch is not None and "policy_version" in batch.keys():
+            return float(updates - batch.get("policy_version").float().mean())
+        return float(updates - self.pushed_at)
 
 
 def worker_chunks(batch: TensorDictBase, envs_per_worker: int, key: str = "worker") -> Iterator[tuple[int, TensorDictBase]]:

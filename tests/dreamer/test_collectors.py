@@ -139,10 +139,13 @@ def test_process_workers_act_with_pushed_weights_only_and_the_prefill_switch_tra
             assert {w for w, _ in worker_chunks(first, E)} == {0, 1}
             _force_action(agent, 1)  # the learner changes; the workers act with their own copy
             assert not bool((_actions(next(batches)) == 1).all())
+            assert pusher.lag(updates=7, batch=first) == 7  # acted with the weights of update 0
             pusher.after_batch(updates=5)  # pushed: every worker now picks action 1
             assert pusher.pushes == 1 and pusher.lag(updates=7) == 2
             for _ in range(2):
-                assert bool((_actions(next(batches)) == 1).all())
+                batch = next(batches)
+                assert bool((_actions(batch) == 1).all())
+                assert pusher.lag(updates=7, batch=batch) == 2  # its steps carry the pushed version (5)
             policy.random_actions = True  # prefill switch: a buffer, so it travels with the push
             pusher.after_batch(updates=5, force=True)
             assert not bool((_actions(next(batches)) == 1).all())

@@ -159,6 +159,10 @@ class DreamerPolicy(TensorDictModuleBase):
         # the prefill switch is a (non-persistent) buffer so that it travels with the weights a
         # collector sends to worker processes / Ray actors; a plain attribute would not
         self.register_buffer("prefill_flag", torch.zeros((), dtype=torch.bool), persistent=False)
+        # the learner's update count when these weights were sent to a collector worker; with
+        # ``report_version`` every step carries it as ``policy_version`` (how stale the acting was)
+        self.register_buffer("policy_version", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.report_version = False
         self._random_actions = False
         self.in_keys = [*self.obs_keys.values(), "is_first", *STATE_KEYS]
         if mask_key and mask_key not in self.in_keys:
@@ -241,4 +245,6 @@ class DreamerPolicy(TensorDictModuleBase):
                ("next", "prev_action"): action}
         for key, value in out.items():
             tensordict.set(key, value.reshape(*batch_shape, *value.shape[1:]))
+        if self.report_version:
+            tensordict.set("policy_version", self.policy_version.expand(batch_shape).clone())
         return tensordict
