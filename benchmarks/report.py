@@ -207,9 +207,19 @@ def rows_vmas_scenarios(record: Record) -> list[Row]:
 
 
 def rows_scaling(record: Record) -> list[Row]:
-    return [{"env": r.get("env"), "collector": r.get("setup"), "env frames/s": r.get("frames_per_s"),
-             "updates/s": r.get("updates_per_s"), "policy lag": r.get("policy_lag")}
-            for r in record.get("throughput", [])]
+    """Throughput rows, then (when present) collect-only worker rates, learning runs and the estimate."""
+    rows = [{"env": r.get("env"), "collector": r.get("setup"), "env frames/s": r.get("frames_per_s"),
+             "updates/s": r.get("updates_per_s")} for r in record.get("throughput", [])]
+    rows += [{"env": r.get("env"), "collector": f"process:{r.get('workers')}, collect only",
+              "env frames/s": r.get("collect_only_frames_per_s")} for r in record.get("worker_rates", [])]
+    rows += [{"env": "cartpole", "collector": c.get("setup"), "learning: seed": c.get("seed"),
+              "final eval": c.get("final"), "best eval": c.get("best"), "first >= 475 (s)": c.get("first_475_s")}
+             for c in record.get("learning", [])]
+    for e in record.get("estimates", []):
+        rows += [{"env": e.get("env"), "collector": f"estimate: {r.get('workers')} workers",
+                  "env frames/s": r.get("frames_per_s"), "learner-bound": r.get("learner_bound"),
+                  "USD per million frames": r.get("usd_per_million_frames")} for r in e.get("rows", [])]
+    return rows
 
 
 def rows_generic(record: Record) -> list[Row]:
