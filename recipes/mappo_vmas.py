@@ -11,7 +11,6 @@ Each iteration: collect ``frames_per_batch`` frames with TorchRL's ``Collector``
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from torchrl_dreamer.checkpoint import (
     CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
-from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel, rank_device
+from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel
+from torchrl_dreamer.distributed import rank_config as shard_config
 from torchrl_dreamer.envs import episode_reward_transform, make_env
 from torchrl_dreamer.guards import check_tensordict_finite
 from baselines.mappo_networks import AgentGroupMLP, TanhNormalHead
@@ -406,13 +406,7 @@ def validate(cfg: MAPPOConfig) -> None:
 def rank_config(cfg: MAPPOConfig, dp: DataParallel) -> MAPPOConfig:
     """This rank's config under ``torchrun``: ``collector.frames_per_batch`` and ``ppo.minibatch_size`` are
     global and each rank collects and trains on its share (``device=cuda``: ``cuda:LOCAL_RANK``)."""
-    if not dp.enabled:
-        return cfg
-    local = copy.deepcopy(cfg)
-    local.collector.frames_per_batch = dp.shard(cfg.collector.frames_per_batch, "collector.frames_per_batch")
-    local.ppo.minibatch_size = dp.shard(cfg.ppo.minibatch_size, "ppo.minibatch_size")
-    local.device = rank_device(cfg.device, dp)
-    return local
+    return shard_config(cfg, dp, ("collector.frames_per_batch", "ppo.minibatch_size"))
 
 
 def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:

@@ -15,7 +15,6 @@ logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- C
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from torchrl_dreamer.checkpoint import (
     CheckpointError, load_checkpoint, rng_state, set_rng_state,
 )
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, config_errors, doc
-from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel, rank_device
+from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel
+from torchrl_dreamer.distributed import rank_config as shard_config
 from torchrl_dreamer.guards import check_finite
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.routing_eval import (
@@ -186,13 +186,7 @@ def validate(cfg: PPORoutingConfig) -> None:
 def rank_config(cfg: PPORoutingConfig, dp: DataParallel) -> PPORoutingConfig:
     """This rank's config under ``torchrun``: ``ppo.batch_instances`` and ``ppo.minibatch_instances`` are
     global and each rank takes its share (``device=cuda``: ``cuda:LOCAL_RANK``); unchanged in one process."""
-    if not dp.enabled:
-        return cfg
-    local = copy.deepcopy(cfg)
-    local.ppo.batch_instances = dp.shard(cfg.ppo.batch_instances, "ppo.batch_instances")
-    local.ppo.minibatch_instances = dp.shard(cfg.ppo.minibatch_instances, "ppo.minibatch_instances")
-    local.device = rank_device(cfg.device, dp)
-    return local
+    return shard_config(cfg, dp, ("ppo.batch_instances", "ppo.minibatch_instances"))
 
 
 def make_model(cfg: PPORoutingConfig) -> PointerActorCritic:

@@ -26,7 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-__all__ = ["DataParallel", "data_parallel", "rank_device", "shutdown"]
+__all__ = ["DataParallel", "data_parallel", "rank_device", "rank_config", "shutdown"]
 
 
 @dataclass(frozen=True)
@@ -168,6 +168,26 @@ def rank_device(device: str, dp: DataParallel) -> str:
     if dp.enabled and device == "cuda":
         return f"cuda:{dp.local_rank}"
     return device
+
+
+def rank_config(cfg: Any, dp: DataParallel, keys: Sequence[str]) -> Any:
+    """This rank's copy of a recipe config: each dotted ``key`` (a global count, e.g.
+    ``"ppo.batch_instances"``) divided by the world size, ``device=cuda`` as ``cuda:LOCAL_RANK``;
+    ``cfg`` itself in one process. A count that does not split is a :class:`ConfigError`."""
+    if not dp.enabled:
+        return cfg
+    import copy
+
+    local = copy.deepcopy(cfg)
+    for key in keys:
+        *path, name = key.split(".")
+        section = local
+        for part in path:
+            section = getattr(section, part)
+        setattr(section, name, dp.shard(getattr(section, name), key))
+    if hasattr(local, "device"):
+        local.device = rank_device(local.device, dp)
+    return local
 
 
 def shutdown() -> None:
