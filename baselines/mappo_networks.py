@@ -127,8 +127,8 @@ class TanhNormalHead(nn.Module):
     """Maps network outputs to a tanh-squashed Gaussian over a box ``[low, high]``.
 
     The network emits ``2 * action_dim`` numbers per agent: ``loc`` and a pre-scale. The scale is
-    ``softplus(pre + log(e - 1)) `` (equal to 1 at 0, TorchRL's ``biased_softplus_1.0``) clamped
-    at ``min_scale``. Actions are ``low + (high - low) * (tanh(u) + 1) / 2`` with ``u ~ N(loc, scale)``.
+    ``softplus(pre + bias)`` with the bias that makes it ``init_scale`` at ``pre = 0`` (1.0 is
+    TorchRL's ``biased_softplus_1.0``), clamped at ``min_scale``. Actions are ``low + (high - low) * (tanh(u) + 1) / 2`` with ``u ~ N(loc, scale)``.
 
     Log-probabilities are kept in two parts: the Gaussian log-density of the pre-squash sample
     ``u`` (used by PPO: the squash Jacobian depends only on ``u``, so it cancels in the ratio and
@@ -136,7 +136,7 @@ class TanhNormalHead(nn.Module):
     log-prob of the action, used for entropy estimates and logging).
     """
 
-    def __init__(self, low: torch.Tensor, high: torch.Tensor, min_scale: float = 1e-4) -> None:
+    def __init__(self, low: torch.Tensor, high: torch.Tensor, min_scale: float = 1e-4, init_scale: float = 1.0) -> None:
         super().__init__()
         low = torch.as_tensor(low, dtype=torch.float32)
         high = torch.as_tensor(high, dtype=torch.float32)
@@ -146,7 +146,9 @@ class TanhNormalHead(nn.Module):
         self.register_buffer("half_range", (high - low) / 2)
         self.register_buffer("log_half_range_sum", torch.log((high - low) / 2).sum())
         self.min_scale = min_scale
-        self.scale_bias = math.log(math.e - 1.0)
+        if not init_scale > min_scale:
+            raise ValueError(f"init_scale must be > min_scale={min_scale}, got {init_scale}")
+        self.scale_bias = math.log(math.expm1(init_scale))  # softplus(bias) = init_scale
 
     def params(self, net_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         loc, pre_scale = net_out.chunk(2, dim=-1)

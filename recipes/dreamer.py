@@ -26,7 +26,7 @@ import torch
 from torchrl.envs import EnvBase, TensorDictPrimer
 
 from torchrl_dreamer.checkpoint import (
-    CheckpointError, load_checkpoint, load_weights, rng_state, set_rng_state,
+    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_weights, rng_state, set_rng_state,
 )
 from torchrl_dreamer.collectors import (CollectorConfig, WeightPusher, WorkerFailedError, WorkerWatchdog, acting_copy,
                                         check_collector_config, describe, finite_frames, keep_threads,
@@ -43,13 +43,14 @@ from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_di
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
 from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation, run_episodes
+from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation, run_episodes, write_json_atomic
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
 BEST_NAME = "best.pt"  # eval.keep_best: the weights behind the best evaluation of a run
+RESULT_NAME = "result.json"  # eval.confirm_episodes: final weights and best.pt re-scored, the better one named
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -123,6 +124,8 @@ class DreamerEvalConfig(EvalConfig):
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
     keep_best: bool = doc(True, "After each evaluation that beats every earlier one, write the weights to "
                                 "<run>/best.pt (score it with --evaluate <run>/best.pt).")
+    confirm_episodes: int = doc(50, "At the end of a run, score the final weights and best.pt on this many fresh "
+                                    "episodes each and write <run>/result.json naming the better one (0 = skip).")
 
 
 @dataclass
@@ -173,7 +176,7 @@ def validate(cfg: DreamerConfig) -> None:
         "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
         "replay.train_ratio": "> 0", "replay.prefill": ">= 0",
         "train.env_steps": ">= 1", "train.steps_per_collect": ">= 1",
-        "eval.every": ">= 0", "eval.episodes": ">= 1",
+        "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0",
         "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
     })
     if cfg.replay.capacity < cfg.replay.batch_size * cfg.replay.seq_len:
@@ -523,7 +526,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
         raise
-    window, metrics = LogWindow(), {}
+    window, metrics, completed = LogWindow(), {}, False
     obs = [k for k in keys if k != policy.mask_key]
     finite_keys = [*obs, *(("next", k) for k in obs), ("next", "reward")]
     try:
@@ -571,6 +574,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 stop_reason = f"time budget of {cfg.run.time_budget_s:.0f} s reached" if out_of_time else stop_reason
                 if stop_reason:
                     run.logger.write(f"stopping at {p.env_steps} env steps: {stop_reason}")
+                completed = True
                 break
             t0 = time.perf_counter()
     except WorkerFailedError as exc:  # raised in a wait on the collector: the learner's state is whole
@@ -583,7 +587,54 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         shutdown_quietly(collector)  # closes env too; worker processes / Ray actors end here, also on errors
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
+    if completed and cfg.eval.confirm_episodes and run.is_main:
+        confirm_policies(cfg, run.rd, agent, policy, p)
     return metrics
+
+
+def confirm_policies(cfg: DreamerConfig, run_dir: str | Path, agent: DreamerAgent, policy: DreamerPolicy,
+                     p: Progress) -> dict[str, Any]:
+    """Scores the final weights and ``best.pt`` on ``eval.confirm_episodes`` fresh episodes each (same
+    seeds for both, none used in training or in the periodic evaluations) and writes
+    ``<run>/result.json`` naming the better file. A run's last policy is not always its best one,
+    and a best-of-many 10-episode score flatters the policy behind it: this is the run's result."""
+    run_dir = Path(run_dir)
+    n = cfg.eval.confirm_episodes
+    seed = cfg.seed + 30_000
+    env = with_policy_state(make_env_from_config(cfg, num_envs=n, seed=seed), policy)
+    final_weights = {k: v.detach().clone() for k, v in agent.state_dict().items()}
+    cuda = [torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []
+
+    def score() -> dict[str, float]:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            env.set_seed(seed)
+            m = evaluate(policy, env)
+        return {"episode_reward_sum": m["eval/episode_reward_sum"], "episode_length": m["eval/episode_length"]}
+
+    record: dict[str, Any] = {"run_dir": str(run_dir), "episodes": n, "seed": seed}
+    try:
+        record["final"] = {"file": CHECKPOINT_NAME, "env_steps": p.env_steps, **score()}
+        best_file = run_dir / BEST_NAME
+        if cfg.eval.keep_best and best_file.exists():
+            state = load_checkpoint(best_file, map_location=cfg.device)
+            load_weights(agent, state["agent"], BEST_NAME)
+            record["best"] = {"file": BEST_NAME, "env_steps": state["env_steps"],
+                              "eval_when_saved": state.get("eval/episode_reward_sum"), **score()}
+            agent.load_state_dict(final_weights)
+    finally:
+        env.close(raise_if_closed=False)
+    candidates = [record[k] for k in ("final", "best") if k in record]
+    use = max(candidates, key=lambda c: c["episode_reward_sum"] if math.isfinite(c["episode_reward_sum"]) else -math.inf)
+    record["use"] = use["file"]
+    write_json_atomic(run_dir / RESULT_NAME, record)
+    line = f"confirmed on {n} fresh episodes: final weights {record['final']['episode_reward_sum']:.1f}"
+    if "best" in record:
+        b = record["best"]
+        line += (f", {BEST_NAME} (eval {b['eval_when_saved']:.1f} at {b['env_steps']:,} env steps) "
+                 f"{b['episode_reward_sum']:.1f}")
+    print(f"{line} -> use {run_dir / use['file']} ({RESULT_NAME})", flush=True)
+    return record
 
 
 POSTFIX = {"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/world_model": "wm",

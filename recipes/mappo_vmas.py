@@ -85,6 +85,8 @@ class ModelConfig:
     share_policy_params: bool = doc(True, "One policy network for all agents (homogeneous agents).")
     share_critic_params: bool = doc(True, "One critic network for all agents.")
     centralised_critic: bool = doc(True, "Critic sees all agents' observations: MAPPO (true) or IPPO (false).")
+    init_scale: float = doc(1.0, "Policy Gaussian std (before tanh) of an untrained network; 1.0 is TorchRL's "
+                                 "biased_softplus_1.0. Smaller starts with gentler exploration.")
 
 
 @dataclass
@@ -169,7 +171,7 @@ def make_agent(env: EnvBase, cfg: ModelConfig, device: str) -> tuple[TensorDictM
         width=cfg.width, depth=cfg.depth, activation=cfg.activation,
     )
     low, high = action_spec.space.low, action_spec.space.high
-    policy = TanhNormalPolicy(backbone, TanhNormalHead(low, high)).to(device)
+    policy = TanhNormalPolicy(backbone, TanhNormalHead(low, high, init_scale=cfg.init_scale)).to(device)
     critic = AgentGroupMLP(
         obs_dim, 1, n_agents, centralised=cfg.centralised_critic, share_params=cfg.share_critic_params,
         width=cfg.width, depth=cfg.depth, activation=cfg.activation,
@@ -377,7 +379,7 @@ def validate(cfg: MAPPOConfig) -> None:
     if not cfg.env.factory and cfg.env.scenario not in vmas_scenarios():
         raise ConfigError(f"unknown VMAS scenario '{cfg.env.scenario}'. Available: {', '.join(sorted(vmas_scenarios()))}")
     check_ranges(cfg, {
-        "threads": ">= 0", "env.max_steps": ">= 1", "model.width": ">= 1", "model.depth": ">= 0",
+        "threads": ">= 0", "env.max_steps": ">= 1", "model.width": ">= 1", "model.depth": ">= 0", "model.init_scale": "> 0",
         "ppo.epochs": ">= 1", "ppo.minibatch_size": ">= 1", "ppo.lr": "> 0", "ppo.max_grad_norm": "> 0",
         "ppo.clip_epsilon": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.entropy_coef": ">= 0",
         "ppo.critic_coef": ">= 0", "collector.frames_per_batch": ">= 1", "collector.iterations": ">= 1",

@@ -23,6 +23,7 @@ DREAMER_TINY = [
     "replay.prefill=40", "env.num_envs=2", "train.steps_per_collect=8", "eval.episodes=2", "run.progress=false",
     "run.tensorboard=false", "run.log_every=16", "ac.horizon=3", "threads=1", "optim.warmup_steps=0",
     "model.compile=false",  # the CartPole YAML compiles; smoke tests run eagerly (compile is tested on its own)
+    "eval.confirm_episodes=0",  # the end-of-run re-scoring has its own test
 ]
 
 # --- recipes.dreamer_routing (``recipes.routing --algo dreamer``) --------------------------------

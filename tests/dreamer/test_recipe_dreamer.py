@@ -1,5 +1,6 @@
 """Smoke runs of the Dreamer recipe (every env YAML), resume, NaN guard, evaluate, config errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,6 +200,47 @@ def test_evaluate_does_not_depend_on_the_callers_random_state(tmp_runs, capsys):
 
 @pytest.mark.smoke
 @pytest.mark.slow
+def test_run_ends_by_rescoring_final_and_best_weights_and_naming_the_better(tmp_runs, capsys, monkeypatch):
+    """eval.confirm_episodes: after the last step the final weights and best.pt are each scored on the
+    same fresh episodes; result.json holds both scores and names the better file, the run's own
+    weights are left as they were trained, and a run that fails writes no result.json."""
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "eval.every=32", "env.max_episode_steps=30",
+                "train.env_steps=96", "eval.confirm_episodes=3"]
+    scored = []
+    real = dreamer.evaluate
+
+    def spy(policy, env, **kw):
+        out = real(policy, env, **kw)
+        scored.append((env.batch_size.numel(), next(policy.parameters()).detach().clone(), out))
+        return out
+
+    monkeypatch.setattr(dreamer, "evaluate", spy)
+    run_dir = dreamer.main(args)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["episodes"] == 3 and result["final"]["file"] == "checkpoint.pt" and result["best"]["file"] == "best.pt"
+    best = load_checkpoint(run_dir / "best.pt")
+    assert result["best"]["env_steps"] == best["env_steps"]
+    assert result["best"]["eval_when_saved"] == best["eval/episode_reward_sum"]
+    confirm = [s for s in scored if s[0] == 3]  # the periodic evaluations use eval.episodes=2 envs
+    assert len(confirm) == 2
+    final_out, best_out = confirm[0][2], confirm[1][2]
+    assert result["final"]["episode_reward_sum"] == final_out["eval/episode_reward_sum"]
+    assert result["best"]["episode_reward_sum"] == best_out["eval/episode_reward_sum"]
+    better = "best.pt" if best_out["eval/episode_reward_sum"] > final_out["eval/episode_reward_sum"] else "checkpoint.pt"
+    assert result["use"] == better
+    assert f"-> use {run_dir / better}" in capsys.readouterr().out
+    # the first call scored the final checkpoint's weights, the second best.pt's
+    assert any(torch.equal(confirm[0][1], v) for v in load_checkpoint(run_dir)["agent"].values())
+    assert any(torch.equal(confirm[1][1], v) for v in best["agent"].values())
+    # a failing run writes no result.json
+    def boom(*a, **k):
+        raise RuntimeError("update failed")
+    monkeypatch.setattr(dreamer, "run_owed_updates", boom)
+    with pytest.raises(RuntimeError, match="update failed"):
+        dreamer.main([*args, f"run.root={tmp_runs}/failing", "replay.prefill=16"])
+    assert not list((Path(tmp_runs) / "failing").rglob("result.json"))
+
+
 def test_best_checkpoint_holds_the_best_evaluation_across_a_resume(tmp_runs, capsys):
     """eval.keep_best: <run>/best.pt holds the weights of the best evaluation so far (not the last),
     ``eval/best_episode_reward_sum`` is the running maximum, a resume carries it on (a worse
