@@ -24,7 +24,7 @@ from baselines.vmas_heuristics import reference_policy
 from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 POLICIES = {
-    "wheel": ["do_nothing", "random", "wheel", "wheel_hold"],
+    "wheel": ["do_nothing", "random", "wheel", "wheel_push"],
     "buzz_wire": ["do_nothing", "random", "buzz_wire"],
     "reverse_transport": ["do_nothing", "random", "reverse_transport"],
 }
