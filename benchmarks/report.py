@@ -222,6 +222,23 @@ def rows_scaling(record: Record) -> list[Row]:
     return rows
 
 
+def rows_vmas_heuristics(record: Record) -> list[Row]:
+    """``vmas_heuristics.py``: scripted reference policies through the MAPPO evaluation."""
+    return [{"scenario": r.get("scenario"), "policy": r.get("policy"), "eval reward sum (mean)": r.get("mean"),
+             "sd over repeats": r.get("std"), "repeats x envs": f"{r.get('repeats')} x {r.get('num_envs')}"}
+            for r in record.get("results", [])]
+
+
+def rows_dreamer_ablation(record: Record) -> list[Row]:
+    """``dreamer_ablation.py``: one row per (variant, seed)."""
+    return [{"env": record.get("env"), "variant": r.get("variant"), "seed": r.get("seed"),
+             "budget (min)": record.get("budget_min"), "reached": r.get("reached"),
+             "minutes to target": (r.get("reached_s") or math.nan) / 60, "best eval": r.get("best_eval"),
+             "final eval": r.get("final_eval"), "re-scored final": r.get("confirm_final"),
+             "re-scored best.pt": r.get("confirm_best"), "env steps": r.get("env_steps")}
+            for r in record.get("runs", [])]
+
+
 def rows_generic(record: Record) -> list[Row]:
     """The record's top-level scalar fields (stamp fields left out)."""
     if not isinstance(record, dict):
@@ -241,6 +258,8 @@ KINDS: dict[str, Callable[[Record], list[Row]]] = {
     "mappo_navigation": rows_mappo_navigation,
     "routing_ppo": rows_routing_ppo,
     "vmas_scenarios": rows_vmas_scenarios,
+    "vmas_heuristics": rows_vmas_heuristics,
+    "dreamer_ablation": rows_dreamer_ablation,
     "scaling": rows_scaling,
 }
 PROVENANCE_COLUMNS = ["commit", "date (UTC)", "threads", "files"]
