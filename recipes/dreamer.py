@@ -41,7 +41,7 @@ from torchrl_dreamer.dreamer.imagination import ActionMaskHooks, ImaginationModu
 from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
                                            replay_state_dict)
-from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
+from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, terminal_calibration
 from torchrl_dreamer.guards import check_tensordict_finite
 from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation, run_episodes, write_json_atomic
 from torchrl_dreamer.runtime import check_device
@@ -403,7 +403,7 @@ class LogWindow:
 
     def row(self, elapsed_s: float) -> dict[str, float]:
         """The window's metrics (means over its updates and episodes, rates, seconds)."""
-        row = {k: float(v) / self.count for k, v in self.sums.items()} if self.count else {}
+        row = terminal_calibration({k: float(v) / self.count for k, v in self.sums.items()} if self.count else {})
         sums, lengths = self.episode_sums, self.episode_lengths
         row.update({
             "train/episode_reward_sum": sum(sums) / len(sums) if sums else math.nan,

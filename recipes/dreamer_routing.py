@@ -40,7 +40,7 @@ from torchrl_dreamer.dreamer.routing import (
     episode_length_bound,
     make_routing_agent,
 )
-from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
+from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, terminal_calibration
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.routing_eval import RoutingEnvConfig, dev_tours_title, plot_decoded_tours, routing_eval_record
 from torchrl_dreamer.runtime import check_device
@@ -459,7 +459,7 @@ def run_updates(update: DreamerUpdate, rb: ReplayBuffer, batch_size: int, owed: 
             sums[k] = sums.get(k, 0.0) + float(v)
         n += 1
         owed -= 1.0
-    return {k: v / n for k, v in sums.items()}, n, owed
+    return terminal_calibration({k: v / n for k, v in sums.items()}), n, owed
 
 
 def evaluate_checkpoint(cfg: DreamerRoutingConfig, run_dir: Path) -> dict:

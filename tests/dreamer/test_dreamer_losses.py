@@ -597,3 +597,27 @@ def test_actor_loss_with_a_distribution_that_cannot_be_sliced():
     wrapped.eval(), actor_loss.eval()
     torch.testing.assert_close(wrapped(full)["loss_actor"], actor_loss(full)["loss_actor"])
     assert torch.isfinite(reference)
+
+
+def test_continue_probability_on_terminal_rows_is_reported_and_divided_per_window():
+    """diag terminal_rows / continue_prob_terminal_sum: the continue head's probability on the
+    replayed terminal rows (the calibration imagination relies on), summed over the one terminal row
+    of the batch; terminal_calibration divides window means and gives NaN without terminal rows."""
+    import math
+
+    from torchrl_dreamer.dreamer.update import terminal_calibration
+
+    agent = _agent()
+    wm, _, _ = _losses(agent)
+    batch = _batch()
+    loss_td, states = wm(batch)
+    assert loss_td["terminal_rows"].item() == 1.0
+    p = loss_td["continue_prob_terminal_sum"].item()
+    with torch.no_grad():  # the head on the posterior features of the terminal row (batch 1, step 3)
+        expected = torch.sigmoid(agent.world_model.continue_head(states["feat"][1, 3])).item()
+    assert 0.0 < p < 1.0 and p == pytest.approx(expected, rel=1e-4)
+    row = terminal_calibration({"diag/terminal_rows": 0.5, "diag/continue_prob_terminal_sum": 0.1, "x": 1.0})
+    assert row == {"x": 1.0, "diag/continue_prob_at_terminal": pytest.approx(0.2),
+                   "diag/terminal_rows_per_update": 0.5}
+    empty = terminal_calibration({"diag/terminal_rows": 0.0, "diag/continue_prob_terminal_sum": 0.0})
+    assert math.isnan(empty["diag/continue_prob_at_terminal"])

@@ -253,6 +253,10 @@ class DreamerWorldModelLoss(_DreamerLoss):
                 "prior_entropy": mean(-(prior_p * out["prior_logits"]).sum((-2, -1))),
                 "reward_pred_mean": mean(wm.reward_head.mean(reward_logits)),
                 "continue_accuracy": mean(((cont_logit > 0).to(feat.dtype) == cont_target).float()),
+                # calibration where it matters: the continue probability on the (rare) terminal rows,
+                # as two sums that a log window divides (see terminal_calibration in update.py)
+                "terminal_rows": (terminal := is_terminal.to(feat.dtype) * (1.0 if valid is None else valid)).sum(),
+                "continue_prob_terminal_sum": (torch.sigmoid(cont_logit) * terminal).sum(),
                 **{f"reconstruction_{n}": mean(v) for n, v in recon.items()},
             }
         losses = {

@@ -13,6 +13,7 @@ module so each gets its own learning rate.
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Iterable
 
@@ -118,6 +119,18 @@ def make_optimizer(agent: DreamerAgent, *, world_model_lr: float = 4e-5, actor_l
     if compile:
         return CompiledDreamerV3Optimizer(groups, compile_kwargs=compile_kwargs, **kwargs)
     return DreamerV3Optimizer(groups, **kwargs)
+
+
+def terminal_calibration(row: dict[str, float]) -> dict[str, float]:
+    """Turns the window means of ``diag/terminal_rows`` and ``diag/continue_prob_terminal_sum`` (both
+    per update, over the same updates) into ``diag/continue_prob_at_terminal``: the continue head's
+    mean probability on replayed terminal rows (0 is right; imagination multiplies its returns by
+    it), NaN when the window saw no terminal row, and ``diag/terminal_rows_per_update``."""
+    rows, total = row.pop("diag/terminal_rows", None), row.pop("diag/continue_prob_terminal_sum", None)
+    if rows is not None and total is not None:
+        row["diag/continue_prob_at_terminal"] = total / rows if rows > 0 else math.nan
+        row["diag/terminal_rows_per_update"] = rows
+    return row
 
 
 def _grad_norm(params: Iterable[torch.Tensor]) -> torch.Tensor:
