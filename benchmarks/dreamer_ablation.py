@@ -36,7 +36,7 @@ TARGETS = {  # env yaml: (threshold, minutes, env steps, eval every)
     "pendulum": (-200.0, 60.0, 200_000, 5000),
     "cartpole_pixels": (475.0, 30.0, 200_000, 5000),
 }
-DIAGNOSTICS = ("diag/continue_accuracy", "diag/imagined_cont_mean", "diag/actor_entropy", "diag/return_scale",
+DIAGNOSTICS = ("diag/continue_accuracy", "diag/continue_prob_at_terminal", "diag/imagined_cont_mean", "diag/actor_entropy", "diag/return_scale",
                "loss/continue", "loss/reward", "time/updates_per_s", "time/env_steps_per_s")
 
 
@@ -197,6 +197,10 @@ def main() -> None:
     for r in results:
         if "error" in r:
             print(f"{r['variant']} seed {r['seed']}: FAILED ({r['error']}); log {r['log']}")
+        else:
+            diag = ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in r["diagnostics_last_quarter"].items()
+                             if v is not None)
+            print(f"{r['variant']} seed {r['seed']} (last quarter of the log): {diag}")
     print()
     print(table(results, names, args, threshold, minutes))
     out = args.out or Path(__file__).parent / "results" / f"dreamer_ablation_{args.env}"
