@@ -5,7 +5,8 @@ For each scenario YAML of ``recipes/configs/mappo_vmas/`` this builds the evalua
 ``max_steps`` and scenario kwargs) and scores every reference policy of
 ``baselines/vmas_heuristics.py`` with ``recipes.mappo_vmas.evaluate`` (one full horizon, the mean
 episode reward SUM over the episodes that ended in it). ``--repeats`` runs that evaluation with
-several seeds and reports mean and standard deviation. Prints a markdown table, writes JSON.
+several seeds and reports mean and standard deviation. Prints a markdown table, writes JSON and a
+PNG (one bar chart per scenario).
 
     python benchmarks/vmas_heuristics.py                       # ~2 min on the 2-core machine
     python benchmarks/vmas_heuristics.py --scenarios buzz_wire --repeats 5
@@ -59,6 +60,26 @@ def score(scenario: str, rule: str, repeats: int, overrides: list[str]) -> dict:
             "values": values, "episodes": episodes, "seconds": time.perf_counter() - t0}
 
 
+def plot(path: Path, results: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in results))
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(4.2 * len(scenarios), 3.4), squeeze=False)
+    for ax, scenario in zip(axes[0], scenarios):
+        rows = [r for r in results if r["scenario"] == scenario]
+        ax.bar([r["policy"] for r in rows], [r["mean"] for r in rows], yerr=[r["std"] for r in rows], capsize=3)
+        ax.axhline(0.0, color="k", lw=0.6)
+        ax.set_title(scenario)
+        ax.set_ylabel("eval episode reward sum")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scenarios", nargs="+", default=list(POLICIES), choices=list(POLICIES))
@@ -81,7 +102,8 @@ def main() -> None:
     print("\n| scenario | policy | eval episode reward sum (mean +- sd over repeats) |\n|---|---|---|")
     for r in results:
         print(f"| {r['scenario']} | {r['policy']} | {r['mean']:.3f} +- {r['std']:.3f} |")
-    print(f"\nwrote {args.out}")
+    plot(args.out.with_suffix(".png"), results)
+    print(f"\nwrote {args.out} and {args.out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":
