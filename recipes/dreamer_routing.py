@@ -67,6 +67,10 @@ class RoutingModelConfig:
     action_dim: int = doc(32, "RSSM action input: projection of the chosen node's embedding.")
     tanh_clip: float = doc(10.0, "Pointer logit clipping C * tanh(.).")
     unimix: float = doc(0.01, "Uniform mix (latents; policy over allowed nodes only).")
+    load_features: bool = doc(False, "CVRP: the unserved demand (in vehicle loads) and the unvisited-customer fraction "
+                                     "join the exact state scalars of every feature (world model, actor, critic).")
+    actor_encoder: bool = doc(False, "The actor encodes each instance with its own encoder, trained by the actor loss "
+                                     "(as the PPO baseline's); otherwise it reads the world model's node embeddings.")
 
 
 @dataclass
@@ -191,7 +195,8 @@ def size_at(stages: list[tuple[int, int]], iteration: int, final: int) -> int:
 def sizes_of(cfg: RoutingModelConfig) -> RoutingSizes:
     return RoutingSizes(embed_dim=cfg.embed_dim, encoder_layers=cfg.encoder_layers, heads=cfg.heads, ff_dim=cfg.ff_dim,
                         deter=cfg.deter, hidden=cfg.hidden, units=cfg.units, layers=cfg.layers, stoch=cfg.stoch,
-                        classes=cfg.classes, blocks=cfg.blocks, action_dim=cfg.action_dim, tanh_clip=cfg.tanh_clip)
+                        classes=cfg.classes, blocks=cfg.blocks, action_dim=cfg.action_dim, tanh_clip=cfg.tanh_clip,
+                        load_features=cfg.load_features, actor_encoder=cfg.actor_encoder)
 
 
 def make_env(cfg: DreamerRoutingConfig, *, batch: int, seed: int, instances=None, size: int | None = None):
@@ -220,7 +225,7 @@ def build(cfg: DreamerRoutingConfig):
     critic_loss = DreamerCriticLoss(critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale)
     inputs = ("action_mask", "current_node", "first_node") + (("remaining_capacity",) if problem == "cvrp" else ())
     actor_loss = DreamerPolicyLoss(actor, entropy_coef=ac.entropy_coef, return_decay=ac.return_decay, actor_input_keys=inputs,
-                           actor_context_keys=("node_emb", "graph", "glimpse_k", "glimpse_v", "logit_k"))
+                           actor_context_keys=actor.CONTEXT_KEYS)
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(wm, actor, ac.horizon, hooks=hooks, start_fraction=ac.start_fraction)

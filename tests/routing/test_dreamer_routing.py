@@ -165,3 +165,47 @@ def test_dreamer_routing_resume_continues_counters_parameters_and_clock(tmp_runs
     # the entry point took the algorithm from the run directory; a contradicting --algo is refused
     with pytest.raises(ConfigError, match="is a dreamer run: use --algo dreamer"):
         routing.main(["--algo", "ppo", "--resume", str(run_dir), "train.iterations=6"])
+
+
+def test_load_features_are_the_unserved_demand_and_the_unvisited_customer_fraction():
+    sizes = RoutingSizes(**{**SIZES.__dict__, "load_features": True})
+    wm, _, _ = make_routing_agent("cvrp", sizes)
+    demand = torch.tensor([[0.0, 0.2, 0.3, 0.5]])
+    visited = torch.tensor([[[True, True, False, False], [True, True, True, True]]])  # [B=1, T=2, n=4]
+    scalars = wm._scalars(torch.tensor([[0.25, 1.0]]), torch.tensor([[0.6, 1.0]]), visited, demand)
+    assert scalars.shape == (1, 2, 4)
+    assert torch.allclose(scalars[0, 0], torch.tensor([0.25, 0.6, 0.8, 2 / 3]))
+    assert torch.allclose(scalars[0, 1], torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="load_features needs"):
+        wm._scalars(torch.tensor([0.5]), torch.tensor([1.0]))
+
+
+def test_actor_with_its_own_encoder_is_trained_by_the_actor_loss_and_keeps_masks_exact():
+    """``actor_encoder``: the actor's instance encoder gets gradients from the actor loss (the world
+    model's encoder does not), one encoding per distinct instance, and imagination stays legal."""
+    torch.manual_seed(0)
+    sizes = RoutingSizes(**{**SIZES.__dict__, "actor_encoder": True, "load_features": True})
+    wm, actor, _ = make_routing_agent("cvrp", sizes)
+    hooks = RoutingHooks("cvrp", wm, actor)
+    env = _env("cvrp", 6)
+    td = env.reset()
+    n = td["action_mask"].shape[-1]
+    start = _start_row(td, "cvrp", n)
+    start = torch.cat([start, start], 0)  # each instance twice: encoded once
+    with torch.no_grad():
+        node_emb, graph = wm.encode_instance(start["locs"], start["demand"])
+    start.update({"node_emb": node_emb, "graph": graph})
+    context = hooks.actor_context(start)
+    assert not torch.equal(context["actor_node_emb"], context["node_emb"])
+    assert torch.equal(context["actor_node_emb"][:6], context["actor_node_emb"][6:])
+    h, z = wm.rssm.initial(12)
+    out = imagine(wm, actor, h, z, torch.ones(12), 2 * n, hooks=hooks, aux=hooks.start(start), context=context)
+    assert hooks.pop_invalid_rate() == 0.0
+    dist = actor(out["feat"][:, :-1], out["action_mask"][:, :-1], out["current_node"][:, :-1],
+                 out["first_node"][:, :-1], out["remaining_capacity"][:, :-1], **context)
+    dist.log_prob(out["action"][:, :-1]).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in actor.encoder.parameters() if p.requires_grad)
+    assert any(p.grad.abs().sum() > 0 for p in actor.encoder.parameters())
+    assert all(p.grad is None for p in wm.encoder.parameters())
+    rows, tour = dreamer_rollout(_env("cvrp", 5), wm, actor, mode="greedy")  # acting uses the same context
+    assert torch.isfinite(tour).all() and (rows["is_terminal"].sum(1) == 1).all()

@@ -62,6 +62,8 @@ class RoutingSizes:
     action_dim: int = 32
     bins: int = 255
     tanh_clip: float = 10.0
+    load_features: bool = False   # CVRP: unserved demand and unvisited-customer fraction as exact state scalars
+    actor_encoder: bool = False   # the actor encodes the instance itself (trained by the actor loss)
 
 
 def routing_mask(problem: str, visited: torch.Tensor, current: torch.Tensor, remaining: torch.Tensor | None,
@@ -106,7 +108,7 @@ class RoutingWorldModel(DreamerWorldModel):
         self.sizes = s = sizes
         self.obs_names = [n for n in OBS_NAMES if problem == "cvrp" or n not in ("demand", "remaining_capacity")]
         self.encoder = RoutingEncoder(problem, s.embed_dim, s.encoder_layers, s.heads, s.ff_dim)
-        n_scalars = 2 if problem == "cvrp" else 1
+        n_scalars = (4 if s.load_features else 2) if problem == "cvrp" else 1
         self.n_scalars = n_scalars
         # observation embedding from what changes: current / first node, unvisited mean, scalars
         self.step_embed = NormMLP(3 * s.embed_dim + n_scalars, s.units, max(1, s.layers))
@@ -137,10 +139,22 @@ class RoutingWorldModel(DreamerWorldModel):
         flat = action.reshape(B, -1, n)
         return self.action_proj(torch.bmm(flat, node_emb)).reshape(*action.shape[:-1], -1)
 
-    def _scalars(self, step_fraction: torch.Tensor, remaining: torch.Tensor | None) -> torch.Tensor:
+    def _scalars(self, step_fraction: torch.Tensor, remaining: torch.Tensor | None,
+                 visited: torch.Tensor | None = None, demand: torch.Tensor | None = None) -> torch.Tensor:
+        """``[.., n_scalars]``: step fraction; CVRP: remaining capacity and, with
+        ``sizes.load_features``, the unserved demand (in vehicle loads: how many depot trips are left)
+        and the fraction of customers still unvisited. ``demand [B, n]`` or shaped like ``visited``."""
         parts = [step_fraction.unsqueeze(-1)]
         if self.problem == "cvrp":
             parts.append(remaining.unsqueeze(-1))
+            if self.sizes.load_features:
+                if demand is None or visited is None:
+                    raise ValueError("load_features needs the visited set and the demands")
+                open_ = (~visited.bool()).to(step_fraction.dtype)
+                if demand.ndim < open_.ndim:  # [B, n] against [B, *S, n]
+                    demand = demand.reshape(demand.shape[0], *([1] * (open_.ndim - 2)), demand.shape[-1])
+                parts.append((demand * open_).sum(-1, keepdim=True))
+                parts.append(open_[..., 1:].mean(-1, keepdim=True))
         return torch.cat(parts, -1)
 
     def _unvisited_mean(self, node_emb: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -150,19 +164,19 @@ class RoutingWorldModel(DreamerWorldModel):
         w = w / w.sum(-1, keepdim=True).clamp_min(1.0)
         return torch.bmm(w, node_emb).reshape(*allowed.shape[:-1], d)
 
-    def step_embedding(self, node_emb, current, first, visited, step_fraction, remaining):
+    def step_embedding(self, node_emb, current, first, visited, step_fraction, remaining, demand=None):
         """Embedding of the dynamic observation ``[B, *S, units]``."""
-        scalars = self._scalars(step_fraction, remaining)
+        scalars = self._scalars(step_fraction, remaining, visited, demand)
         x = torch.cat([_gather_nodes(node_emb, current), _gather_nodes(node_emb, first),
                        self._unvisited_mean(node_emb, ~visited), scalars], -1)
         return self.step_embed(x)
 
-    def context_features(self, graph, node_emb, visited, step_fraction, remaining) -> torch.Tensor:
+    def context_features(self, graph, node_emb, visited, step_fraction, remaining, demand=None) -> torch.Tensor:
         """Carried context part of the features ``[B, *S, units]`` (graph, unvisited mean, scalars)."""
         lead = visited.shape[:-1]
         g = graph.reshape(graph.shape[0], *([1] * (len(lead) - 1)), -1).expand(*lead, -1)
         return self.context_proj(torch.cat([g, self._unvisited_mean(node_emb, ~visited),
-                                            self._scalars(step_fraction, remaining)], -1))
+                                            self._scalars(step_fraction, remaining, visited, demand)], -1))
 
     def full_features(self, deter, stoch, context_feat) -> torch.Tensor:
         return torch.cat([self.rssm.features(deter, stoch), context_feat], -1)
@@ -184,10 +198,10 @@ class RoutingWorldModel(DreamerWorldModel):
         step_fraction = obs["step_fraction"].squeeze(-1) if obs["step_fraction"].ndim == 3 else obs["step_fraction"]
         current = obs["current_node"].reshape(visited.shape[:2])
         first = obs["first_node"].reshape(visited.shape[:2])
-        embed = self.step_embedding(node_emb, current, first, visited, step_fraction, remaining)
+        embed = self.step_embedding(node_emb, current, first, visited, step_fraction, remaining, demand)
         prev = shift_actions(self.action_vector(action, node_emb))
         out = self.rssm.observe(embed, prev, is_first, noise=noise)
-        ctx = self.context_features(graph, node_emb, visited, step_fraction, remaining)
+        ctx = self.context_features(graph, node_emb, visited, step_fraction, remaining, demand)
         out.update(embed=embed, node_emb=node_emb, graph=graph, feat=self.full_features(out["deter"], out["stoch"], ctx))
         T = action.shape[1]
         # the instance context travels with each posterior state into imagination (views, no copy)
@@ -234,19 +248,41 @@ class PointerActor(nn.Module):
         self.problem, self.unimix = problem, unimix
         self.feat_in = nn.Sequential(nn.Linear(feat_dim, sizes.embed_dim, bias=False), RMSNorm(sizes.embed_dim), nn.SiLU())
         self.decoder = PointerDecoder(problem, sizes.embed_dim, sizes.heads, sizes.tanh_clip, extra_dim=sizes.embed_dim)
+        # sizes.actor_encoder: the actor's own instance encoder, trained by the actor loss (as the PPO
+        # baseline's); otherwise the actor reads the world model's node embeddings (trained by the
+        # world-model loss only, detached here)
+        self.encoder = (RoutingEncoder(problem, sizes.embed_dim, sizes.encoder_layers, sizes.heads, sizes.ff_dim)
+                        if sizes.actor_encoder else None)
 
-    def precompute(self, node_emb: torch.Tensor, graph: torch.Tensor) -> dict[str, torch.Tensor]:
-        c = self.decoder.precompute(node_emb, graph)
-        return {"node_emb": c.node_emb, "graph": c.graph, "glimpse_k": c.glimpse_k, "glimpse_v": c.glimpse_v,
-                "logit_k": c.logit_k}
+    CONTEXT_KEYS = ("actor_node_emb", "actor_graph", "glimpse_k", "glimpse_v", "logit_k")
 
-    def forward(self, feat, action_mask, current_node, first_node, remaining_capacity=None, *, node_emb, graph,
-                glimpse_k, glimpse_v, logit_k) -> OneHotDist:
+    def precompute(self, node_emb: torch.Tensor, graph: torch.Tensor, locs: torch.Tensor | None = None,
+                   demand: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-trajectory actor context. ``node_emb``/``graph``: the world model's (returned unchanged
+        under those names, for the features); with its own encoder the actor encodes ``locs``
+        (``demand``) itself, once per distinct instance among the rows."""
+        a_emb, a_graph = node_emb, graph
+        if self.encoder is not None:
+            if locs is None:
+                raise ValueError("an actor with its own encoder needs the instances' locs (and demand)")
+            key = locs.reshape(locs.shape[0], -1) if demand is None else torch.cat([locs.reshape(locs.shape[0], -1), demand], -1)
+            unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+            n = locs.shape[1]
+            u_locs = unique[:, : 2 * n].reshape(-1, n, 2)
+            u_demand = None if demand is None else unique[:, 2 * n:]
+            u_emb, u_graph = self.encoder(u_locs, u_demand)
+            a_emb, a_graph = u_emb[inverse], u_graph[inverse]
+        c = self.decoder.precompute(a_emb, a_graph)
+        return {"node_emb": node_emb, "graph": graph, "actor_node_emb": c.node_emb, "actor_graph": c.graph,
+                "glimpse_k": c.glimpse_k, "glimpse_v": c.glimpse_v, "logit_k": c.logit_k}
+
+    def forward(self, feat, action_mask, current_node, first_node, remaining_capacity=None, *, actor_node_emb,
+                actor_graph, glimpse_k, glimpse_v, logit_k, node_emb=None, graph=None) -> OneHotDist:
         single = feat.ndim == 2
         if single:
             feat, action_mask, current_node, first_node = (x.unsqueeze(1) for x in (feat, action_mask, current_node, first_node))
             remaining_capacity = remaining_capacity.unsqueeze(1) if remaining_capacity is not None else None
-        cache = DecoderCache(node_emb, graph, glimpse_k, glimpse_v, logit_k)
+        cache = DecoderCache(actor_node_emb, actor_graph, glimpse_k, glimpse_v, logit_k)
         cap = remaining_capacity.unsqueeze(-1) if remaining_capacity is not None else None
         ctx = self.decoder.context(cache, current_node, first_node, cap)
         ctx = torch.cat([ctx, self.feat_in(feat)], -1)
@@ -289,7 +325,7 @@ class RoutingHooks(ImaginationHooks):
 
     def actor_context(self, start: TensorDictBase) -> dict[str, torch.Tensor]:
         # the instance embeddings came with the start rows (DreamerWorldModelLoss passes the model's carry)
-        return self.actor.precompute(start["node_emb"], start["graph"])
+        return self.actor.precompute(start["node_emb"], start["graph"], start["locs"], start.get("demand"))
 
     def _mask(self, aux) -> torch.Tensor:
         return routing_mask(self.problem, aux["visited"], aux["current"], aux.get("remaining"), aux.get("demand"),
@@ -337,7 +373,7 @@ class RoutingHooks(ImaginationHooks):
         n_nodes = aux["visited"].shape[-1]
         remaining = aux.get("remaining")
         ctx = world_model.context_features(context["graph"], context["node_emb"], aux["visited"],
-                                           aux["steps"].to(deter.dtype) / n_nodes, remaining)
+                                           aux["steps"].to(deter.dtype) / n_nodes, remaining, aux.get("demand"))
         return world_model.full_features(deter, stoch, ctx)
 
     def model_action(self, action, context):
@@ -384,7 +420,7 @@ def dreamer_rollout(env, world_model: RoutingWorldModel, actor: PointerActor, *,
     B, n = td["action_mask"].shape
     max_rows = max_rows or episode_length_bound(problem, n)
     node_emb, graph = world_model.encode_instance(locs, demand)
-    cache = actor.precompute(node_emb, graph)
+    cache = actor.precompute(node_emb, graph, locs, demand)
     rssm = world_model.rssm
     h, z = rssm.initial(B, locs.device)
     prev = torch.zeros(B, rssm.action_dim, device=locs.device)
@@ -397,10 +433,10 @@ def dreamer_rollout(env, world_model: RoutingWorldModel, actor: PointerActor, *,
         current, first = td["current_node"].reshape(B), td["first_node"].reshape(B)
         remaining = td["remaining_capacity"].reshape(B) if problem == "cvrp" else None
         step_fraction = td["step_count"].reshape(B).float() / n
-        embed = world_model.step_embedding(node_emb, current, first, visited, step_fraction, remaining)
+        embed = world_model.step_embedding(node_emb, current, first, visited, step_fraction, remaining, demand)
         is_first = torch.full((B,), t == 0, dtype=torch.bool, device=locs.device)
         h, z, _ = rssm.obs_step(h, z, prev, embed, is_first)
-        ctx = world_model.context_features(graph, node_emb, visited, step_fraction, remaining)
+        ctx = world_model.context_features(graph, node_emb, visited, step_fraction, remaining, demand)
         feat = world_model.full_features(h, z, ctx)
         mask = td["action_mask"]
         if mode == "random":
