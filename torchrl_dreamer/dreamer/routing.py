@@ -19,7 +19,10 @@ Three things a routing world model easily gets wrong, and how this module avoids
 
 Features of a state for every head, the critic and the actor: ``[h, z, graph, unvisited-mean,
 state scalars]`` where ``unvisited-mean`` is the mean embedding of the nodes still allowed and the
-scalars are the step fraction and (CVRP) remaining capacity: the latent plus exact bookkeeping.
+scalars are the step fraction and (CVRP) remaining capacity, with ``load_features`` also the
+unserved demand and the unvisited-customer fraction: the latent plus exact bookkeeping. The actor
+reads the world model's node embeddings (detached), or with ``actor_encoder`` encodes each
+instance itself with an encoder that the actor loss trains.
 
 Actions are one-hot over the nodes; the RSSM's action input is a projection of the chosen node's
 embedding, so the same networks work for any problem size.
@@ -27,7 +30,7 @@ embedding, so the same networks work for any problem size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
