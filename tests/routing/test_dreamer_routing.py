@@ -209,3 +209,41 @@ def test_actor_with_its_own_encoder_is_trained_by_the_actor_loss_and_keeps_masks
     assert all(p.grad is None for p in wm.encoder.parameters())
     rows, tour = dreamer_rollout(_env("cvrp", 5), wm, actor, mode="greedy")  # acting uses the same context
     assert torch.isfinite(tour).all() and (rows["is_terminal"].sum(1) == 1).all()
+
+
+def test_live_starts_imagine_from_unfinished_rows_and_trimming_keeps_the_world_model_loss():
+    """``ac.live_starts``: the starts are the non-terminal rows while there are enough of them;
+    ``replay.trim_padding``: cutting the padding leaves the world-model losses unchanged."""
+    from recipes.dreamer_routing import trim_padding
+    from torchrl_dreamer.dreamer.imagination import ImaginationModule
+    from torchrl_dreamer.dreamer.losses import DreamerWorldModelLoss
+    from torchrl_dreamer.dreamer.rssm import gumbel_noise
+
+    torch.manual_seed(0)
+    wm, actor, _ = make_routing_agent("cvrp", SIZES)
+    rows, _ = dreamer_rollout(_env("cvrp", 6), wm, actor, mode="random", max_rows=20)
+    assert not rows["valid"][:, -1].any()  # padded
+    loss = DreamerWorldModelLoss(wm)
+    _, states = loss(rows)
+    trimmed = trim_padding(rows)
+    assert trimmed.shape[1] == int(rows["valid"].sum(1).max()) < rows.shape[1]
+    noise = gumbel_noise((*rows.shape, SIZES.stoch, SIZES.classes))  # the same posterior samples for both
+
+    def core(td, eps):
+        flags = [td[k].float() for k in ("reward", "is_first", "is_terminal", "valid")]
+        _, losses, _ = loss._core({n: td[n] for n in wm.obs_names}, td["action"].float(), flags[1].bool(), flags[0],
+                                  flags[2].bool(), flags[3], eps)
+        return losses
+
+    full, cut = core(rows, noise), core(trimmed, noise[:, :trimmed.shape[1]])
+    for key in full:
+        assert torch.allclose(full[key], cut[key], atol=1e-5), key
+    hooks = RoutingHooks("cvrp", wm, actor)
+    live = (~states["is_terminal"]).sum().item()
+    for flag, expect_all_live in ((True, True), (False, False)):
+        module = ImaginationModule(wm, actor, 3, hooks=hooks, start_fraction=0.5, live_starts=flag)
+        torch.manual_seed(1)
+        traj = module(states)
+        n = traj.shape[0]
+        assert n == round(states.numel() * 0.5) and n <= live
+        assert bool((traj["cont"][:, 0] == 1).all()) == expect_all_live

@@ -267,12 +267,14 @@ class ImaginationModule(TensorDictModuleBase):
     Reads ``deter [*B, D]``, ``stoch [*B, G, C]`` and ``is_terminal [*B]`` (any batch shape, e.g. the
     ``[B, T]`` posterior states of a replayed slice, flattened to ``N`` starts) and returns a new
     TensorDict ``[N, H+1]`` with the trajectory (see the module docstring). ``start_fraction < 1``
-    imagines from a random subset of the starts (a CPU budget knob; DreamerV3 uses all).
+    imagines from a random subset of the starts (a CPU budget knob; DreamerV3 uses all); with
+    ``live_starts`` the subset is drawn from the non-terminal rows first (padded episode batches, as
+    routing's, hold many terminal rows).
     """
 
     def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, horizon: int = 15, *,
                  hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False,
-                 cont_mode: str = "prob") -> None:
+                 cont_mode: str = "prob", live_starts: bool = False) -> None:
         super().__init__()
         if horizon < 1:
             raise ValueError(f"imagination horizon must be >= 1, got {horizon}")
@@ -283,6 +285,7 @@ class ImaginationModule(TensorDictModuleBase):
             raise ValueError(f"cont_mode must be 'prob' or 'mode', got '{cont_mode}'")
         self.horizon, self.hooks, self.start_fraction, self.grad = horizon, hooks, start_fraction, grad
         self.cont_mode = cont_mode
+        self.live_starts = live_starts
         self.step_fn = None
         self.imagine_fn = imagine
         self.predraw_noise = False  # draw all randomness before the loop (set by enable_compile("loop"))
@@ -306,7 +309,14 @@ class ImaginationModule(TensorDictModuleBase):
         start = tensordict.select(*self.in_keys, *hooks.start_keys).reshape(-1)
         if self.start_fraction < 1.0:
             n = max(1, int(round(start.shape[0] * self.start_fraction)))
-            start = start[torch.randperm(start.shape[0], device=start.device)[:n]]
+            if self.live_starts:
+                # the same number of starts, drawn from the non-terminal rows first: a terminal (or
+                # padding) start imagines nothing, adds zeros to the return statistics and costs as much
+                dead = start["is_terminal"].reshape(-1).to(torch.float32)
+                order = (torch.rand(start.shape[0], device=start.device) + dead).argsort()
+                start = start[order[:n]]
+            else:
+                start = start[torch.randperm(start.shape[0], device=start.device)[:n]]
         deter, stoch = start["deter"].detach(), start["stoch"].detach()
         start_cont = 1.0 - start["is_terminal"].to(deter.dtype)
         context = hooks.actor_context(start)
