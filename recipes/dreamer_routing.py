@@ -331,7 +331,9 @@ def tour_diagnostics(agent: DreamerAgent, hooks: RoutingHooks, episodes: TensorD
         exact_len -= reward
     hooks.known_reward = saved
     hooks.pop_invalid_rate()
-    model_len = -model["reward"][:, 1:].sum(1)
+    # the model's reward counts for moves made before the (exact) end of each imagined tour; CVRP tours
+    # end before the T - 1 imagined steps, and the reward head is never trained past an episode's end
+    model_len = -(model["reward"][:, 1:] * model["cont"][:, :-1]).sum(1)
     accuracy = torch.tensor(correct / max(total, 1.0))
     return {"diag/imagined_tour_length_model": model_len.mean().item(),
             "diag/imagined_tour_length_exact": exact_len.mean().item(),

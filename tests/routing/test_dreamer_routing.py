@@ -247,3 +247,21 @@ def test_live_starts_imagine_from_unfinished_rows_and_trimming_keeps_the_world_m
         n = traj.shape[0]
         assert n == round(states.numel() * 0.5) and n <= live
         assert bool((traj["cont"][:, 0] == 1).all()) == expect_all_live
+
+
+def test_tour_diagnostic_counts_model_rewards_only_until_each_imagined_tour_ends():
+    """CVRP tours end before the padded length: the model's reward after an imagined tour's end must
+    not count towards its imagined length (a constant reward of -1 per move gives the move count)."""
+    from recipes.dreamer_routing import DreamerRoutingConfig, build, tour_diagnostics
+    from torchrl_dreamer.config import load_config, to_object
+
+    torch.manual_seed(0)
+    cfg = to_object(load_config(DreamerRoutingConfig, [], [*DREAMER_ROUTING_TINY, "env.problem=cvrp", "env.size=6",
+                                                            "env.capacity=12"]))
+    agent, hooks, update = build(cfg)
+    rows, _ = dreamer_rollout(_env("cvrp", 8), agent.world_model, agent.actor, mode="random")
+    T = rows.shape[1]
+    agent.world_model.reward_head.mean = lambda logits: -torch.ones(logits.shape[:-1])
+    out = tour_diagnostics(agent, hooks, rows, update)
+    moves = out["diag/imagined_tour_length_model"]
+    assert 6 + 1 <= moves < T - 1  # every customer and the final depot return; fewer than the padded steps
