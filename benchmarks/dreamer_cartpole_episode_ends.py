@@ -33,8 +33,9 @@ from torchrl_dreamer.dreamer.functional import symexp
 X_LIMIT, THETA_LIMIT = 2.4, math.radians(12)  # CartPole-v1's termination bounds
 
 
-def play(run_dir: Path, episodes: int, max_steps: int = 500):
-    """Agent, and per episode its observations ``[L+1, 4]`` (terminal one included) and one-hot actions ``[L, A]``."""
+def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = (4,), with_rewards: bool = False):
+    """Agent, and per episode its observations ``[L+1, *obs_shape]`` (terminal one included) and
+    one-hot actions ``[L, A]`` (``with_rewards``: also the rewards ``[L]``)."""
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"{run_dir}: no config.yaml here; pass a Dreamer run directory (runs/dreamer/<env>/<stamp>)")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig), OmegaConf.load(run_dir / "config.yaml")))
@@ -44,21 +45,22 @@ def play(run_dir: Path, episodes: int, max_steps: int = 500):
     env = D.make_env_from_config(cfg, num_envs=episodes, seed=cfg.seed + 20_000)
     shape = tuple(env.observation_spec["observation"].shape[len(env.batch_size):]) \
         if "observation" in env.observation_spec.keys() else None
-    if cfg.env.pixels or shape != (4,):
-        raise SystemExit(f"{run_dir}: not a CartPole state-vector run (observation shape {shape}, "
-                         f"pixels={cfg.env.pixels}); this script reads x, v, theta, omega")
+    if cfg.env.pixels or shape != tuple(obs_shape):
+        raise SystemExit(f"{run_dir}: observation shape {shape} (pixels={cfg.env.pixels}), this script reads "
+                         f"state vectors of shape {tuple(obs_shape)}")
     agent, policy = D.build_agent(cfg, env)
     agent.load_state_dict(state["agent"])
     D.with_policy_state(env, policy)
     policy.random_actions = False
     td = env.reset()
-    obs, acts, lengths = [td["observation"].clone()], [], torch.full((episodes,), -1)
+    obs, acts, rews, lengths = [td["observation"].clone()], [], [], torch.full((episodes,), -1)
     with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
         for t in range(max_steps):
             td = policy(td)
             acts.append(td["action"].clone())
             td, td_next = env.step_and_maybe_reset(td)
             obs.append(td["next", "observation"].clone())
+            rews.append(td["next", "reward"].reshape(episodes).clone())
             done = td["next", "done"].reshape(episodes)
             lengths[done & (lengths < 0)] = t + 1
             if bool((lengths > 0).all()):
@@ -66,14 +68,14 @@ def play(run_dir: Path, episodes: int, max_steps: int = 500):
             td = td_next
     env.close()
     lengths[lengths < 0] = len(acts)
-    O, A = torch.stack(obs, 1), torch.stack(acts, 1)
+    O, A, R = torch.stack(obs, 1), torch.stack(acts, 1), torch.stack(rews, 1)
     n_actions = agent.world_model.rssm.action_dim
     out = []
     for i in range(episodes):
         L = int(lengths[i])
         a = A[i, :L].reshape(L, -1)
         a = a.float() if a.shape[-1] == n_actions else F.one_hot(a.long().reshape(L), n_actions).float()
-        out.append((O[i, :L + 1], a))
+        out.append((O[i, :L + 1], a, R[i, :L]) if with_rewards else (O[i, :L + 1], a))
     return state["env_steps"], agent, out
 
 
@@ -96,6 +98,7 @@ def inspect(agent, obs: torch.Tensor, act: torch.Tensor) -> dict[str, torch.Tens
     post = wm.observe({"observation": obs[None]}, a, is_first)
     feat = post["feat"]
     return {"cont": torch.sigmoid(wm.continue_head(feat)).reshape(-1), "value": critic.mean(critic(feat)).reshape(-1),
+            "reward": wm.reward_head.mean(wm.reward_head(feat)).reshape(-1),
             "decoded": symexp(wm.decoders["observation"](feat))[0]}
 
 

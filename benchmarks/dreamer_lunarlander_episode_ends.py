@@ -1,0 +1,88 @@
+"""How a LunarLander Dreamer checkpoint's episodes end, and whether its world model sees the end coming.
+
+    python benchmarks/dreamer_lunarlander_episode_ends.py runs/dreamer/LunarLander-v3/<stamp> --episodes 20
+
+Plays ``--episodes`` episodes with mode actions (as the recipe evaluates) and sorts the ends:
+``landed`` (terminated with the +100 bonus: the lander came to rest), ``crashed`` (terminated with
+the -100 penalty: body contact or out of the screen) or ``truncated`` (1,000 steps: usually hovering).
+For each kind of ending it reports, from the posterior states of the episodes:
+
+* the continue head's probability at the final (terminal) row and at the row before it
+  (a calibrated head: ~0 and ~1);
+* the reward head's prediction at the final row against the reward received there;
+* how much the observation changed over the last step (max |x_T - x_{T-1}|): a terminal state
+  that looks like its predecessor cannot be told apart by the observation alone.
+
+Writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dreamer_cartpole_episode_ends import inspect, play  # noqa: E402
+from provenance import provenance  # noqa: E402
+from recipes import dreamer as D  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def kind(final_reward: float, length: int, max_steps: int) -> str:
+    if length >= max_steps:
+        return "truncated"
+    return "landed" if final_reward > 50 else "crashed" if final_reward < -50 else "other"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--out", default="dreamer_lunarlander_episode_ends")
+    args = parser.parse_args(argv)
+    stamp = provenance()
+    torch.manual_seed(0)
+    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
+                                              OmegaConf.load(args.run_dir / "config.yaml")))
+    scale = cfg.env.reward_scale
+    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8,), with_rewards=True)
+    rows: dict[str, list[dict]] = {}
+    for obs, act, rew in episodes:
+        L = act.shape[0]
+        out = inspect(agent, obs, act)
+        k = kind(float(rew[-1]), L, args.max_steps)
+        rows.setdefault(k, []).append({
+            "length": L, "return": float(rew.sum()), "final_reward": float(rew[-1]),
+            "predicted_final_reward": float(out["reward"][-1]) / scale,
+            "continue_final": float(out["cont"][-1]), "continue_before": float(out["cont"][-2]),
+            "obs_change_last_step": float((obs[-1] - obs[-2]).abs().max()),
+        })
+    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    print(f"checkpoint at {env_steps} env steps; {args.episodes} episodes with mode actions")
+    print("| end | episodes | mean return | continue prob. at the final row / the row before | "
+          "final reward: received / predicted | max obs change over the last step |")
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for k, rs in sorted(rows.items()):
+        s = {key: mean([r[key] for r in rs]) for key in rs[0]}
+        summary[k] = {"episodes": len(rs), **s}
+        print(f"| {k} | {len(rs)} | {s['return']:.1f} | {s['continue_final']:.3f} / {s['continue_before']:.3f} | "
+              f"{s['final_reward']:.1f} / {s['predicted_final_reward']:.1f} | {s['obs_change_last_step']:.3f} |")
+    result = {"run_dir": str(args.run_dir), "env_steps": env_steps, "episodes": args.episodes, "summary": summary,
+              "per_episode": rows, **stamp}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{args.out}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
