@@ -239,6 +239,15 @@ def rows_dreamer_ablation(record: Record) -> list[Row]:
             for r in record.get("runs", [])]
 
 
+def rows_episode_ends(record: Record) -> list[Row]:
+    """``dreamer_lunarlander_episode_ends.py``: one row per kind of episode end."""
+    return [{"checkpoint env steps": record.get("env_steps"), "end": end, "episodes": r.get("episodes"),
+             "mean return": r.get("return"), "continue prob. (final row)": r.get("continue_final"),
+             "final reward received": r.get("final_reward"), "final reward predicted": r.get("predicted_final_reward"),
+             "obs change (last step)": r.get("obs_change_last_step")}
+            for end, r in sorted(record.get("summary", {}).items())]
+
+
 def rows_generic(record: Record) -> list[Row]:
     """The record's top-level scalar fields (stamp fields left out)."""
     if not isinstance(record, dict):
@@ -260,6 +269,7 @@ KINDS: dict[str, Callable[[Record], list[Row]]] = {
     "vmas_scenarios": rows_vmas_scenarios,
     "vmas_heuristics": rows_vmas_heuristics,
     "dreamer_ablation": rows_dreamer_ablation,
+    "dreamer_lunarlander_episode_ends": rows_episode_ends,
     "scaling": rows_scaling,
 }
 PROVENANCE_COLUMNS = ["commit", "date (UTC)", "threads", "files"]
