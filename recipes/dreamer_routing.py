@@ -150,6 +150,9 @@ def validate(cfg: DreamerRoutingConfig) -> None:
     })
     if cfg.model.deter % cfg.model.blocks:
         raise ConfigError(f"model.blocks ({cfg.model.blocks}) must divide model.deter ({cfg.model.deter})")
+    if cfg.model.load_features and cfg.env.problem != "cvrp":
+        raise ConfigError("model.load_features adds CVRP's demand features; env.problem is "
+                          f"'{cfg.env.problem}' (set it to false)")
     if cfg.env.problem == "cvrp" and 0 < cfg.env.capacity < 9:
         raise ConfigError(f"env.capacity ({cfg.env.capacity}) is below the largest customer demand (9): some "
                           "customers could never be served; use 0 (the standard capacity for env.size) or >= 9")

@@ -81,6 +81,7 @@ ROWS = [
     ("dreamer_routing", ["train.curriculum=abc"], r"train\.curriculum: expected 'size:iterations"),
     ("dreamer_routing", ["optim.critic_lr=0"], r"optim\.critic_lr must be > 0"),
     ("dreamer_routing", ["env.size=1"], r"env\.size must be >= 2"),
+    ("dreamer_routing", ["model.load_features=true"], r"model\.load_features adds CVRP's demand features; env\.problem is 'tsp'"),
     ("dreamer_routing", ["device=cuda:7x"], r"device: 'cuda:7x' is not a torch device string"),
 ]
 
