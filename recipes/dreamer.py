@@ -167,7 +167,7 @@ def validate(cfg: DreamerConfig) -> None:
         "model.unimix": "[0, 1)",
         "loss.dyn_scale": ">= 0", "loss.rep_scale": ">= 0", "loss.free_bits": ">= 0",
         "loss.reconstruction_scale": ">= 0", "loss.reward_scale": ">= 0", "loss.continue_scale": ">= 0",
-        "loss.terminal_weight": "> 0",
+        "loss.terminal_weight": "> 0", "loss.terminal_reward_weight": "> 0",
         "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
         "ac.start_fraction": "(0, 1]", "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0",
         "ac.replay_value_scale": ">= 0", "ac.return_decay": "[0, 1)",
@@ -312,7 +312,7 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
     wm_loss = DreamerWorldModelLoss(agent.world_model, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
                              free_bits_grad=lc.free_bits_grad, reconstruction_scale=lc.reconstruction_scale,
                              reward_scale=lc.reward_scale, continue_scale=lc.continue_scale,
-                             terminal_weight=lc.terminal_weight)
+                             terminal_weight=lc.terminal_weight, terminal_reward_weight=lc.terminal_reward_weight)
     critic_loss = DreamerCriticLoss(agent.critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale,
                              replay_scale=ac.replay_value_scale)
     masked = agent.world_model.mask_key is not None

@@ -141,6 +141,7 @@ def validate(cfg: DreamerRoutingConfig) -> None:
         "model.tanh_clip": "> 0", "model.unimix": "[0, 1)",
         "loss.dyn_scale": ">= 0", "loss.rep_scale": ">= 0", "loss.free_bits": ">= 0",
         "loss.reconstruction_scale": ">= 0", "loss.reward_scale": ">= 0", "loss.continue_scale": ">= 0",
+        "loss.terminal_weight": "> 0", "loss.terminal_reward_weight": "> 0",
         "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
         "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0", "ac.return_decay": "[0, 1)",
         "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
@@ -228,7 +229,8 @@ def build(cfg: DreamerRoutingConfig):
     lc, ac = cfg.loss, cfg.ac
     wm_loss = DreamerWorldModelLoss(wm, dyn_scale=lc.dyn_scale, rep_scale=lc.rep_scale, free_bits=lc.free_bits,
                              free_bits_grad=lc.free_bits_grad, reconstruction_scale=lc.reconstruction_scale,
-                             reward_scale=lc.reward_scale, continue_scale=lc.continue_scale)
+                             reward_scale=lc.reward_scale, continue_scale=lc.continue_scale,
+                             terminal_weight=lc.terminal_weight, terminal_reward_weight=lc.terminal_reward_weight)
     critic_loss = DreamerCriticLoss(critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale)
     inputs = ("action_mask", "current_node", "first_node") + (("remaining_capacity",) if problem == "cvrp" else ())
     actor_loss = DreamerPolicyLoss(actor, entropy_coef=ac.entropy_coef, return_decay=ac.return_decay, actor_input_keys=inputs,

@@ -365,6 +365,24 @@ def test_terminal_weight_reweights_only_terminal_rows():
     assert plain["loss_continue"].item() == pytest.approx(per_row.mean().item(), rel=1e-5)
 
 
+def test_terminal_reward_weight_reweights_only_terminal_rows_of_the_reward_loss():
+    agent = _agent()
+    batch = _batch()
+    torch.manual_seed(5)
+    plain, states = DreamerWorldModelLoss(agent.world_model)(batch)
+    torch.manual_seed(5)
+    weighted, _ = DreamerWorldModelLoss(agent.world_model, terminal_reward_weight=7.0)(batch)
+    head = agent.world_model.reward_head
+    per_row = head.loss(head(states["feat"]), batch["reward"].reshape(states.batch_size).float())
+    w = torch.where(batch["is_terminal"].reshape(states.batch_size), 7.0, 1.0)
+    assert batch["is_terminal"].any() and not batch["is_terminal"].all()
+    assert weighted["loss_reward"].item() == pytest.approx((per_row * w).mean().item(), rel=1e-5)
+    assert plain["loss_reward"].item() == pytest.approx(per_row.mean().item(), rel=1e-5)
+    assert weighted["loss_continue"].item() == pytest.approx(plain["loss_continue"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="terminal_reward_weight must be > 0"):
+        DreamerWorldModelLoss(agent.world_model, terminal_reward_weight=0.0)
+
+
 def test_imagined_continue_is_probability_or_mode():
     agent = _agent()
     rssm = agent.world_model.rssm

@@ -29,6 +29,7 @@ ROWS = [
     ("dreamer", ["ac.discount=1.5"], r"ac\.discount must be in \(0, 1\], got 1\.5"),
     ("dreamer", ["ac.discount=0"], r"ac\.discount must be in \(0, 1\], got 0"),
     ("dreamer", ["ac.lmbda=-0.1"], r"ac\.lmbda must be in \[0, 1\]"),
+    ("dreamer", ["loss.terminal_reward_weight=-1"], r"loss\.terminal_reward_weight must be > 0, got -1"),
     ("dreamer", ["optim.actor_lr=inf"], r"optim\.actor_lr must be a finite number"),
     ("dreamer", ["optim.world_model_lr=-1e-4"], r"optim\.world_model_lr must be > 0"),
     ("dreamer", ["optim.agc=0"], r"optim\.agc must be > 0"),
@@ -82,6 +83,7 @@ ROWS = [
     ("dreamer_routing", ["optim.critic_lr=0"], r"optim\.critic_lr must be > 0"),
     ("dreamer_routing", ["env.size=1"], r"env\.size must be >= 2"),
     ("dreamer_routing", ["model.load_features=true"], r"model\.load_features adds CVRP's demand features; env\.problem is 'tsp'"),
+    ("dreamer_routing", ["loss.terminal_reward_weight=0"], r"loss\.terminal_reward_weight must be > 0"),
     ("dreamer_routing", ["device=cuda:7x"], r"device: 'cuda:7x' is not a torch device string"),
 ]
 

@@ -57,6 +57,7 @@ class WorldModelLossConfig:
     reward_scale: float = doc(1.0, "Reward loss weight.")
     continue_scale: float = doc(1.0, "Continue loss weight.")
     terminal_weight: float = doc(1.0, "Weight of (rare) terminal rows in the continue loss (1 = paper).")
+    terminal_reward_weight: float = doc(1.0, "Weight of (rare) terminal rows in the reward loss (1 = paper).")
 
 
 @dataclass

@@ -110,6 +110,10 @@ class DreamerWorldModelLoss(_DreamerLoss):
             centimetre away from non-terminal ones); with equal weights the continue head learns
             them far slower than the rest of the model, imagined trajectories never end and the
             actor is not told that running off the track ends the episode.
+        terminal_reward_weight: weight of terminal rows in the reward loss (1.0 = the paper). Where an
+            episode ends with a large, rare reward (LunarLander: +100 for coming to rest, -100 for a
+            crash, about one row in several hundred), the two-hot reward head otherwise predicts the
+            shaping reward there and imagination never sees the bonus or the penalty.
 
     ``forward(td)`` returns ``(loss_td, states_td)``: ``loss_td`` holds ``loss_reconstruction``,
     ``loss_reward``, ``loss_continue``, ``loss_dyn``, ``loss_rep`` (already weighted; their sum is
@@ -142,11 +146,13 @@ class DreamerWorldModelLoss(_DreamerLoss):
     def __init__(self, world_model: DreamerWorldModel, *, dyn_scale: float = 0.5, rep_scale: float = 0.1,
                  free_bits: float = 1.0, free_bits_grad: Literal["clip", "straight_through"] = "clip",
                  reconstruction_scale: float = 1.0, reward_scale: float = 1.0, continue_scale: float = 1.0,
-                 terminal_weight: float = 1.0) -> None:
+                 terminal_weight: float = 1.0, terminal_reward_weight: float = 1.0) -> None:
         super().__init__()
-        if terminal_weight <= 0:
-            raise ValueError(f"terminal_weight must be > 0, got {terminal_weight}")
+        for name, value in (("terminal_weight", terminal_weight), ("terminal_reward_weight", terminal_reward_weight)):
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         self.terminal_weight = float(terminal_weight)
+        self.terminal_reward_weight = float(terminal_reward_weight)
         if free_bits_grad not in ("clip", "straight_through"):
             raise ValueError(f"free_bits_grad must be 'clip' or 'straight_through', got '{free_bits_grad}'")
         self.world_model = world_model
@@ -235,6 +241,8 @@ class DreamerWorldModelLoss(_DreamerLoss):
         recon = wm.reconstruction_losses(feat, obs, out)
         reward_logits = wm.reward_head(feat)
         loss_reward = wm.reward_head.loss(reward_logits, reward)
+        if self.terminal_reward_weight != 1.0:  # rare end-of-episode rewards weigh more (see the argument's doc)
+            loss_reward = loss_reward * torch.where(is_terminal, self.terminal_reward_weight, 1.0)
         cont_target = (~is_terminal).to(feat.dtype)
         cont_logit = wm.continue_head(feat)
         loss_continue = wm.continue_head.loss(cont_logit, cont_target)
