@@ -161,7 +161,7 @@ def validate(cfg: DreamerConfig) -> None:
     """Checks values the type system cannot, before any run directory or env is created (choice
     fields are enums: load_config already rejected values outside them)."""
     check_ranges(cfg, {
-        "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "threads": ">= 0",
+        "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "env.still_tol": ">= 0", "threads": ">= 0",
         "model.deter": ">= 0", "model.hidden": ">= 0", "model.units": ">= 0", "model.layers": ">= 0",
         "model.stoch": ">= 0", "model.classes": ">= 0", "model.blocks": ">= 0", "model.cnn_depth": ">= 0",
         "model.unimix": "[0, 1)",
@@ -235,7 +235,7 @@ def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int, check:
     return make_dreamer_env(env_id=cfg.env.name, factory=cfg.env.factory, num_envs=num_envs, pixels=cfg.env.pixels,
                             seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
                             mask_key=cfg.env.mask_key, check_as="dreamer" if check else "",
-                            obs_keys=tuple(obs_keys(cfg)))
+                            obs_keys=tuple(obs_keys(cfg)), still_tol=cfg.env.still_tol)
 
 
 def total_envs(cfg: DreamerConfig) -> int:

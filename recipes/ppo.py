@@ -122,7 +122,7 @@ class PPOConfig:
 
 def validate(cfg: PPOConfig) -> None:
     check_ranges(cfg, {
-        "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "threads": ">= 0",
+        "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "env.still_tol": ">= 0", "threads": ">= 0",
         "model.hidden": ">= 1", "model.layers": ">= 1", "model.cnn_depth": ">= 1",
         "ppo.lr": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.clip_epsilon": "> 0",
         "ppo.entropy_coef": ">= 0", "ppo.critic_coef": ">= 0", "ppo.epochs": ">= 1", "ppo.minibatch_size": ">= 1",
@@ -161,7 +161,7 @@ def make_env_from_config(cfg: PPOConfig, *, num_envs: int, seed: int, check: boo
     return make_dreamer_env(env_id=cfg.env.name, factory=cfg.env.factory, num_envs=num_envs, pixels=cfg.env.pixels,
                             seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
                             mask_key=cfg.env.mask_key, check_as="ppo" if check else "",
-                            obs_keys=tuple(obs_keys(cfg)))
+                            obs_keys=tuple(obs_keys(cfg)), still_tol=cfg.env.still_tol)
 
 
 class ObservationEncoder(nn.Module):

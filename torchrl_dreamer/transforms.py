@@ -12,6 +12,8 @@
   ``OneHot`` one, so the agents see one discrete action kind (TorchRL ships no transform for
   this direction; ``DiscreteActionProjection`` maps one-hot to one-hot).
 * :class:`WorkerTag` marks every step with the index of the collector worker that ran it.
+* :class:`StillSteps` appends to a vector observation how many consecutive steps it has stayed
+  (nearly) unchanged, for envs whose episode ends after a hidden period at rest.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from tensordict.utils import NestedKey
 from torchrl.data import Binary, Categorical, Composite, OneHot
 from torchrl.envs import EnvBase, RewardSum, Transform
 
-__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name", "CategoricalToOneHot", "WorkerTag"]
+__all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name", "CategoricalToOneHot", "WorkerTag",
+           "StillSteps"]
 
 DONE_FLAGS = ("done", "terminated", "truncated")
 
@@ -229,4 +232,56 @@ class WorkerTag(Transform):
 
         observation_spec[self.key] = Unbounded(shape=observation_spec.shape, dtype=torch.int64,
                                                device=observation_spec.device)
+        return observation_spec
+
+
+class StillSteps(Transform):
+    """Appends one entry to the vector observation ``key``: the number of consecutive steps over
+    which every entry of the (raw) observation changed by less than ``tol``, 0 after a reset.
+
+    Some envs end an episode after the state has been at rest for a while, on a timer the
+    observation does not show. Gymnasium's LunarLander is one: the landing bonus (+100) and the
+    episode's end come when Box2D puts the resting lander to sleep, about half a simulated second
+    after it stopped, and the last observation equals the ones before it. A world model then
+    cannot tell the final row from the rows before it, so it predicts neither the bonus nor the
+    end. With this count in the observation both become predictable. The observation spec gains
+    one entry (``[..., n] -> [..., n + 1]``); the count is a float.
+    """
+
+    def __init__(self, tol: float, key: NestedKey = "observation") -> None:
+        if not tol > 0:
+            raise ValueError(f"StillSteps tol must be > 0, got {tol}")
+        super().__init__(in_keys=[key], out_keys=[key])
+        self.tol, self.key = float(tol), key
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        previous = tensordict.get(self.key)  # already carries the count as its last entry
+        raw = next_tensordict.get(self.key)
+        still = (raw - previous[..., :-1]).abs().amax(-1, keepdim=True) < self.tol
+        count = torch.where(still, previous[..., -1:] + 1, torch.zeros_like(previous[..., -1:]))
+        next_tensordict.set(self.key, torch.cat([raw, count.to(raw.dtype)], -1))
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        raw = tensordict_reset.get(self.key)
+        count = torch.zeros_like(raw[..., :1])
+        reset = tensordict.get("_reset", None) if tensordict is not None else None
+        previous = tensordict.get(self.key, None) if tensordict is not None else None
+        if reset is not None and previous is not None and previous.shape[-1] == raw.shape[-1] + 1:
+            # a partial reset: the rows that go on keep their count
+            count = torch.where(reset.reshape(count.shape), count, previous[..., -1:])
+        tensordict_reset.set(self.key, torch.cat([raw, count], -1))
+        return tensordict_reset
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        from torchrl.data import Unbounded
+
+        if self.key not in observation_spec.keys(True):
+            raise KeyError(f"StillSteps counts steps at rest of the observation {self.key!r}, which this env does not "
+                           f"have (observations: {sorted(map(str, observation_spec.keys(True, True)))})")
+        spec = observation_spec[self.key]
+        if len(spec.shape) == len(observation_spec.shape):
+            raise ValueError(f"StillSteps needs a vector observation at {self.key!r}, got shape {tuple(spec.shape)}")
+        observation_spec[self.key] = Unbounded(shape=(*spec.shape[:-1], spec.shape[-1] + 1), dtype=spec.dtype,
+                                               device=spec.device)
         return observation_spec

@@ -80,6 +80,9 @@ class SingleAgentEnvConfig:
     pixels: bool = doc(False, "Observe rendered frames, resized to 3x64x64 uint8 in the env transform.")
     obs_keys: List[str] = doc([], "Observation keys the world model encodes ([] = ['pixels'] or ['observation']).")
     num_envs: int = doc(4, "Envs stepped together (TorchRL SerialEnv).")
+    still_tol: float = doc(0.0, "> 0: append to the vector observation the number of consecutive steps over which no "
+                                "entry changed by this much (torchrl_dreamer.transforms.StillSteps; for envs that end "
+                                "an episode after a hidden period at rest, like LunarLander's landing). 0 = off.")
     max_episode_steps: int = doc(0, "Episode step limit (0 = the env's own).")
     mask_key: str = doc("action_mask", "Observation holding the env's bool action mask (True = allowed), used when the "
                                        "env has it (discrete actions): acting, prefill and evaluation pick allowed "

@@ -83,7 +83,7 @@ def make_gym_env(env_id: str, *, num_envs: int = 1, pixels: bool = False, seed: 
 def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, pixels: bool = False, seed: int = 0,
                      device: str = "cpu", max_episode_steps: int = 0, kwargs: Mapping[str, Any] | None = None,
                      pixel_size: int = 64, mask_key: str = "action_mask", check_as: str = "",
-                     obs_keys: tuple[str, ...] = ()) -> TransformedEnv:
+                     obs_keys: tuple[str, ...] = (), still_tol: float = 0.0) -> TransformedEnv:
     """A single-agent env as both single-agent recipes (Dreamer and PPO) train on it: the base env
     (Gymnasium id or ``package.module:function`` factory) with ``is_first``, episode reward sums
     and, for pixels, the uint8 resize. A ``Categorical`` action spec becomes ``OneHot``
@@ -92,11 +92,13 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     random actions respect it).
 
     ``check_as="dreamer"|"ppo"`` runs the env contract (:mod:`torchrl_dreamer.check_env`) on a
-    factory env first and raises :class:`EnvContractError` naming every problem."""
+    factory env first and raises :class:`EnvContractError` naming every problem. ``still_tol > 0``
+    appends the steps-at-rest count to the vector ``observation``
+    (:class:`~torchrl_dreamer.transforms.StillSteps`)."""
     from torchrl.data import Categorical, OneHot
     from torchrl.envs import ActionMask
 
-    from ..transforms import CategoricalToOneHot
+    from ..transforms import CategoricalToOneHot, StillSteps
 
     if factory:
         base = call_factory(factory, num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed,
@@ -113,6 +115,11 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
         base = make_gym_env(env_id, num_envs=num_envs, pixels=pixels, seed=seed, device=device,
                             max_episode_steps=max_episode_steps, kwargs=kwargs)
     transforms = [InitTracker(init_key="is_first")]
+    if still_tol > 0:
+        if pixels:
+            raise ConfigError("env.still_tol counts steps at rest of the vector observation; it does not apply "
+                              "with env.pixels=true")
+        transforms.append(StillSteps(still_tol, "observation"))
     if isinstance(base.full_action_spec.get("action", None), Categorical):
         transforms.append(CategoricalToOneHot("action"))
     if pixels:
