@@ -265,3 +265,13 @@ def test_tour_diagnostic_counts_model_rewards_only_until_each_imagined_tour_ends
     out = tour_diagnostics(agent, hooks, rows, update)
     moves = out["diag/imagined_tour_length_model"]
     assert 6 + 1 <= moves < T - 1  # every customer and the final depot return; fewer than the padded steps
+
+
+def test_routing_recipe_passes_the_terminal_weights_to_the_world_model_loss():
+    from recipes.dreamer_routing import DreamerRoutingConfig, build
+    from torchrl_dreamer.config import load_config, to_object
+
+    cfg = to_object(load_config(DreamerRoutingConfig, [], [*DREAMER_ROUTING_TINY, "loss.terminal_weight=3",
+                                                            "loss.terminal_reward_weight=5"]))
+    _, _, update = build(cfg)
+    assert (update.world_model_loss.terminal_weight, update.world_model_loss.terminal_reward_weight) == (3.0, 5.0)
