@@ -52,7 +52,9 @@ def main(argv=None) -> dict:
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
                                               OmegaConf.load(args.run_dir / "config.yaml")))
     scale = cfg.env.reward_scale
-    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8,), with_rewards=True)
+    still = cfg.env.still_tol > 0  # env.still_tol appends the steps-at-rest count to the 8 state entries
+    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + still,),
+                                      with_rewards=True)
     rows: dict[str, list[dict]] = {}
     for obs, act, rew in episodes:
         L = act.shape[0]
@@ -62,7 +64,8 @@ def main(argv=None) -> dict:
             "length": L, "return": float(rew.sum()), "final_reward": float(rew[-1]),
             "predicted_final_reward": float(out["reward"][-1]) / scale,
             "continue_final": float(out["cont"][-1]), "continue_before": float(out["cont"][-2]),
-            "obs_change_last_step": float((obs[-1] - obs[-2]).abs().max()),
+            "obs_change_last_step": float((obs[-1, :8] - obs[-2, :8]).abs().max()),
+            **({"still_steps_final": float(obs[-1, 8])} if still else {}),
         })
     mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
     print(f"checkpoint at {env_steps} env steps; {args.episodes} episodes with mode actions")
@@ -74,7 +77,8 @@ def main(argv=None) -> dict:
         s = {key: mean([r[key] for r in rs]) for key in rs[0]}
         summary[k] = {"episodes": len(rs), **s}
         print(f"| {k} | {len(rs)} | {s['return']:.1f} | {s['continue_final']:.3f} / {s['continue_before']:.3f} | "
-              f"{s['final_reward']:.1f} / {s['predicted_final_reward']:.1f} | {s['obs_change_last_step']:.3f} |")
+              f"{s['final_reward']:.1f} / {s['predicted_final_reward']:.1f} | {s['obs_change_last_step']:.3f} |"
+              + (f" steps at rest at the end: {s['still_steps_final']:.1f}" if still else ""))
     result = {"run_dir": str(args.run_dir), "env_steps": env_steps, "episodes": args.episodes, "summary": summary,
               "per_episode": rows, **stamp}
     RESULTS.mkdir(exist_ok=True)
