@@ -30,6 +30,7 @@ ROWS = [
     ("dreamer", ["ac.discount=0"], r"ac\.discount must be in \(0, 1\], got 0"),
     ("dreamer", ["ac.lmbda=-0.1"], r"ac\.lmbda must be in \[0, 1\]"),
     ("dreamer", ["env.still_tol=-1"], r"env\.still_tol must be >= 0, got -1"),
+    ("dreamer", ["env.pixels=true", "env.still_tol=0.01"], r"env\.still_tol counts steps at rest .* env\.pixels=true"),
     ("dreamer", ["loss.terminal_reward_weight=-1"], r"loss\.terminal_reward_weight must be > 0, got -1"),
     ("dreamer", ["optim.actor_lr=inf"], r"optim\.actor_lr must be a finite number"),
     ("dreamer", ["optim.world_model_lr=-1e-4"], r"optim\.world_model_lr must be > 0"),

@@ -100,6 +100,9 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
 
     from ..transforms import CategoricalToOneHot, StillSteps
 
+    if still_tol > 0 and pixels:  # before any env is built
+        raise ConfigError("env.still_tol counts steps at rest of the vector observation; it does not apply "
+                          "with env.pixels=true")
     if factory:
         base = call_factory(factory, num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed,
                             **dict(kwargs or {}))
@@ -116,9 +119,6 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
                             max_episode_steps=max_episode_steps, kwargs=kwargs)
     transforms = [InitTracker(init_key="is_first")]
     if still_tol > 0:
-        if pixels:
-            raise ConfigError("env.still_tol counts steps at rest of the vector observation; it does not apply "
-                              "with env.pixels=true")
         transforms.append(StillSteps(still_tol, "observation"))
     if isinstance(base.full_action_spec.get("action", None), Categorical):
         transforms.append(CategoricalToOneHot("action"))
