@@ -100,6 +100,9 @@ class ActorCriticConfig:
     replay_value_scale: float = doc(0.0, "Weight of the replay-value critic loss (0 = off, for its CPU cost; 2024 "
                                          "reference: 0.3).")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
+    group_size: int = doc(1, "Trajectories imagined per start (the same number in all; reinforce only). > 1: every "
+                             "step's advantage is its trajectory's return minus the mean of the other K - 1 from "
+                             "the same start, instead of the critic's R_t - V(s_t) (1 = paper).")
 
 
 @dataclass
@@ -170,7 +173,7 @@ def validate(cfg: DreamerConfig) -> None:
         "loss.terminal_weight": "> 0", "loss.terminal_reward_weight": "> 0",
         "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
         "ac.start_fraction": "(0, 1]", "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0",
-        "ac.replay_value_scale": ">= 0", "ac.return_decay": "[0, 1)",
+        "ac.replay_value_scale": ">= 0", "ac.return_decay": "[0, 1)", "ac.group_size": ">= 1",
         "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
         "optim.eps": "> 0", "optim.warmup_steps": ">= 0",
         "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
@@ -179,6 +182,8 @@ def validate(cfg: DreamerConfig) -> None:
         "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0",
         "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
     })
+    if cfg.ac.group_size > 1 and cfg.ac.actor_grad != ActorGrad.reinforce:
+        raise ConfigError("ac.group_size > 1 (group baseline) needs ac.actor_grad=reinforce")
     if cfg.replay.capacity < cfg.replay.batch_size * cfg.replay.seq_len:
         raise ConfigError("replay.capacity is smaller than one batch (batch_size * seq_len)")
     check_collector_config(cfg.collector)
@@ -318,12 +323,13 @@ def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
     masked = agent.world_model.mask_key is not None
     actor_loss = DreamerPolicyLoss(agent.actor, entropy_coef=ac.entropy_coef, actor_grad=ac.actor_grad,
                            critic=agent.critic if ac.actor_grad == "dynamics" else None, return_decay=ac.return_decay,
-                           actor_input_keys=("action_mask",) if masked else ())
+                           actor_input_keys=("action_mask",) if masked else (), group_size=ac.group_size)
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     hooks = ActionMaskHooks(agent.world_model, rule=mask_rule(cfg)) if masked else None
     imagination = ImaginationModule(agent.world_model, agent.actor, ac.horizon, start_fraction=ac.start_fraction,
-                                    grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode, hooks=hooks)
+                                    grad=ac.actor_grad == "dynamics", cont_mode=ac.cont_mode, hooks=hooks,
+                                    group_size=ac.group_size)
     kw = inductor_options(cfg.device, cfg.model.compile_cpp_wrapper) if cfg.model.compile else {}
     if cfg.model.compile and cfg.model.compile_mode == "full":
         imagination.enable_compile(mode="loop", **kw)

@@ -83,6 +83,9 @@ class RoutingACConfig:
     start_fraction: float = doc(0.25, "Imagine from this fraction of the replayed states.")
     live_starts: bool = doc(False, "Draw the imagination starts from the non-terminal rows (of each batch, ~40% of CVRP's "
                                    "padded rows are finished states that imagine nothing).")
+    group_size: int = doc(1, "Trajectories imagined per start (same total); > 1: every move's advantage is its "
+                             "trajectory's return minus the mean of the other K - 1 from the same start (a "
+                             "POMO-style shared baseline) instead of the critic's R_t - V(s_t).")
     slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic.")
     slow_reg_scale: float = doc(1.0, "Critic regulariser towards the slow critic.")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
@@ -143,7 +146,7 @@ def validate(cfg: DreamerRoutingConfig) -> None:
         "loss.reconstruction_scale": ">= 0", "loss.reward_scale": ">= 0", "loss.continue_scale": ">= 0",
         "loss.terminal_weight": "> 0", "loss.terminal_reward_weight": "> 0",
         "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
-        "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0", "ac.return_decay": "[0, 1)",
+        "ac.group_size": ">= 1", "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0", "ac.return_decay": "[0, 1)",
         "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
         "optim.eps": "> 0", "optim.warmup_steps": ">= 0",
         "replay.prefill": ">= 0", "train.iterations": ">= 1", "eval.every": ">= 0", "eval.diag_starts": ">= 1",
@@ -234,11 +237,11 @@ def build(cfg: DreamerRoutingConfig):
     critic_loss = DreamerCriticLoss(critic, slow_fraction=ac.slow_critic_fraction, slow_reg_scale=ac.slow_reg_scale)
     inputs = ("action_mask", "current_node", "first_node") + (("remaining_capacity",) if problem == "cvrp" else ())
     actor_loss = DreamerPolicyLoss(actor, entropy_coef=ac.entropy_coef, return_decay=ac.return_decay, actor_input_keys=inputs,
-                           actor_context_keys=actor.CONTEXT_KEYS)
+                           actor_context_keys=actor.CONTEXT_KEYS, group_size=ac.group_size)
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(wm, actor, ac.horizon, hooks=hooks, start_fraction=ac.start_fraction,
-                                    live_starts=ac.live_starts)
+                                    live_starts=ac.live_starts, group_size=ac.group_size)
     oc = cfg.optim
     optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
                                agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps)

@@ -198,6 +198,63 @@ def test_actor_loss_reinforce_uses_normalised_stopgrad_advantage():
     assert all(p.grad is None for p in agent.world_model.parameters())  # actor input is detached
 
 
+def test_group_baseline_advantage_is_the_return_minus_the_other_members_mean():
+    agent = _agent()
+    _, critic, _ = _losses(agent)
+    actor = DreamerPolicyLoss(agent.actor, group_size=3)
+    actor.make_value_estimator(gamma=0.99, lmbda=0.9)
+    traj = _imagined(agent, critic)  # 6 trajectories: two groups of 3
+    _, targets = critic(traj)
+    full = traj.clone().update(targets)
+    # returns of a visible size (an untrained model imagines ~0), so the advantage term dominates the loss
+    full["lambda_return"] = torch.randn(6, H + 1, generator=torch.Generator().manual_seed(4)) * 5
+    out = actor(full)
+    dist = agent.actor(full["feat"][:, :-1])
+    logp = dist.log_prob(full["action"][:, :-1])
+    r0 = full["lambda_return"][:, 0].tolist()
+    naive_adv = torch.empty(6)
+    for i in range(6):
+        group = range(3 * (i // 3), 3 * (i // 3) + 3)
+        naive_adv[i] = r0[i] - sum(r0[j] for j in group if j != i) / 2
+    adv = (naive_adv / out["return_scale"]).unsqueeze(1)  # the same advantage on every step
+    naive = -((logp * adv + 3e-4 * dist.entropy()) * full["weight"][:, :-1]).mean()
+    assert out["loss_actor"].item() == pytest.approx(naive.item(), rel=1e-5, abs=1e-7)
+    assert out["advantage_mean"].abs().item() < 1e-5  # leave-one-out: each group's advantages sum to 0
+    # the critic-baseline loss of the same trajectories differs
+    plain = DreamerPolicyLoss(agent.actor)
+    plain.make_value_estimator(gamma=0.99, lmbda=0.9)
+    plain_std = plain(full)["advantage_std"].item()
+    assert out["advantage_std"].item() == pytest.approx(adv.expand(6, H).std().item(), rel=1e-4)
+    assert plain_std != pytest.approx(out["advantage_std"].item(), rel=1e-2)
+    with pytest.raises(ValueError, match="groups of 4"):
+        bad = DreamerPolicyLoss(agent.actor, group_size=4)
+        bad.make_value_estimator(gamma=0.99, lmbda=0.9)
+        bad(full)
+    with pytest.raises(ValueError, match="group_size"):
+        DreamerPolicyLoss(agent.actor, group_size=0)
+
+
+def test_imagination_groups_repeat_each_start_in_consecutive_rows():
+    agent = _agent()
+    torch.manual_seed(1)
+    states = TensorDict({"deter": torch.randn(B, T, 32),
+                         "stoch": F.one_hot(torch.randint(0, 4, (B, T, 4)), 4).float(),
+                         "is_terminal": torch.zeros(B, T, dtype=torch.bool)}, [B, T])
+    module = ImaginationModule(agent.world_model, agent.actor, H, start_fraction=0.5, group_size=3)
+    out = module(states)
+    n = round(B * T * 0.5) // 3 * 3  # 10 starts -> 3 groups of 3
+    assert out.batch_size == (n, H + 1)
+    first = out["deter"][:, 0].reshape(-1, 3, 32)
+    assert torch.equal(first, first[:, :1].expand_as(first))  # one start per group
+    assert len({tuple(g[0].tolist()) for g in first}) == n // 3  # distinct starts across groups
+    later = out["deter"][:, -1].reshape(-1, 3, 32)
+    assert not torch.equal(later, later[:, :1].expand_as(later))  # members imagine their own futures
+    # all states (start_fraction 1) in groups: the same number of trajectories
+    assert ImaginationModule(agent.world_model, agent.actor, H, group_size=2)(states).batch_size[0] == B * T // 2 * 2
+    with pytest.raises(ValueError, match="group_size"):
+        ImaginationModule(agent.world_model, agent.actor, H, group_size=1.5)
+
+
 def test_actor_loss_dynamics_backprop_for_continuous_actions():
     agent = _agent(discrete=False, action_dim=2)
     critic = DreamerCriticLoss(agent.critic)
@@ -280,25 +337,30 @@ def test_update_guard_stops_before_optimizer_step():
     assert str(opt.state_dict()["state"]) == str(moments["state"])
 
 
-@pytest.mark.parametrize("start_fraction", [1.0, 0.5])
-def test_fused_compiled_actor_critic_update_equals_the_separate_losses(start_fraction):
+@pytest.mark.parametrize("start_fraction,group", [(1.0, 1), (0.5, 1), (1.0, 3)])
+def test_fused_compiled_actor_critic_update_equals_the_separate_losses(start_fraction, group):
     """DreamerUpdate.enable_compile: critic, return normalisation, REINFORCE actor and replay-value
     terms as one compiled graph give the separate losses' values, diagnostics, return-scale EMA
     and gradients (imagination from all starts bootstraps the replay loss from imagined returns,
-    from a subset from the critic)."""
+    from a subset or in groups from the critic)."""
     results = []
     for fused in (False, True):
         agent = _agent()
         wm, _, actor = _losses(agent)
+        actor = DreamerPolicyLoss(agent.actor, group_size=group)
+        actor.make_value_estimator(gamma=0.99, lmbda=0.9)
         critic = DreamerCriticLoss(agent.critic, replay_scale=0.3)
         critic.make_value_estimator(gamma=0.99, lmbda=0.9)
-        imagination = ImaginationModule(agent.world_model, agent.actor, H, start_fraction=start_fraction)
+        imagination = ImaginationModule(agent.world_model, agent.actor, H, start_fraction=start_fraction,
+                                        group_size=group)
         update = DreamerUpdate(agent, wm, critic, actor, imagination, make_optimizer(agent, warmup_steps=0))
         if fused:
             update.enable_compile()
         torch.manual_seed(4)
         metrics = update(_batch())
         assert update._fusable() == fused
+        # imagined returns bootstrap the replay loss only when each replayed state was imagined once, in order
+        assert (update._replay_bootstrap(torch.zeros(B * T), (B, T)) is None) == (start_fraction < 1 or group > 1)
         # the gradients of the update's last backward (actor + critic + replay value; the world
         # model's came first): LaProp normalises them, so parameters would hide an error
         results.append((metrics, [p.grad.clone() for p in agent.parameters()],

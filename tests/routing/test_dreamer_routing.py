@@ -275,3 +275,29 @@ def test_routing_recipe_passes_the_terminal_weights_to_the_world_model_loss():
                                                             "loss.terminal_reward_weight=5"]))
     _, _, update = build(cfg)
     assert (update.world_model_loss.terminal_weight, update.world_model_loss.terminal_reward_weight) == (3.0, 5.0)
+
+
+def test_group_baseline_update_imagines_groups_from_one_start_with_exact_masks():
+    """``ac.group_size``: the recipe's imagination and actor loss agree on the group size; the K
+    trajectories of a group share their start (visited set, current node) and keep exact masks."""
+    from recipes.dreamer_routing import DreamerRoutingConfig, build
+    from torchrl_dreamer.config import load_config, to_object
+
+    torch.manual_seed(0)
+    cfg = to_object(load_config(DreamerRoutingConfig, [], [*DREAMER_ROUTING_TINY, "env.problem=cvrp", "env.size=6",
+                                                            "env.capacity=12", "ac.group_size=4", "ac.live_starts=true"]))
+    agent, hooks, update = build(cfg)
+    assert update.imagination.group_size == update.actor_loss.group_size == 4
+    rows, _ = dreamer_rollout(_env("cvrp", 8), agent.world_model, agent.actor, mode="random")
+    _, states = update.world_model_loss(rows)
+    traj = update.imagination(states)
+    assert traj.shape[0] % 4 == 0
+    for key in ("deter", "action_mask", "current_node"):
+        start = traj[key][:, 0]
+        groups = start.reshape(-1, 4, *start.shape[1:])
+        assert torch.equal(groups, groups[:, :1].expand_as(groups)), key  # one start per group
+    metrics = update(rows)
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    assert hooks.pop_invalid_rate() == 0.0
+    with pytest.raises(Exception, match="group_size"):
+        build(to_object(load_config(DreamerRoutingConfig, [], [*DREAMER_ROUTING_TINY, "ac.group_size=0"])))

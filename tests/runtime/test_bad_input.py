@@ -32,6 +32,9 @@ ROWS = [
     ("dreamer", ["env.still_tol=-1"], r"env\.still_tol must be >= 0, got -1"),
     ("dreamer", ["env.pixels=true", "env.still_tol=0.01"], r"env\.still_tol counts steps at rest .* env\.pixels=true"),
     ("dreamer", ["loss.terminal_reward_weight=-1"], r"loss\.terminal_reward_weight must be > 0, got -1"),
+    ("dreamer", ["ac.group_size=0"], r"ac\.group_size must be >= 1, got 0"),
+    ("dreamer", ["--env", "pendulum", "ac.actor_grad=dynamics", "ac.group_size=4"],
+     r"ac\.group_size > 1 \(group baseline\) needs ac\.actor_grad=reinforce"),
     ("dreamer", ["optim.actor_lr=inf"], r"optim\.actor_lr must be a finite number"),
     ("dreamer", ["optim.world_model_lr=-1e-4"], r"optim\.world_model_lr must be > 0"),
     ("dreamer", ["optim.agc=0"], r"optim\.agc must be > 0"),
@@ -86,6 +89,7 @@ ROWS = [
     ("dreamer_routing", ["env.size=1"], r"env\.size must be >= 2"),
     ("dreamer_routing", ["model.load_features=true"], r"model\.load_features adds CVRP's demand features; env\.problem is 'tsp'"),
     ("dreamer_routing", ["loss.terminal_reward_weight=0"], r"loss\.terminal_reward_weight must be > 0"),
+    ("dreamer_routing", ["ac.group_size=0"], r"ac\.group_size must be >= 1"),
     ("dreamer_routing", ["device=cuda:7x"], r"device: 'cuda:7x' is not a torch device string"),
 ]
 

@@ -269,13 +269,17 @@ class ImaginationModule(TensorDictModuleBase):
     TensorDict ``[N, H+1]`` with the trajectory (see the module docstring). ``start_fraction < 1``
     imagines from a random subset of the starts (a CPU budget knob; DreamerV3 uses all); with
     ``live_starts`` the subset is drawn from the non-terminal rows first (padded episode batches, as
-    routing's, hold many terminal rows).
+    routing's, hold many terminal rows). ``group_size = K > 1`` imagines ``K`` trajectories from each
+    start (the same number of trajectories in all: ``n // K`` distinct starts, each repeated ``K``
+    times in consecutive rows), for :class:`~.losses.DreamerPolicyLoss`'s group baseline.
     """
 
     def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, horizon: int = 15, *,
                  hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False,
-                 cont_mode: str = "prob", live_starts: bool = False) -> None:
+                 cont_mode: str = "prob", live_starts: bool = False, group_size: int = 1) -> None:
         super().__init__()
+        if int(group_size) != group_size or group_size < 1:
+            raise ValueError(f"group_size must be an integer >= 1, got {group_size}")
         if horizon < 1:
             raise ValueError(f"imagination horizon must be >= 1, got {horizon}")
         if not 0 < start_fraction <= 1:
@@ -286,6 +290,7 @@ class ImaginationModule(TensorDictModuleBase):
         self.horizon, self.hooks, self.start_fraction, self.grad = horizon, hooks, start_fraction, grad
         self.cont_mode = cont_mode
         self.live_starts = live_starts
+        self.group_size = int(group_size)
         self.step_fn = None
         self.imagine_fn = imagine
         self.predraw_noise = False  # draw all randomness before the loop (set by enable_compile("loop"))
@@ -307,16 +312,19 @@ class ImaginationModule(TensorDictModuleBase):
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         hooks = self.hooks or ImaginationHooks()
         start = tensordict.select(*self.in_keys, *hooks.start_keys).reshape(-1)
-        if self.start_fraction < 1.0:
+        k = self.group_size
+        if self.start_fraction < 1.0 or k > 1:
             n = max(1, int(round(start.shape[0] * self.start_fraction)))
+            distinct = max(1, n // k)  # K trajectories per start: the same imagination cost in all
             if self.live_starts:
                 # the same number of starts, drawn from the non-terminal rows first: a terminal (or
                 # padding) start imagines nothing, adds zeros to the return statistics and costs as much
                 dead = start["is_terminal"].reshape(-1).to(torch.float32)
                 order = (torch.rand(start.shape[0], device=start.device) + dead).argsort()
-                start = start[order[:n]]
             else:
-                start = start[torch.randperm(start.shape[0], device=start.device)[:n]]
+                order = torch.randperm(start.shape[0], device=start.device)
+            chosen = order[:distinct]
+            start = start[chosen.repeat_interleave(k) if k > 1 else chosen]
         deter, stoch = start["deter"].detach(), start["stoch"].detach()
         start_cont = 1.0 - start["is_terminal"].to(deter.dtype)
         context = hooks.actor_context(start)

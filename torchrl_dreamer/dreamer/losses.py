@@ -413,6 +413,12 @@ class DreamerPolicyLoss(_DreamerLoss):
             ``("action_mask",)``), as imagination recorded them.
         actor_context_keys: per-trajectory constants passed to the actor as ``[N, ...]`` (e.g.
             encoded node embeddings).
+        group_size: ``1``: the advantage of step ``t`` is ``R_t - V(s_t)`` (the paper). ``K > 1``
+            (REINFORCE only): the trajectories come in groups of ``K`` consecutive rows imagined from
+            one start (:class:`~.imagination.ImaginationModule` ``group_size``) and every step of a
+            trajectory gets ``R_0 - mean of R_0 over the other K - 1`` (a leave-one-out group
+            baseline, as POMO's shared baseline in routing RL): the critic then only bootstraps the
+            returns and no longer judges single moves.
 
     ``forward(traj)`` needs ``feat``, ``action`` and, from :class:`DreamerCriticLoss`, ``value``,
     ``lambda_return`` and ``weight`` (``[N, H+1]``). Returns ``loss_actor`` and diagnostics
@@ -437,10 +443,16 @@ class DreamerPolicyLoss(_DreamerLoss):
     def __init__(self, actor: nn.Module, *, entropy_coef: float = 3e-4,
                  actor_grad: Literal["reinforce", "dynamics"] = "reinforce", critic: TwoHotHead | None = None,
                  return_decay: float = 0.99, return_low_q: float = 0.05, return_high_q: float = 0.95,
-                 actor_input_keys: tuple[str, ...] = (), actor_context_keys: tuple[str, ...] = ()) -> None:
+                 actor_input_keys: tuple[str, ...] = (), actor_context_keys: tuple[str, ...] = (),
+                 group_size: int = 1) -> None:
         super().__init__()
         if actor_grad not in ("reinforce", "dynamics"):
             raise ValueError(f"actor_grad must be 'reinforce' or 'dynamics', got '{actor_grad}'")
+        if int(group_size) != group_size or group_size < 1:
+            raise ValueError(f"group_size must be an integer >= 1, got {group_size}")
+        if group_size > 1 and actor_grad != "reinforce":
+            raise ValueError("group_size > 1 (group baseline) needs actor_grad='reinforce'")
+        self.group_size = int(group_size)
         if actor_grad == "dynamics":
             if getattr(actor, "discrete", False):
                 raise ValueError("actor_grad='dynamics' needs continuous actions; use 'reinforce' for discrete ones")
@@ -508,7 +520,16 @@ class DreamerPolicyLoss(_DreamerLoss):
             # a custom actor's distribution may not support slicing: then run it on the slice
             dist = dist[:, :-1] if hasattr(type(dist), "__getitem__") else self.actor(feat[:, :-1], **inputs)
         entropy = dist.entropy()
-        advantage = ((ret - value) / scale).detach()
+        k = self.group_size
+        if k > 1:
+            if ret.shape[0] % k:
+                raise ValueError(f"group baseline: {ret.shape[0]} imagined trajectories are not groups of "
+                                 f"{k}; imagine with ImaginationModule(group_size={k})")
+            first = ret[:, 0].reshape(-1, k)
+            others = (first.sum(1, keepdim=True) - first) / (k - 1)
+            advantage = ((first - others).reshape(-1, 1).expand_as(ret) / scale).detach()
+        else:
+            advantage = ((ret - value) / scale).detach()
         log_prob = dist.log_prob(action)
         loss_actor = -((log_prob * advantage + self.entropy_coef * entropy) * weight).mean()
         return loss_actor, entropy, advantage, log_prob

@@ -279,9 +279,11 @@ class DreamerUpdate:
     def _replay_bootstrap(self, first_returns: torch.Tensor, shape) -> torch.Tensor | None:
         """The replay-value loss's bootstrap values: the imagined lambda-return from each replayed
         state (``first_returns [N]``, shaped to the replayed ``[B, T]``) when every replayed state
-        was imagined from (the 2024 reference), else ``None``: the critic itself (TD(lambda) on
-        replay). One place for both paths (the separate losses and the fused graph)."""
-        return first_returns.reshape(shape) if self.imagination.start_fraction >= 1.0 else None
+        was imagined from, once and in order (the 2024 reference), else ``None``: the critic itself
+        (TD(lambda) on replay; also with imagination groups, whose starts are a shuffled subset).
+        One place for both paths (the separate losses and the fused graph)."""
+        every_state = self.imagination.start_fraction >= 1.0 and getattr(self.imagination, "group_size", 1) == 1
+        return first_returns.reshape(shape) if every_state else None
 
     def _replay_value_loss(self, states: TensorDictBase, traj: TensorDictBase) -> torch.Tensor:
         boot = self._replay_bootstrap(traj["lambda_return"][:, 0], states.batch_size)
