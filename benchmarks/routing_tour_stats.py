@@ -7,7 +7,8 @@ Decodes the run's dev set greedily (as the recipe evaluates; same seed, same tou
 tour with the dev set's reference solution:
 
 * **routes**: depot-to-depot trips per instance, against the reference's and against the lower bound
-  ``ceil(total demand / capacity)``; and the mean vehicle fill per route;
+  ``ceil(total demand / capacity)``; the mean vehicle fill per route; and how many returns to the
+  depot were voluntary (some unvisited customer would still have fitted), with the capacity left;
 * **sequencing loss**: each route of the policy re-ordered by 2-opt (same customers, same route): what
   driving the policy's own routes in a better order would save;
 * **grouping loss**: what is left of the gap after that: which customers share a route (and how many
@@ -50,6 +51,26 @@ def routes_of(sequence) -> list[list[int]]:
     if current:
         routes.append(current)
     return routes
+
+
+def depot_returns(sequence, demand: np.ndarray, capacity: float) -> tuple[int, int, list[float]]:
+    """``(returns before the last, voluntary ones, capacity left at each voluntary one / capacity)``: a
+    return is voluntary when some unvisited customer would still have fitted in the vehicle."""
+    left, open_ = capacity, set(range(1, len(demand) + 1))
+    returns, voluntary, spare = 0, 0, []
+    seq = [int(x) for x in sequence]
+    for k, node in enumerate(seq):
+        if node == 0:
+            if open_ and k > 0:
+                returns += 1
+                if any(demand[c - 1] <= left + 1e-9 for c in open_):
+                    voluntary += 1
+                    spare.append(left / capacity)
+            left = capacity
+        else:
+            open_.discard(node)
+            left -= demand[node - 1]
+    return returns, voluntary, spare
 
 
 def route_length(route: list[int], xy: np.ndarray) -> float:
@@ -102,7 +123,11 @@ def main(argv=None) -> dict:
         mine, ref = routes_of(sequences[i]), routes_of(data["ref_actions"][i].tolist())
         length = float(lengths[i])
         resequenced = sum(route_length(two_opt(r, xy), xy) for r in mine)
+        returns, voluntary, spare = depot_returns(sequences[i], demand, capacity)
+        ref_returns, ref_voluntary, ref_spare = depot_returns(data["ref_actions"][i].tolist(), demand, capacity)
         rows.append({
+            "returns": returns, "voluntary_returns": voluntary, "spare_at_voluntary": spare,
+            "ref_returns": ref_returns, "ref_voluntary_returns": ref_voluntary, "ref_spare_at_voluntary": ref_spare,
             "gap_pct": (length / ref_cost[i] - 1) * 100,
             "gap_after_2opt_pct": (resequenced / ref_cost[i] - 1) * 100,
             "routes": len(mine), "ref_routes": len(ref), "min_routes": math.ceil(demand.sum() / capacity - 1e-9),
@@ -122,16 +147,25 @@ def main(argv=None) -> dict:
         "share_more_routes_than_ref": len(extra) / n,
         "gap_pct_more_routes": mean("gap_pct", extra), "gap_pct_same_routes": mean("gap_pct", same),
         "gap_after_2opt_pct_same_routes": mean("gap_after_2opt_pct", same),
+        "voluntary_share_of_returns": sum(r["voluntary_returns"] for r in rows) / max(1, sum(r["returns"] for r in rows)),
+        "spare_capacity_at_voluntary": statistics.fmean(x for r in rows for x in r["spare_at_voluntary"])
+        if any(r["spare_at_voluntary"] for r in rows) else float("nan"),
+        "ref_voluntary_share_of_returns": sum(r["ref_voluntary_returns"] for r in rows)
+        / max(1, sum(r["ref_returns"] for r in rows)),
+        "ref_spare_capacity_at_voluntary": statistics.fmean(x for r in rows for x in r["ref_spare_at_voluntary"])
+        if any(r["ref_spare_at_voluntary"] for r in rows) else float("nan"),
         "max_recomputed_length_error": max(r["recomputed_length_error"] for r in rows),
     }
     s = summary
     print(f"{args.run_dir / args.checkpoint}: {n} dev instances, greedy")
     print("| gap | after 2-opt of each route | routes (reference / lower bound) | fill (reference) | "
-          "more routes than the reference | gap: more routes / same |")
-    print("|---|---|---|---|---|---|")
+          "more routes than the reference | gap: more routes / same | voluntary returns (capacity left) |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| {s['gap_pct']:.2f}% | {s['gap_after_2opt_pct']:.2f}% | {s['routes']:.2f} ({s['ref_routes']:.2f} / "
           f"{s['min_routes']:.2f}) | {s['fill']:.3f} ({s['ref_fill']:.3f}) | {100 * s['share_more_routes_than_ref']:.0f}% | "
-          f"{s['gap_pct_more_routes']:.2f}% / {s['gap_pct_same_routes']:.2f}% |")
+          f"{s['gap_pct_more_routes']:.2f}% / {s['gap_pct_same_routes']:.2f}% | "
+          f"{100 * s['voluntary_share_of_returns']:.0f}% ({s['spare_capacity_at_voluntary']:.2f}); reference "
+          f"{100 * s['ref_voluntary_share_of_returns']:.0f}% ({s['ref_spare_capacity_at_voluntary']:.2f}) |")
     result = {"run_dir": str(args.run_dir), "checkpoint": args.checkpoint, "summary": summary, "per_instance": rows,
               **stamp}
     RESULTS.mkdir(exist_ok=True)
