@@ -42,6 +42,7 @@ def run(env: str, reward: str, budget_min: float, threads: int, root: Path, over
     non_finite = sum(1 for r in records for v in r.values() if isinstance(v, float) and not math.isfinite(v))
     cfg = to_object(load_config(dreamer_routing.DreamerRoutingConfig, [run_dir / "config.yaml"], []))
     per_iter = cfg.train.episodes_per_iter
+    reward = "known" if cfg.ac.known_reward else "learned"  # what the run used (an override may set it)
     # decode + updates, like the PPO benchmark's rollout + update (dev-set evaluation excluded)
     throughput = (statistics.median(per_iter / (r["time/collect_s"] + r["time/update_s"]) for r in trained)
                   if trained else math.nan)
