@@ -34,23 +34,15 @@ from provenance import provenance  # noqa: E402
 from recipes import dreamer_routing as R  # noqa: E402
 from envs.routing import load_dev_set  # noqa: E402
 from torchrl_dreamer.checkpoint import load_checkpoint  # noqa: E402
+from torchrl_dreamer.plots import _routes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def routes_of(sequence) -> list[list[int]]:
-    """Node sequence (0 = depot, customers 1..n) -> the non-empty customer lists between depot visits."""
-    routes, current = [], []
-    for node in sequence:
-        if node == 0:
-            if current:
-                routes.append(current)
-            current = []
-        else:
-            current.append(int(node))
-    if current:
-        routes.append(current)
-    return routes
+    """Node sequence (0 = depot, customers 1..n) -> the non-empty customer lists between depot visits
+    (the tour plots' own splitting)."""
+    return _routes(sequence)
 
 
 def depot_returns(sequence, demand: np.ndarray, capacity: float) -> tuple[int, int, list[float]]:
