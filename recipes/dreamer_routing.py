@@ -86,6 +86,9 @@ class RoutingACConfig:
     group_size: int = doc(1, "Trajectories imagined per start (same total); > 1: every move's advantage is its "
                              "trajectory's return minus the mean of the other K - 1 from the same start (a "
                              "POMO-style shared baseline) instead of the critic's R_t - V(s_t).")
+    stop_when_done: bool = doc(False, "End each imagined rollout once every imagined tour is complete (exact, from the "
+                                      "carried visited set) instead of always running `horizon` steps: the steps cut "
+                                      "carry no loss weight; cheaper when the horizon covers whole tours.")
     slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic.")
     slow_reg_scale: float = doc(1.0, "Critic regulariser towards the slow critic.")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")
@@ -241,7 +244,8 @@ def build(cfg: DreamerRoutingConfig):
     for loss in (critic_loss, actor_loss):
         loss.make_value_estimator(gamma=ac.discount, lmbda=ac.lmbda)
     imagination = ImaginationModule(wm, actor, ac.horizon, hooks=hooks, start_fraction=ac.start_fraction,
-                                    live_starts=ac.live_starts, group_size=ac.group_size)
+                                    live_starts=ac.live_starts, group_size=ac.group_size,
+                                    stop_when_done=ac.stop_when_done)
     oc = cfg.optim
     optimizer = make_optimizer(agent, world_model_lr=oc.world_model_lr, actor_lr=oc.actor_lr, critic_lr=oc.critic_lr,
                                agc=oc.agc, eps=oc.eps, warmup_steps=oc.warmup_steps)

@@ -301,3 +301,37 @@ def test_group_baseline_update_imagines_groups_from_one_start_with_exact_masks()
     assert hooks.pop_invalid_rate() == 0.0
     with pytest.raises(Exception, match="group_size"):
         build(to_object(load_config(DreamerRoutingConfig, [], [*DREAMER_ROUTING_TINY, "ac.group_size=0"])))
+
+
+def test_stop_when_done_ends_imagination_at_the_last_tour_end_and_keeps_the_prefix():
+    """``ac.stop_when_done``: imagination stops at the step where every imagined tour has ended; the
+    trajectory is the same as the full-horizon one up to there, and the steps cut carried no loss weight."""
+    from recipes.dreamer_routing import DreamerRoutingConfig, build
+    from torchrl_dreamer.config import load_config, to_object
+    from torchrl_dreamer.dreamer.losses import imagination_weight
+
+    overrides = [*DREAMER_ROUTING_TINY, "env.problem=cvrp", "env.size=6", "env.capacity=12", "ac.horizon=30",
+                 "ac.discount=1.0", "ac.lmbda=1.0", "ac.known_reward=true", "ac.group_size=4", "ac.live_starts=true"]
+    trajs = {}
+    for stop in (False, True):
+        torch.manual_seed(0)
+        cfg = to_object(load_config(DreamerRoutingConfig, [], [*overrides, f"ac.stop_when_done={stop}"]))
+        agent, hooks, update = build(cfg)
+        assert update.imagination.stop_when_done is stop
+        rows, _ = dreamer_rollout(_env("cvrp", 8), agent.world_model, agent.actor, mode="random")
+        _, states = update.world_model_loss(rows)
+        torch.manual_seed(1)
+        trajs[stop] = update.imagination(states)
+        if stop:
+            metrics = update(rows)
+            assert all(torch.isfinite(v).all() for v in metrics.values())
+            assert hooks.pop_invalid_rate() == 0.0
+    full, cut = trajs[False], trajs[True]
+    length = cut.shape[1]
+    assert full.shape[1] == 31 and 2 <= length < 31  # a CVRP6 episode has at most 13 moves
+    assert bool((cut["cont"][:, -1] == 0).all()) and not bool((cut["cont"][:, -2] == 0).all())
+    for key in ("feat", "reward", "cont", "action_mask", "current_node"):
+        assert torch.equal(full[key][:, :length], cut[key]), key
+    assert torch.equal(full["action"][:, :length - 1], cut["action"][:, :-1])  # the last state is not acted on
+    weight = imagination_weight(full["cont"], 1.0)
+    assert bool((weight[:, length:] == 0).all())  # what was cut had no weight in any loss

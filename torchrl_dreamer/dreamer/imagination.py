@@ -174,7 +174,7 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             start_cont: torch.Tensor, horizon: int, *, hooks: ImaginationHooks | None = None, aux: Any = None,
             context: dict[str, torch.Tensor] | None = None, grad: bool = False,
             step_fn=None, cont_mode: str = "prob",
-            noise: tuple[torch.Tensor, ...] | None = None) -> dict[str, torch.Tensor]:
+            noise: tuple[torch.Tensor, ...] | None = None, stop_when_done: bool = False) -> dict[str, torch.Tensor]:
     """Rolls ``actor`` through the prior of ``world_model`` for ``horizon`` steps.
 
     Args:
@@ -191,8 +191,12 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             within 0.02 rad of non-terminal ones) the mode stays "continue" near the boundary
             and imagined failures never end; the probability discounts them smoothly.
         noise: pre-drawn randomness (:func:`draw_noise`) instead of random ops in the loop.
+        stop_when_done: end the loop early once the hooks' known termination says every
+            trajectory has ended (one host sync per step; eager loops only). The trajectory is then
+            ``[N, L+1]`` with ``L <= horizon``: the steps cut are all past a known terminal state,
+            where the losses give no weight. Ignored when the hooks know no termination.
 
-    Returns the ``[N, H+1]`` trajectory described in the module docstring.
+    Returns the ``[N, H+1]`` trajectory described in the module docstring (``[N, L+1]`` if stopped early).
     """
     rssm = world_model.rssm
     hooks = hooks or ImaginationHooks()
@@ -225,6 +229,8 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             deters.append(h)
             stochs.append(z)
             feats.append(feat)
+            if stop_when_done and k_term is not None and bool(k_term.all()):
+                break  # every imagined trajectory has ended: the rest would carry no loss weight
         # the actor's inputs at the last state (not acted on, kept for a uniform [N, H+1] layout)
         for k, v in hooks.actor_inputs(aux).items():
             extras.setdefault(k, []).append(v)
@@ -272,11 +278,15 @@ class ImaginationModule(TensorDictModuleBase):
     routing's, hold many terminal rows). ``group_size = K > 1`` imagines ``K`` trajectories from each
     start (the same number of trajectories in all: ``n // K`` distinct starts, each repeated ``K``
     times in consecutive rows), for :class:`~.losses.DreamerPolicyLoss`'s group baseline.
+    ``stop_when_done``: stop imagining once every trajectory has reached a terminal state the hooks
+    know exactly (routing: the tour is complete); the trajectory is then shorter than ``horizon + 1``
+    (see :func:`imagine`). Not with ``enable_compile("loop")`` (a data-dependent exit).
     """
 
     def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, horizon: int = 15, *,
                  hooks: ImaginationHooks | None = None, start_fraction: float = 1.0, grad: bool = False,
-                 cont_mode: str = "prob", live_starts: bool = False, group_size: int = 1) -> None:
+                 cont_mode: str = "prob", live_starts: bool = False, group_size: int = 1,
+                 stop_when_done: bool = False) -> None:
         super().__init__()
         if int(group_size) != group_size or group_size < 1:
             raise ValueError(f"group_size must be an integer >= 1, got {group_size}")
@@ -291,6 +301,7 @@ class ImaginationModule(TensorDictModuleBase):
         self.cont_mode = cont_mode
         self.live_starts = live_starts
         self.group_size = int(group_size)
+        self.stop_when_done = stop_when_done
         self.step_fn = None
         self.imagine_fn = imagine
         self.predraw_noise = False  # draw all randomness before the loop (set by enable_compile("loop"))
@@ -304,6 +315,8 @@ class ImaginationModule(TensorDictModuleBase):
         if mode == "step":
             self.step_fn = torch.compile(_policy_and_dynamics_step, dynamic=False, **kwargs)
         elif mode == "loop":
+            if self.stop_when_done:
+                raise ValueError("stop_when_done needs an eager imagination loop (not enable_compile('loop'))")
             self.imagine_fn = torch.compile(imagine, dynamic=False, **kwargs)
             self.predraw_noise = True
         else:
@@ -330,10 +343,10 @@ class ImaginationModule(TensorDictModuleBase):
         context = hooks.actor_context(start)
         out = self.imagine_fn(self.world_model, self.actor, deter, stoch, start_cont, self.horizon, hooks=hooks,
                       aux=hooks.start(start), context=context, grad=self.grad, step_fn=self.step_fn,
-                      cont_mode=self.cont_mode,
+                      cont_mode=self.cont_mode, stop_when_done=self.stop_when_done,
                       noise=draw_noise(self.actor, self.world_model.rssm, deter.shape[0], self.horizon, deter.device,
                                        deter.dtype) if self.predraw_noise else None)
-        n, length = deter.shape[0], self.horizon + 1
+        n, length = out["feat"].shape[:2]
         for key, value in context.items():  # per-trajectory constants, as [N, H+1] views (no copy)
             out[key] = value.unsqueeze(1).expand(n, length, *value.shape[1:])
         return TensorDict(out, batch_size=[n, length], device=deter.device)
