@@ -8,8 +8,10 @@ from tensordict import TensorDict
 
 from torchrl_dreamer.dreamer.agent import make_agent, preset
 from torchrl_dreamer.dreamer.functional import lambda_returns
-from torchrl_dreamer.dreamer.imagination import ImaginationHooks, ImaginationModule, imagine
-from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss, imagination_weight
+from torchrl_dreamer.dreamer.imagination import ImaginationModule, imagine
+from torchrl_dreamer.dreamer.losses import (
+    DreamerCriticLoss, DreamerPolicyLoss, DreamerWorldModelLoss, imagination_weight, per_trajectory,
+)
 from torchrl_dreamer.dreamer.nets import DiscreteActor, OneHotDist
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer
 from torchrl_dreamer.guards import NonFiniteError
@@ -701,3 +703,24 @@ def test_continue_probability_on_terminal_rows_is_reported_and_divided_per_windo
                    "diag/terminal_rows_per_update": 0.5}
     empty = terminal_calibration({"diag/terminal_rows": 0.0, "diag/continue_prob_terminal_sum": 0.0})
     assert math.isnan(empty["diag/continue_prob_at_terminal"])
+
+
+def test_per_trajectory_constants_give_the_same_values_and_gradients_as_indexing():
+    """The actor loss reads per-trajectory constants (stored by imagination as stride-0 broadcasts
+    along the trajectory) with a cheap backward: same values and gradients as ``x[:, 0]``."""
+    torch.manual_seed(0)
+    base = torch.randn(5, 3, 4, requires_grad=True)
+    weight = torch.randn(3, 4)
+    grads = []
+    for fn in (per_trajectory, lambda x: x[:, 0]):
+        stored = (base * 2).unsqueeze(1).expand(5, 7, 3, 4)
+        assert stored.stride(1) == 0
+        first = fn(stored)
+        assert torch.equal(first, (base * 2).detach())
+        ((first * weight).sin().sum()).backward()
+        grads.append(base.grad.clone())
+        base.grad = None
+    assert torch.allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+    materialised = torch.randn(5, 7, 3, requires_grad=True)  # not a broadcast: plain indexing, exact
+    per_trajectory(materialised).sum().backward()
+    assert torch.equal(materialised.grad[:, 0], torch.ones(5, 3)) and not materialised.grad[:, 1:].any()

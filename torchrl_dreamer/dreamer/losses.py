@@ -62,6 +62,31 @@ def imagination_weight(cont: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.cumprod(gamma * cont, 1) / gamma
 
 
+class _BroadcastFirstRow(torch.autograd.Function):
+    """``x[:, 0]`` of ``x [N, L, ...]`` whose ``L`` rows are one ``[N, ...]`` tensor broadcast along
+    dim 1 (stride 0: how :class:`~.imagination.ImaginationModule` stores per-trajectory constants).
+    Plain indexing would back-propagate through a zero-filled ``[N, L, ...]`` gradient (for the
+    routing actor's cache, tens of MB per update); here the gradient goes back as the same broadcast,
+    ``g / L`` in every row, which the broadcast's own backward sums to ``g``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.length = x.shape[1]
+        return x.select(1, 0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return (grad / ctx.length).unsqueeze(1).expand(grad.shape[0], ctx.length, *grad.shape[1:])
+
+
+def per_trajectory(x: torch.Tensor) -> torch.Tensor:
+    """``[N, L, ...] -> [N, ...]``: the first row of a per-trajectory constant stored along the
+    trajectory (cheap gradient for a stride-0 broadcast, see :class:`_BroadcastFirstRow`)."""
+    if x.requires_grad and x.ndim >= 2 and x.shape[1] > 1 and x.stride(1) == 0:
+        return _BroadcastFirstRow.apply(x)
+    return x[:, 0]
+
+
 def _require(td: TensorDictBase, key: NestedKey, loss: str) -> torch.Tensor:
     value = td.get(key, None)
     if value is None:
@@ -473,7 +498,7 @@ class DreamerPolicyLoss(_DreamerLoss):
         feat = _require(traj, k.feat, "DreamerPolicyLoss")
         inputs = {name: _require(traj, name, "DreamerPolicyLoss")[:, :-1] for name in self.actor_input_keys}
         # per-trajectory constants (stored as [N, H+1] views by imagination): the actor gets [N, ...]
-        inputs.update({name: _require(traj, name, "DreamerPolicyLoss")[:, 0] for name in self.actor_context_keys})
+        inputs.update({name: per_trajectory(_require(traj, name, "DreamerPolicyLoss")) for name in self.actor_context_keys})
         action = traj.get(k.action)[:, :-1]
         if self.actor_grad == "reinforce":
             ret = traj.get(k.lambda_return)[:, :-1].detach()
