@@ -236,18 +236,20 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             extras.setdefault(k, []).append(v)
         feat_all = torch.stack(feats, 1)
         future = feat_all[:, 1:]
-        reward = world_model.reward_head.mean(world_model.reward_head(future))
-        cont_logit = world_model.continue_head(future)
-        if cont_mode == "prob":
-            cont = torch.sigmoid(cont_logit)
-        elif cont_mode == "mode":
-            cont = (cont_logit > 0).to(feat_all.dtype)
-        else:
+        if cont_mode not in ("prob", "mode"):
             raise ValueError(f"cont_mode must be 'prob' or 'mode', got '{cont_mode}'")
+        # the heads run only where the hooks leave a step unknown (exact rewards and ends need none)
+        reward = cont = None
+        if any(r is None for r in known_rewards):
+            reward = world_model.reward_head.mean(world_model.reward_head(future))
+        if any(t is None for t in known_terms):
+            cont_logit = world_model.continue_head(future)
+            cont = torch.sigmoid(cont_logit) if cont_mode == "prob" else (cont_logit > 0).to(feat_all.dtype)
         if any(r is not None for r in known_rewards):
-            reward = torch.stack([r if r is not None else reward[:, i] for i, r in enumerate(known_rewards)], 1)
+            reward = torch.stack([r.to(feat_all.dtype) if r is not None else reward[:, i]
+                                  for i, r in enumerate(known_rewards)], 1)
         if any(t is not None for t in known_terms):
-            cont = torch.stack([(~t).to(cont.dtype) if t is not None else cont[:, i]
+            cont = torch.stack([(~t).to(feat_all.dtype) if t is not None else cont[:, i]
                                 for i, t in enumerate(known_terms)], 1)
         n = deter.shape[0]
         zeros = torch.zeros(n, 1, dtype=feat_all.dtype, device=feat_all.device)
