@@ -321,7 +321,15 @@ def test_stop_when_done_ends_imagination_at_the_last_tour_end_and_keeps_the_pref
         rows, _ = dreamer_rollout(_env("cvrp", 8), agent.world_model, agent.actor, mode="random")
         _, states = update.world_model_loss(rows)
         torch.manual_seed(1)
+        wm = agent.world_model
+        heads = wm.reward_head.forward, wm.continue_head.forward
+
+        def unused(*args, **kwargs):
+            raise AssertionError("exact rewards and ends: imagination must not run the reward/continue heads")
+
+        wm.reward_head.forward = wm.continue_head.forward = unused
         trajs[stop] = update.imagination(states)
+        wm.reward_head.forward, wm.continue_head.forward = heads
         if stop:
             metrics = update(rows)
             assert all(torch.isfinite(v).all() for v in metrics.values())
