@@ -86,9 +86,9 @@ class RoutingACConfig:
     group_size: int = doc(1, "Trajectories imagined per start (same total); > 1: every move's advantage is its "
                              "trajectory's return minus the mean of the other K - 1 from the same start (a "
                              "POMO-style shared baseline) instead of the critic's R_t - V(s_t).")
-    stop_when_done: bool = doc(False, "End each imagined rollout once every imagined tour is complete (exact, from the "
-                                      "carried visited set) instead of always running `horizon` steps: the steps cut "
-                                      "carry no loss weight; cheaper when the horizon covers whole tours.")
+    stop_when_done: bool = doc(False, "Stop stepping the world model in imagination once every imagined tour is complete "
+                                      "(exact, from the carried visited set) and fill the rest of the horizon without it: "
+                                      "same trajectories and losses (tested), cheaper when the horizon covers whole tours.")
     slow_critic_fraction: float = doc(0.02, "EMA fraction of the slow critic.")
     slow_reg_scale: float = doc(1.0, "Critic regulariser towards the slow critic.")
     return_decay: float = doc(0.99, "EMA decay of the return percentile range.")

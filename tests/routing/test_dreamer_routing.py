@@ -303,16 +303,16 @@ def test_group_baseline_update_imagines_groups_from_one_start_with_exact_masks()
         build(to_object(load_config(DreamerRoutingConfig, [], [*DREAMER_ROUTING_TINY, "ac.group_size=0"])))
 
 
-def test_stop_when_done_ends_imagination_at_the_last_tour_end_and_keeps_the_prefix():
-    """``ac.stop_when_done``: imagination stops at the step where every imagined tour has ended; the
-    trajectory is the same as the full-horizon one up to there, and the steps cut carried no loss weight."""
+def test_stop_when_done_skips_the_model_after_every_tour_ended_and_keeps_the_losses():
+    """``ac.stop_when_done``: imagination stops stepping the model once every imagined tour has ended
+    and completes the same ``[N, H+1]`` layout; the trajectory equals the full loop's up to there, and
+    the critic and actor losses are the full loop's."""
     from recipes.dreamer_routing import DreamerRoutingConfig, build
     from torchrl_dreamer.config import load_config, to_object
-    from torchrl_dreamer.dreamer.losses import imagination_weight
 
     overrides = [*DREAMER_ROUTING_TINY, "env.problem=cvrp", "env.size=6", "env.capacity=12", "ac.horizon=30",
                  "ac.discount=1.0", "ac.lmbda=1.0", "ac.known_reward=true", "ac.group_size=4", "ac.live_starts=true"]
-    trajs = {}
+    trajs, losses = {}, {}
     for stop in (False, True):
         torch.manual_seed(0)
         cfg = to_object(load_config(DreamerRoutingConfig, [], [*overrides, f"ac.stop_when_done={stop}"]))
@@ -328,18 +328,22 @@ def test_stop_when_done_ends_imagination_at_the_last_tour_end_and_keeps_the_pref
             raise AssertionError("exact rewards and ends: imagination must not run the reward/continue heads")
 
         wm.reward_head.forward = wm.continue_head.forward = unused
-        trajs[stop] = update.imagination(states)
+        traj = trajs[stop] = update.imagination(states)
         wm.reward_head.forward, wm.continue_head.forward = heads
+        critic_td, targets = update.critic_loss(traj)
+        losses[stop] = (critic_td["loss_critic"], update.actor_loss(traj.update(targets))["loss_actor"])
         if stop:
             metrics = update(rows)
             assert all(torch.isfinite(v).all() for v in metrics.values())
             assert hooks.pop_invalid_rate() == 0.0
     full, cut = trajs[False], trajs[True]
-    length = cut.shape[1]
-    assert full.shape[1] == 31 and 2 <= length < 31  # a CVRP6 episode has at most 13 moves
-    assert bool((cut["cont"][:, -1] == 0).all()) and not bool((cut["cont"][:, -2] == 0).all())
-    for key in ("feat", "reward", "cont", "action_mask", "current_node"):
-        assert torch.equal(full[key][:, :length], cut[key]), key
-    assert torch.equal(full["action"][:, :length - 1], cut["action"][:, :-1])  # the last state is not acted on
-    weight = imagination_weight(full["cont"], 1.0)
-    assert bool((weight[:, length:] == 0).all())  # what was cut had no weight in any loss
+    assert full.shape == cut.shape and full.shape[1] == 31
+    ended = int((cut["cont"] > 0).any(0).nonzero().max()) + 1  # the first state where every tour has ended
+    assert 2 <= ended < 30  # a CVRP6 episode has at most 13 moves
+    assert torch.equal(cut["feat"][:, ended:], cut["feat"][:, ended:ended + 1].expand_as(cut["feat"][:, ended:]))
+    assert not torch.equal(full["feat"][:, ended + 1], full["feat"][:, ended])  # the full loop went on
+    for key in ("action", "reward", "cont", "action_mask", "current_node", "log_prob", "entropy"):
+        assert torch.equal(full[key], cut[key]), key  # after the end: the forced move, no reward, no continuation
+    assert torch.equal(full["feat"][:, :ended + 1], cut["feat"][:, :ended + 1])
+    for a, b in zip(losses[False], losses[True]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -155,6 +155,26 @@ def _policy_and_dynamics_step(rssm, actor, h, z, feat, inputs, context, grad: bo
     return action, log_prob, entropy, h, z
 
 
+def _pad_after_the_end(actor, feat, inputs, context, steps: int, grad: bool, feats, deters, stochs, actions,
+                       log_probs, entropies, extras) -> None:
+    """Completes an imagined rollout stopped early (``stop_when_done``) to the ``[N, H+1]`` layout:
+    the last state repeated, acted on with the actor's mode there (for routing the only legal move of
+    a finished tour, as the full loop would draw; any action with a finite log-probability serves,
+    since none of these steps has loss weight). Appends to the rollout's lists in place."""
+    dist = actor(feat if grad else feat.detach(), **inputs, **context)
+    mode = dist.mode()
+    log_prob, entropy = dist.log_prob(mode.detach()), dist.entropy()
+    for _ in range(steps):
+        feats.append(feat)
+        deters.append(deters[-1])
+        stochs.append(stochs[-1])
+        actions.append(mode)
+        log_probs.append(log_prob)
+        entropies.append(entropy)
+        for k, v in inputs.items():
+            extras[k].append(v)
+
+
 def draw_noise(actor: nn.Module, rssm, n: int, horizon: int, device=None, dtype=torch.float32):
     """All the randomness of an imagined rollout, drawn at once: ``(action noise [H, N, A], stoch
     Gumbel noise [H, N, G, C], stoch mixture uniforms [H, N, G])`` (the last two for
@@ -192,11 +212,15 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             and imagined failures never end; the probability discounts them smoothly.
         noise: pre-drawn randomness (:func:`draw_noise`) instead of random ops in the loop.
         stop_when_done: end the loop early once the hooks' known termination says every
-            trajectory has ended (one host sync per step; eager loops only). The trajectory is then
-            ``[N, L+1]`` with ``L <= horizon``: the steps cut are all past a known terminal state,
-            where the losses give no weight. Ignored when the hooks know no termination.
+            trajectory has ended (one host sync per step; eager loops only), and complete the
+            ``[N, H+1]`` layout without running the model: the last state repeated, the actor's
+            mode there as the action, reward and continuation 0. All those steps lie past a known
+            terminal state, where the losses give no weight and the returns are those of the full
+            loop with exact (zero) rewards after the end, so the losses are the full loop's
+            (tested); only the world model's steps after every end are skipped. Ignored when the
+            hooks know no termination.
 
-    Returns the ``[N, H+1]`` trajectory described in the module docstring (``[N, L+1]`` if stopped early).
+    Returns the ``[N, H+1]`` trajectory described in the module docstring.
     """
     rssm = world_model.rssm
     hooks = hooks or ImaginationHooks()
@@ -230,12 +254,17 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             stochs.append(z)
             feats.append(feat)
             if stop_when_done and k_term is not None and bool(k_term.all()):
-                break  # every imagined trajectory has ended: the rest would carry no loss weight
+                break  # every imagined trajectory has ended: the rest carries no loss weight
         # the actor's inputs at the last state (not acted on, kept for a uniform [N, H+1] layout)
-        for k, v in hooks.actor_inputs(aux).items():
+        last_inputs = hooks.actor_inputs(aux)
+        for k, v in last_inputs.items():
             extras.setdefault(k, []).append(v)
+        acted = len(actions)
+        if acted < horizon:
+            _pad_after_the_end(actor, feat, last_inputs, context, horizon - acted, grad, feats, deters, stochs,
+                               actions, log_probs, entropies, extras)
         feat_all = torch.stack(feats, 1)
-        future = feat_all[:, 1:]
+        future = feat_all[:, 1:acted + 1]
         if cont_mode not in ("prob", "mode"):
             raise ValueError(f"cont_mode must be 'prob' or 'mode', got '{cont_mode}'")
         # the heads run only where the hooks leave a step unknown (exact rewards and ends need none)
@@ -251,6 +280,9 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
         if any(t is not None for t in known_terms):
             cont = torch.stack([(~t).to(feat_all.dtype) if t is not None else cont[:, i]
                                 for i, t in enumerate(known_terms)], 1)
+        if acted < horizon:  # past every trajectory's end: no reward, no continuation
+            after = torch.zeros(reward.shape[0], horizon - acted, dtype=feat_all.dtype, device=feat_all.device)
+            reward, cont = torch.cat([reward, after], 1), torch.cat([cont, after], 1)
         n = deter.shape[0]
         zeros = torch.zeros(n, 1, dtype=feat_all.dtype, device=feat_all.device)
         action_all = torch.stack(actions, 1)
@@ -280,9 +312,9 @@ class ImaginationModule(TensorDictModuleBase):
     routing's, hold many terminal rows). ``group_size = K > 1`` imagines ``K`` trajectories from each
     start (the same number of trajectories in all: ``n // K`` distinct starts, each repeated ``K``
     times in consecutive rows), for :class:`~.losses.DreamerPolicyLoss`'s group baseline.
-    ``stop_when_done``: stop imagining once every trajectory has reached a terminal state the hooks
-    know exactly (routing: the tour is complete); the trajectory is then shorter than ``horizon + 1``
-    (see :func:`imagine`). Not with ``enable_compile("loop")`` (a data-dependent exit).
+    ``stop_when_done``: stop stepping the model once every trajectory has reached a terminal state
+    the hooks know exactly (routing: the tour is complete), same layout and losses (see
+    :func:`imagine`). Not with ``enable_compile("loop")`` (a data-dependent exit).
     """
 
     def __init__(self, world_model: DreamerWorldModel, actor: nn.Module, horizon: int = 15, *,
@@ -348,7 +380,7 @@ class ImaginationModule(TensorDictModuleBase):
                       cont_mode=self.cont_mode, stop_when_done=self.stop_when_done,
                       noise=draw_noise(self.actor, self.world_model.rssm, deter.shape[0], self.horizon, deter.device,
                                        deter.dtype) if self.predraw_noise else None)
-        n, length = out["feat"].shape[:2]
+        n, length = deter.shape[0], self.horizon + 1
         for key, value in context.items():  # per-trajectory constants, as [N, H+1] views (no copy)
             out[key] = value.unsqueeze(1).expand(n, length, *value.shape[1:])
         return TensorDict(out, batch_size=[n, length], device=deter.device)
