@@ -18,7 +18,6 @@ Writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,10 +27,9 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dreamer_cartpole_episode_ends import inspect, play  # noqa: E402
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_result  # noqa: E402
 from recipes import dreamer as D  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def kind(final_reward: float, length: int, max_steps: int) -> str:
@@ -81,10 +79,7 @@ def main(argv=None) -> dict:
               + (f" steps at rest at the end: {s['still_steps_final']:.1f}" if still else ""))
     result = {"run_dir": str(args.run_dir), "env_steps": env_steps, "episodes": args.episodes, "summary": summary,
               "per_episode": rows, **stamp}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{args.out}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, result)
     return result
 
 

@@ -3,6 +3,7 @@ tree was dirty), library versions, CPU model and thread counts, the command line
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -42,3 +43,15 @@ def provenance(**extra: Any) -> dict[str, Any]:
             "python": platform.python_version(), "cpu": _cpu_model() or platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads_harness": torch.get_num_threads(), **extra,
             "argv": sys.argv, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def write_result(name: str, record: dict[str, Any]) -> Path:
+    """Writes ``record`` as ``benchmarks/results/<name>.json`` and prints where; returns the path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path}")
+    return path

@@ -19,7 +19,6 @@ Prints one table and writes ``benchmarks/results/<--out>.json`` with the provena
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -30,13 +29,12 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from provenance import provenance  # noqa: E402
+from provenance import provenance, write_result  # noqa: E402
 from recipes import dreamer_routing as R  # noqa: E402
 from envs.routing import load_dev_set  # noqa: E402
 from torchrl_dreamer.checkpoint import load_checkpoint  # noqa: E402
 from torchrl_dreamer.plots import _routes  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def routes_of(sequence) -> list[list[int]]:
@@ -160,10 +158,7 @@ def main(argv=None) -> dict:
           f"{100 * s['ref_voluntary_share_of_returns']:.0f}% ({s['ref_spare_capacity_at_voluntary']:.2f}) |")
     result = {"run_dir": str(args.run_dir), "checkpoint": args.checkpoint, "summary": summary, "per_instance": rows,
               **stamp}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{args.out}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_result(args.out, result)
     return result
 
 
