@@ -4,10 +4,13 @@ Same output as ``benchmarks/routing_ppo.py`` (greedy dev-set gap over time, trai
 instances/s, JSON + PNG), plus Dreamer's own health checks: the imagined invalid-action rate, the
 value and lambda-target range over time (no explosion, no NaN), and learned vs known reward.
 
-    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 60                   # learned reward head
+    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 60                   # the env's YAMLs as they are
     python benchmarks/routing_dreamer.py --env tsp20 --budget-min 60 --reward known    # exact leg lengths
-    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 30 --reward both     # one run each
+    python benchmarks/routing_dreamer.py --env tsp20 --budget-min 30 --reward both     # learned, then known
     python benchmarks/routing_dreamer.py --env cvrp20 --budget-min 60
+
+``--reward`` left out keeps what the YAMLs say (``ac.known_reward``: learned for TSP, exact for the
+CVRP20 YAML); ``learned`` / ``known`` override it.
 
 If ``benchmarks/results/routing_ppo_<env>.json`` exists, the PNG draws the PPO curve beside
 Dreamer's so the two are compared on the same dev set and axes.
@@ -29,7 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def run(env: str, reward: str, budget_min: float, threads: int, root: Path, overrides: list[str]) -> dict:
-    run_dir = dreamer_routing.main(["--env", env, f"ac.known_reward={'true' if reward == 'known' else 'false'}",
+    """One run; ``reward``: ``"yaml"`` (as the YAMLs say), ``"learned"`` or ``"known"`` (override)."""
+    choice = [] if reward == "yaml" else [f"ac.known_reward={'true' if reward == 'known' else 'false'}"]
+    run_dir = dreamer_routing.main(["--env", env, *choice,
                                     f"run.time_budget_s={budget_min * 60}", "train.iterations=100000000",
                                     f"threads={threads}", f"run.root={root}", "run.progress=false", *overrides])
     records = read_metrics(run_dir)
@@ -102,7 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="tsp20", help="tsp20 | cvrp20 | tsp50 | cvrp50")
     parser.add_argument("--budget-min", type=float, default=60.0, help="wall-clock budget per run")
-    parser.add_argument("--reward", default="learned", choices=["learned", "known", "both"])
+    parser.add_argument("--reward", default="yaml", choices=["yaml", "learned", "known", "both"],
+                        help="imagined reward: as the YAMLs say (default), or override: learned head, exact legs, both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=None, help="output stem (default results/routing_dreamer_<env>)")
@@ -111,7 +117,7 @@ def main() -> None:
     stamp = provenance(torch_threads_runs=args.threads)  # before the runs: the code they ran
     rewards = ["learned", "known"] if args.reward == "both" else [args.reward]
     results = [run(args.env, r, args.budget_min, args.threads, args.root, args.overrides) for r in rewards]
-    out = args.out or RESULTS / f"routing_dreamer_{args.env}{'' if args.reward == 'learned' else '_' + args.reward}"
+    out = args.out or RESULTS / f"routing_dreamer_{args.env}{'' if args.reward == 'yaml' else '_' + args.reward}"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"runs": results} if len(results) > 1 else results[0]
     out.with_suffix(".json").write_text(json.dumps({**record, **stamp}, indent=1))
