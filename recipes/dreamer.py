@@ -43,14 +43,13 @@ from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_di
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, terminal_calibration
 from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation, run_episodes, write_json_atomic
+from torchrl_dreamer.evaluation import confirm_final_and_best, evaluation_paths, report_evaluation, run_episodes
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
 BEST_NAME = "best.pt"  # eval.keep_best: the weights behind the best evaluation of a run
-RESULT_NAME = "result.json"  # eval.confirm_episodes: final weights and best.pt re-scored, the better one named
 
 
 # --- config -----------------------------------------------------------------------------------
@@ -618,29 +617,15 @@ def confirm_policies(cfg: DreamerConfig, run_dir: str | Path, agent: DreamerAgen
             m = evaluate(policy, env)
         return {"episode_reward_sum": m["eval/episode_reward_sum"], "episode_length": m["eval/episode_length"]}
 
-    record: dict[str, Any] = {"run_dir": str(run_dir), "episodes": n, "seed": seed}
     try:
-        record["final"] = {"file": CHECKPOINT_NAME, "env_steps": p.env_steps, **score()}
-        best_file = run_dir / BEST_NAME
-        if cfg.eval.keep_best and best_file.exists():
-            state = load_checkpoint(best_file, map_location=cfg.device)
-            load_weights(agent, state["agent"], BEST_NAME)
-            record["best"] = {"file": BEST_NAME, "env_steps": state["env_steps"],
-                              "eval_when_saved": state.get("eval/episode_reward_sum"), **score()}
-            agent.load_state_dict(final_weights)
+        return confirm_final_and_best(
+            run_dir, episodes=n, seed=seed, score=score, final_env_steps=p.env_steps,
+            best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+            load_best=lambda state: load_weights(agent, state["agent"], BEST_NAME),
+            restore_final=lambda: agent.load_state_dict(final_weights), checkpoint_name=CHECKPOINT_NAME,
+            map_location=cfg.device)
     finally:
         env.close(raise_if_closed=False)
-    candidates = [record[k] for k in ("final", "best") if k in record]
-    use = max(candidates, key=lambda c: c["episode_reward_sum"] if math.isfinite(c["episode_reward_sum"]) else -math.inf)
-    record["use"] = use["file"]
-    write_json_atomic(run_dir / RESULT_NAME, record)
-    line = f"confirmed on {n} fresh episodes: final weights {record['final']['episode_reward_sum']:.1f}"
-    if "best" in record:
-        b = record["best"]
-        line += (f", {BEST_NAME} (eval {b['eval_when_saved']:.1f} at {b['env_steps']:,} env steps) "
-                 f"{b['episode_reward_sum']:.1f}")
-    print(f"{line} -> use {run_dir / use['file']} ({RESULT_NAME})", flush=True)
-    return record
 
 
 POSTFIX = {"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/world_model": "wm",

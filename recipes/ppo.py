@@ -33,11 +33,11 @@ from torch import nn
 from torchrl.collectors import Collector
 from torchrl.envs import EnvBase
 
-from torchrl_dreamer.checkpoint import load_checkpoint, load_weights, rng_state, set_rng_state
+from torchrl_dreamer.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights, rng_state, set_rng_state
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
 from torchrl_dreamer.dreamer.config import SingleAgentEnvConfig
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
-from torchrl_dreamer.evaluation import evaluation_paths, report_evaluation, run_episodes
+from torchrl_dreamer.evaluation import confirm_final_and_best, evaluation_paths, report_evaluation, run_episodes
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite, check_tensordict_finite
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
@@ -97,6 +97,8 @@ class PPOEvalConfig(EvalConfig):
     episodes: int = doc(10, "Evaluation episodes (run in parallel, mode actions).")
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
     keep_best: bool = doc(True, "Write the weights behind the best evaluation to <run>/best.pt.")
+    confirm_episodes: int = doc(50, "At the end of a run, score the final weights and best.pt on this many fresh "
+                                    "episodes each and write <run>/result.json naming the better (0 = skip).")
 
 
 @dataclass
@@ -127,7 +129,7 @@ def validate(cfg: PPOConfig) -> None:
         "ppo.lr": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.clip_epsilon": "> 0",
         "ppo.entropy_coef": ">= 0", "ppo.critic_coef": ">= 0", "ppo.epochs": ">= 1", "ppo.minibatch_size": ">= 1",
         "ppo.max_grad_norm": "> 0", "train.env_steps": ">= 1", "train.steps_per_env": ">= 1",
-        "eval.every": ">= 0", "eval.episodes": ">= 1",
+        "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0",
         "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
     })
     if cfg.env.reward_scale <= 0 or not math.isfinite(cfg.env.reward_scale):
@@ -445,7 +447,37 @@ def train(cfg: PPOConfig, run_dir: Path, resume_state: Optional[dict] = None,
         collector.shutdown()
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
+    if cfg.eval.confirm_episodes and run.is_main:  # reached only when training ended without an error
+        confirm_policies(cfg, run.rd, nets, actor, p)
     return metrics
+
+
+def confirm_policies(cfg: PPOConfig, run_dir: str | Path, nets: nn.Module, actor, p: PPOProgress) -> dict:
+    """Scores the final weights and ``best.pt`` on ``eval.confirm_episodes`` fresh episodes each (the
+    same seeds for both, none used in training or in the periodic evaluations; mode actions) and
+    writes ``<run>/result.json`` naming the better file, as the Dreamer recipe does."""
+    run_dir = Path(run_dir)
+    n, seed = cfg.eval.confirm_episodes, cfg.seed + 30_000
+    env = make_env_from_config(cfg, num_envs=n, seed=seed)
+    final_weights = {k: v.detach().clone() for k, v in nets.state_dict().items()}
+    cuda = [torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []
+
+    def score() -> dict[str, float]:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            env.set_seed(seed)
+            m = run_episodes(actor, env)
+        return {"episode_reward_sum": m["eval/episode_reward_sum"], "episode_length": m["eval/episode_length"]}
+
+    try:
+        return confirm_final_and_best(
+            run_dir, episodes=n, seed=seed, score=score, final_env_steps=p.env_steps,
+            best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+            load_best=lambda state: load_weights(nets, state["networks"], BEST_NAME),
+            restore_final=lambda: nets.load_state_dict(final_weights), checkpoint_name=CHECKPOINT_NAME,
+            map_location=cfg.device)
+    finally:
+        env.close(raise_if_closed=False)
 
 
 def evaluate_checkpoint(cfg: PPOConfig, run_dir: Path) -> dict[str, float]:

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["EVAL_NAME", "evaluation_paths", "write_json_atomic", "report_evaluation", "draw_picture", "note",
-           "run_episodes"]
+__all__ = ["EVAL_NAME", "RESULT_NAME", "evaluation_paths", "write_json_atomic", "report_evaluation", "draw_picture",
+           "note", "run_episodes", "confirm_final_and_best"]
 
 EVAL_NAME = "eval.json"
+RESULT_NAME = "result.json"  # the end-of-run re-score of the final weights and best.pt, naming the better
 DEFAULT_CHECKPOINT = "checkpoint.pt"
 T = TypeVar("T")
 
@@ -136,3 +138,43 @@ def _run_episodes(policy, env, max_steps: int) -> dict[str, float]:
         policy.random_actions = was_random
     return {"eval/episode_reward_sum": returns[finished].mean().item(), "eval/episode_length": lengths.mean().item(),
             "eval/episodes": float(finished.sum())}
+
+
+def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: int, score: Callable[[], dict[str, float]],
+                           final_env_steps: int, best_file: str | os.PathLike | None,
+                           load_best: Callable[[dict], None], restore_final: Callable[[], None],
+                           checkpoint_name: str = DEFAULT_CHECKPOINT, map_location: Any = "cpu") -> dict[str, Any]:
+    """The end of a run: scores the final weights and, if ``best_file`` exists, the weights behind the
+    run's best evaluation, each by ``score()`` (the same fresh episodes for both: ``score`` seeds its own
+    env), writes ``<run>/result.json`` naming the better file and prints one line. A run's last policy
+    is not always its best, and a best-of-many 10-episode score flatters the policy behind it: this
+    record is the run's result.
+
+    ``score()`` returns ``{"episode_reward_sum", "episode_length"}`` for the weights loaded now;
+    ``load_best(state)`` loads ``best_file``'s checkpoint into the networks, ``restore_final()`` puts the
+    final weights back (the caller keeps them)."""
+    from .checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    record: dict[str, Any] = {"run_dir": str(run_dir), "episodes": episodes, "seed": seed,
+                              "final": {"file": checkpoint_name, "env_steps": final_env_steps, **score()}}
+    best = Path(best_file) if best_file is not None else None
+    if best is not None and best.exists():
+        state = load_checkpoint(best, map_location=map_location)
+        load_best(state)
+        try:
+            record["best"] = {"file": best.name, "env_steps": state["env_steps"],
+                              "eval_when_saved": state.get("eval/episode_reward_sum"), **score()}
+        finally:
+            restore_final()
+    candidates = [record[k] for k in ("final", "best") if k in record]
+    use = max(candidates, key=lambda c: c["episode_reward_sum"] if math.isfinite(c["episode_reward_sum"]) else -math.inf)
+    record["use"] = use["file"]
+    write_json_atomic(run_dir / RESULT_NAME, record)
+    line = f"confirmed on {episodes} fresh episodes: final weights {record['final']['episode_reward_sum']:.1f}"
+    if "best" in record:
+        b = record["best"]
+        when = f"eval {b['eval_when_saved']:.1f} at " if b["eval_when_saved"] is not None else ""
+        line += f", {b['file']} ({when}{b['env_steps']:,} env steps) {b['episode_reward_sum']:.1f}"
+    print(f"{line} -> use {run_dir / use['file']} ({RESULT_NAME})", flush=True)
+    return record

@@ -112,3 +112,33 @@ def test_ppo_networks_run_on_plain_tensors_and_the_loss_trains_both_towers():
     for tower in (nets.actor, nets.critic):  # every parameter of both towers gets a gradient
         assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in tower.parameters())
     assert not set(map(id, nets.actor.parameters())) & set(map(id, nets.critic.parameters()))
+
+
+def test_ppo_run_ends_by_rescoring_final_and_best_weights_and_naming_the_better(tmp_runs, capsys, monkeypatch):
+    """eval.confirm_episodes (as the Dreamer recipe): the final weights and best.pt are scored on the
+    same fresh episodes; result.json names the better file; the run's final weights stay in place."""
+    scored = []
+    real = ppo.run_episodes
+
+    def spy(policy, env, **kw):
+        out = real(policy, env, **kw)
+        scored.append((env.batch_size.numel(), [p.detach().clone() for p in policy.parameters()], out))
+        return out
+
+    monkeypatch.setattr(ppo, "run_episodes", spy)
+    run_dir = ppo.main(["--env", "cartpole", *PPO_TINY, f"run.root={tmp_runs}", "train.env_steps=96",
+                        "eval.every=32", "env.max_episode_steps=30", "eval.confirm_episodes=3"])
+    result = json.loads((run_dir / "result.json").read_text())
+    best = load_checkpoint(run_dir / "best.pt")
+    assert result["episodes"] == 3 and result["final"]["file"] == "checkpoint.pt" and result["best"]["file"] == "best.pt"
+    assert result["best"]["env_steps"] == best["env_steps"]
+    assert result["best"]["eval_when_saved"] == best["eval/episode_reward_sum"]
+    confirm = [s for s in scored if s[0] == 3]  # the periodic evaluations use eval.episodes=2 envs
+    assert len(confirm) == 2
+    assert result["final"]["episode_reward_sum"] == confirm[0][2]["eval/episode_reward_sum"]
+    assert result["best"]["episode_reward_sum"] == confirm[1][2]["eval/episode_reward_sum"]
+    better = "best.pt" if result["best"]["episode_reward_sum"] > result["final"]["episode_reward_sum"] else "checkpoint.pt"
+    assert result["use"] == better and f"-> use {run_dir / better}" in capsys.readouterr().out
+    final = load_checkpoint(run_dir)["networks"]
+    assert any(torch.equal(confirm[0][1][0], v) for v in final.values())  # first scored: the final weights
+    assert any(torch.equal(confirm[1][1][0], v) for v in best["networks"].values())  # then best.pt's
