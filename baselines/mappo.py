@@ -92,7 +92,7 @@ class MultiAgentPPOLoss(LossModule):
         normalize_advantage: standardise advantages per minibatch.
 
     ``forward(td)`` returns ``loss_objective``, ``loss_critic``, ``loss_entropy`` and detached
-    diagnostics (``entropy``, ``clip_fraction``, ``kl_approx``). Discount and lambda are set with
+    diagnostics (``entropy``, ``clip_fraction``, ``kl_approx``, ``action_std``). Discount and lambda are set with
     ``make_value_estimator(ValueEstimators.GAE, gamma=..., lmbda=...)``.
     """
 
@@ -258,6 +258,7 @@ class MultiAgentPPOLoss(LossModule):
             "entropy": entropy.detach().mean(),
             "clip_fraction": clip_fraction,
             "kl_approx": kl_approx,
+            "action_std": scale.detach().mean(),  # the Gaussian's std before the tanh squash
         }
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:

@@ -128,7 +128,10 @@ def test_ppo_update_learns_the_critic_and_reports_metrics():
     obs = batch["agents", "observation"]  # a learnable target: a smooth function of the observations
     batch["agents", "value_target"] = 0.5 * obs.sum(-1, keepdim=True).sum(-2, keepdim=True).expand(N, A, 1)
     opt = torch.optim.Adam(loss.parameters(), lr=1e-3)
+    with torch.no_grad():
+        std_before = float(policy.distribution_params(obs)[1].mean())
     first = ppo_update(loss, batch, opt, epochs=1, minibatch_size=128, max_grad_norm=1.0)
+    assert first["diag/action_std"] == pytest.approx(std_before, rel=0.05)  # the Gaussian's std, pre-squash
     for _ in range(15):
         last = ppo_update(loss, batch, opt, epochs=1, minibatch_size=128, max_grad_norm=1.0)
     assert last["loss/critic"] < 0.5 * first["loss/critic"]
