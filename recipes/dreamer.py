@@ -603,29 +603,13 @@ def confirm_policies(cfg: DreamerConfig, run_dir: str | Path, agent: DreamerAgen
     seeds for both, none used in training or in the periodic evaluations) and writes
     ``<run>/result.json`` naming the better file. A run's last policy is not always its best one,
     and a best-of-many 10-episode score flatters the policy behind it: this is the run's result."""
-    run_dir = Path(run_dir)
-    n = cfg.eval.confirm_episodes
-    seed = cfg.seed + 30_000
-    env = with_policy_state(make_env_from_config(cfg, num_envs=n, seed=seed), policy)
-    final_weights = {k: v.detach().clone() for k, v in agent.state_dict().items()}
-    cuda = [torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []
-
-    def score() -> dict[str, float]:
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            env.set_seed(seed)
-            m = evaluate(policy, env)
-        return {"episode_reward_sum": m["eval/episode_reward_sum"], "episode_length": m["eval/episode_length"]}
-
-    try:
-        return confirm_final_and_best(
-            run_dir, episodes=n, seed=seed, score=score, final_env_steps=p.env_steps,
-            best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
-            load_best=lambda state: load_weights(agent, state["agent"], BEST_NAME),
-            restore_final=lambda: agent.load_state_dict(final_weights), checkpoint_name=CHECKPOINT_NAME,
-            map_location=cfg.device)
-    finally:
-        env.close(raise_if_closed=False)
+    run_dir, n, seed = Path(run_dir), cfg.eval.confirm_episodes, cfg.seed + 30_000
+    return confirm_final_and_best(
+        run_dir, episodes=n, seed=seed, networks=agent, final_env_steps=p.env_steps,
+        make_env=lambda: with_policy_state(make_env_from_config(cfg, num_envs=n, seed=seed), policy),
+        evaluate=lambda env: evaluate(policy, env), best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+        load_best=lambda state: load_weights(agent, state["agent"], BEST_NAME), checkpoint_name=CHECKPOINT_NAME,
+        device=cfg.device)
 
 
 POSTFIX = {"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/world_model": "wm",

@@ -456,28 +456,13 @@ def confirm_policies(cfg: PPOConfig, run_dir: str | Path, nets: nn.Module, actor
     """Scores the final weights and ``best.pt`` on ``eval.confirm_episodes`` fresh episodes each (the
     same seeds for both, none used in training or in the periodic evaluations; mode actions) and
     writes ``<run>/result.json`` naming the better file, as the Dreamer recipe does."""
-    run_dir = Path(run_dir)
-    n, seed = cfg.eval.confirm_episodes, cfg.seed + 30_000
-    env = make_env_from_config(cfg, num_envs=n, seed=seed)
-    final_weights = {k: v.detach().clone() for k, v in nets.state_dict().items()}
-    cuda = [torch.device(cfg.device)] if torch.device(cfg.device).type == "cuda" else []
-
-    def score() -> dict[str, float]:
-        with torch.random.fork_rng(devices=cuda):
-            torch.manual_seed(seed)
-            env.set_seed(seed)
-            m = run_episodes(actor, env)
-        return {"episode_reward_sum": m["eval/episode_reward_sum"], "episode_length": m["eval/episode_length"]}
-
-    try:
-        return confirm_final_and_best(
-            run_dir, episodes=n, seed=seed, score=score, final_env_steps=p.env_steps,
-            best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
-            load_best=lambda state: load_weights(nets, state["networks"], BEST_NAME),
-            restore_final=lambda: nets.load_state_dict(final_weights), checkpoint_name=CHECKPOINT_NAME,
-            map_location=cfg.device)
-    finally:
-        env.close(raise_if_closed=False)
+    run_dir, n, seed = Path(run_dir), cfg.eval.confirm_episodes, cfg.seed + 30_000
+    return confirm_final_and_best(
+        run_dir, episodes=n, seed=seed, networks=nets, final_env_steps=p.env_steps,
+        make_env=lambda: make_env_from_config(cfg, num_envs=n, seed=seed),
+        evaluate=lambda env: run_episodes(actor, env), best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+        load_best=lambda state: load_weights(nets, state["networks"], BEST_NAME), checkpoint_name=CHECKPOINT_NAME,
+        device=cfg.device)
 
 
 def evaluate_checkpoint(cfg: PPOConfig, run_dir: Path) -> dict[str, float]:

@@ -140,33 +140,48 @@ def _run_episodes(policy, env, max_steps: int) -> dict[str, float]:
             "eval/episodes": float(finished.sum())}
 
 
-def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: int, score: Callable[[], dict[str, float]],
-                           final_env_steps: int, best_file: str | os.PathLike | None,
-                           load_best: Callable[[dict], None], restore_final: Callable[[], None],
-                           checkpoint_name: str = DEFAULT_CHECKPOINT, map_location: Any = "cpu") -> dict[str, Any]:
+def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: int, make_env: Callable[[], Any],
+                           evaluate: Callable[[Any], Mapping[str, float]], networks: Any, final_env_steps: int,
+                           best_file: str | os.PathLike | None, load_best: Callable[[dict], None],
+                           checkpoint_name: str = DEFAULT_CHECKPOINT, device: Any = "cpu") -> dict[str, Any]:
     """The end of a run: scores the final weights and, if ``best_file`` exists, the weights behind the
-    run's best evaluation, each by ``score()`` (the same fresh episodes for both: ``score`` seeds its own
-    env), writes ``<run>/result.json`` naming the better file and prints one line. A run's last policy
-    is not always its best, and a best-of-many 10-episode score flatters the policy behind it: this
-    record is the run's result.
+    run's best evaluation on the same ``episodes`` fresh episodes (``make_env()`` builds them,
+    ``evaluate(env)`` plays one episode per env and returns ``eval/episode_reward_sum`` and
+    ``eval/episode_length``; torch and the env are seeded with ``seed`` before each), writes
+    ``<run>/result.json`` naming the better file and prints one line. A run's last policy is not always
+    its best, and a best-of-many 10-episode score flatters the policy behind it: this record is the
+    run's result. ``load_best(state)`` loads ``best_file``'s checkpoint into ``networks``; the final
+    weights are put back afterwards."""
+    import torch
 
-    ``score()`` returns ``{"episode_reward_sum", "episode_length"}`` for the weights loaded now;
-    ``load_best(state)`` loads ``best_file``'s checkpoint into the networks, ``restore_final()`` puts the
-    final weights back (the caller keeps them)."""
     from .checkpoint import load_checkpoint
 
     run_dir = Path(run_dir)
-    record: dict[str, Any] = {"run_dir": str(run_dir), "episodes": episodes, "seed": seed,
-                              "final": {"file": checkpoint_name, "env_steps": final_env_steps, **score()}}
-    best = Path(best_file) if best_file is not None else None
-    if best is not None and best.exists():
-        state = load_checkpoint(best, map_location=map_location)
-        load_best(state)
-        try:
-            record["best"] = {"file": best.name, "env_steps": state["env_steps"],
-                              "eval_when_saved": state.get("eval/episode_reward_sum"), **score()}
-        finally:
-            restore_final()
+    env = make_env()
+    final_weights = {k: v.detach().clone() for k, v in networks.state_dict().items()}
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+
+    def score() -> dict[str, float]:
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(seed)
+            env.set_seed(seed)
+            m = evaluate(env)
+        return {"episode_reward_sum": m["eval/episode_reward_sum"], "episode_length": m["eval/episode_length"]}
+
+    try:
+        record: dict[str, Any] = {"run_dir": str(run_dir), "episodes": episodes, "seed": seed,
+                                  "final": {"file": checkpoint_name, "env_steps": final_env_steps, **score()}}
+        best = Path(best_file) if best_file is not None else None
+        if best is not None and best.exists():
+            state = load_checkpoint(best, map_location=device)
+            load_best(state)
+            try:
+                record["best"] = {"file": best.name, "env_steps": state["env_steps"],
+                                  "eval_when_saved": state.get("eval/episode_reward_sum"), **score()}
+            finally:
+                networks.load_state_dict(final_weights)
+    finally:
+        env.close(raise_if_closed=False)
     candidates = [record[k] for k in ("final", "best") if k in record]
     use = max(candidates, key=lambda c: c["episode_reward_sum"] if math.isfinite(c["episode_reward_sum"]) else -math.inf)
     record["use"] = use["file"]
