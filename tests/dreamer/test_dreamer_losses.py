@@ -135,6 +135,9 @@ def test_imagination_layout_and_no_grad():
                          "is_terminal": torch.zeros(B, T, dtype=torch.bool)}, [B, T])
     out = module(states)
     assert out.batch_size == (round(B * T * 0.5), H + 1)
+    # stop_when_done is a data-dependent exit: no whole-loop compile (clear error, nothing compiled)
+    with pytest.raises(ValueError, match="stop_when_done needs an eager imagination loop"):
+        ImaginationModule(agent.world_model, agent.actor, H, stop_when_done=True).enable_compile("loop")
 
 
 def test_critic_loss_targets_match_naive_lambda_returns():
