@@ -74,16 +74,19 @@ def main(argv: list[str] | None = None) -> dict:
             rb.extend(rows)
     times: dict[str, list[float]] = {name: [] for name in built}
     phases: dict[str, list[list[float]]] = {name: [] for name in built}
+    def batch_for(c):  # what the recipe's run_updates feeds the update
+        batch = rb.sample(c.replay.batch_size)
+        return recipe.trim_padding(batch) if c.replay.trim_padding else batch
+
     for name, (c, _, update) in built.items():
         for _ in range(args.warmup):
-            update(recipe.trim_padding(rb.sample(c.replay.batch_size)) if c.replay.trim_padding else rb.sample(c.replay.batch_size))
+            update(batch_for(c))
     for round_ in range(args.rounds):
         order = list(built.items())
         for name, (c, _, update) in (order if round_ % 2 == 0 else order[::-1]):
             torch.manual_seed(args.seed + round_)
             for _ in range(args.updates):
-                batch = rb.sample(c.replay.batch_size)
-                batch = recipe.trim_padding(batch) if c.replay.trim_padding else batch
+                batch = batch_for(c)
                 t0 = time.perf_counter()
                 metrics = update(batch)
                 times[name].append(time.perf_counter() - t0)
