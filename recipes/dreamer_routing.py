@@ -44,11 +44,24 @@ from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, termin
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.routing_eval import RoutingEnvConfig, dev_tours_title, plot_decoded_tours, routing_eval_record
 from torchrl_dreamer.runtime import check_device
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
+from torchrl_dreamer.trainer import (
+    EvalConfig, LrSchedule, Recipe, RunConfig, TrainingRun, entry_points, lr_multiplier, run_progress,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
 ENV_CONFIG_DIR = Path(__file__).parent / "configs" / "routing"
 RECIPE = "dreamer_routing"
+
+
+@dataclass
+class RoutingOptimConfig(OptimConfig):
+    lr_schedule: LrSchedule = doc(LrSchedule.constant, "constant, or cosine: every learning rate (world model, actor, "
+                                                       "critic) decays to lr * lr_final_fraction by the end of the run "
+                                                       "(progress = the larger of iterations done / train.iterations "
+                                                       "and time used / run.time_budget_s).")
+    lr_decay_start: float = doc(0.0, "Cosine schedule: progress (0-1) at which the decay starts; the rates are held "
+                                     "before it (0: decay over the whole run).")
+    lr_final_fraction: float = doc(0.1, "Cosine schedule: final learning rates as a fraction of the configured ones.")
 
 
 @dataclass
@@ -130,7 +143,7 @@ class DreamerRoutingConfig:
     model: RoutingModelConfig = doc(RoutingModelConfig(), "Networks.")
     loss: WorldModelLossConfig = doc(WorldModelLossConfig(), "World-model loss.")
     ac: RoutingACConfig = doc(RoutingACConfig(), "Imagination, actor, critic.")
-    optim: OptimConfig = doc(OptimConfig(world_model_lr=3e-4, actor_lr=1e-4, critic_lr=1e-4, warmup_steps=100),
+    optim: RoutingOptimConfig = doc(RoutingOptimConfig(world_model_lr=3e-4, actor_lr=1e-4, critic_lr=1e-4, warmup_steps=100),
                              "Optimiser (LaProp + AGC; higher rates and a shorter warm-up than the paper's).")
     replay: RoutingReplayConfig = doc(RoutingReplayConfig(), "Replay.")
     train: RoutingTrainConfig = doc(RoutingTrainConfig(), "Training length.")
@@ -151,7 +164,8 @@ def validate(cfg: DreamerRoutingConfig) -> None:
         "ac.horizon": ">= 1", "ac.discount": "(0, 1]", "ac.lmbda": "[0, 1]", "ac.entropy_coef": ">= 0",
         "ac.group_size": ">= 1", "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0", "ac.return_decay": "[0, 1)",
         "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
-        "optim.eps": "> 0", "optim.warmup_steps": ">= 0",
+        "optim.eps": "> 0", "optim.warmup_steps": ">= 0", "optim.lr_decay_start": "[0, 1)",
+        "optim.lr_final_fraction": "(0, 1]",
         "replay.prefill": ">= 0", "train.iterations": ">= 1", "eval.every": ">= 0", "eval.diag_starts": ">= 1",
         "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
     })
@@ -407,13 +421,14 @@ def train(cfg: DreamerRoutingConfig, run_dir: Path, resume_state: Optional[dict]
             t1 = time.perf_counter()
             if not prefill:
                 owed += float(rows["valid"].sum()) * cfg.replay.train_ratio / (cfg.replay.batch_size * T)
+            lr_mult = set_learning_rates(update.optimizer, cfg, iteration - 1, run.elapsed())
             metrics, n_upd, owed = run_updates(update, rb, cfg.replay.batch_size, owed, iteration, run.rd,
                                                trim=cfg.replay.trim_padding)
             updates += n_upd
             t2 = time.perf_counter()
             metrics.update({
                 "train/iteration": iteration, "train/episodes": episodes, "train/problem_size": size, "train/updates": updates,
-                "train/tour_length": tour.mean().item(), "train/episode_reward_sum": rows["reward"].sum(1).mean().item(),
+                "train/lr_multiplier": lr_mult, "train/tour_length": tour.mean().item(), "train/episode_reward_sum": rows["reward"].sum(1).mean().item(),
                 "diag/prefill": float(prefill), "diag/imagined_invalid_action_rate": hooks.pop_invalid_rate(),
                 "time/collect_s": t1 - t0, "time/update_s": t2 - t1,
                 "time/updates_per_s": n_upd / max(t2 - t1, 1e-9) if n_upd else 0.0,
@@ -472,6 +487,20 @@ def restore(cfg: DreamerRoutingConfig, resume_state: Optional[dict], agent: Drea
         rb.load_state_dict(resume_state["replay"])
     set_rng_state(resume_state["rng"])
     return tuple(resume_state[k] for k in ("iteration", "episodes", "updates", "owed"))
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: DreamerRoutingConfig, done_iterations: int,
+                       elapsed_s: float) -> float:
+    """Sets each param group's rate (``world_model``, ``actor``, ``critic``) to its configured rate times
+    the schedule's multiplier at this point of the run (``optim.lr_schedule``); returns the multiplier.
+    The optimizer's warm-up still scales these rates over the first ``optim.warmup_steps`` updates."""
+    oc = cfg.optim
+    progress = run_progress(done_iterations, cfg.train.iterations, elapsed_s, cfg.run.time_budget_s)
+    mult = lr_multiplier(oc.lr_schedule, progress, decay_start=oc.lr_decay_start, final_fraction=oc.lr_final_fraction)
+    base = {"world_model": oc.world_model_lr, "actor": oc.actor_lr, "critic": oc.critic_lr}
+    for group in optimizer.param_groups:
+        group["lr"] = base[group["name"]] * mult
+    return mult
 
 
 def trim_padding(batch: TensorDict) -> TensorDict:

@@ -15,7 +15,6 @@ logged. Layers: ``recipes/configs/ppo_routing/base.yaml`` <- ``<env>.yaml`` <- C
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +40,13 @@ from torchrl_dreamer.routing_eval import (
 )
 from torchrl_dreamer.pointer import PointerActorCritic
 from torchrl_dreamer.runtime import check_device
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
+from torchrl_dreamer.trainer import (
+    EvalConfig, LrSchedule, Recipe, RunConfig, TrainingRun, entry_points, lr_multiplier, run_progress,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "ppo_routing"
 ENV_CONFIG_DIR = CONFIG_DIR.parent / "routing"  # env YAMLs shared with the Dreamer routing recipe
 RECIPE = "ppo_routing"
-
-
-class LrSchedule(Choice):
-    constant = "constant"
-    cosine = "cosine"
 
 
 class Advantage(Choice):
@@ -214,15 +210,9 @@ def lr_factor(cfg: PPORoutingConfig, done_iterations: int, elapsed_s: float) -> 
     run's progress (iterations or, with a time budget, wall clock; whichever is further along).
     With ``lr_decay_start`` > 0 the multiplier stays 1 until that progress and the cosine spans the
     rest of the run."""
-    if cfg.ppo.lr_schedule == "constant":
-        return 1.0
-    progress = done_iterations / max(cfg.train.iterations, 1)
-    if cfg.run.time_budget_s > 0:
-        progress = max(progress, elapsed_s / cfg.run.time_budget_s)
-    start = cfg.ppo.lr_decay_start
-    progress = min(max(progress - start, 0.0) / (1.0 - start), 1.0)
-    final = cfg.ppo.lr_final_fraction
-    return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
+    progress = run_progress(done_iterations, cfg.train.iterations, elapsed_s, cfg.run.time_budget_s)
+    return lr_multiplier(cfg.ppo.lr_schedule, progress, decay_start=cfg.ppo.lr_decay_start,
+                         final_fraction=cfg.ppo.lr_final_fraction)
 
 
 def load_weights(model: torch.nn.Module, state: dict) -> None:

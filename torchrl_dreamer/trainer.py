@@ -39,14 +39,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 from .checkpoint import CHECKPOINT_NAME, run_clock_start, save_checkpoint
-from .config import doc
+from .config import Choice, doc
 from .distributed import DataParallel, data_parallel, shutdown
 from .evaluation import draw_picture
 from .guards import check_metrics_finite
 from .logging import RunLogger
 from .plots import DEFAULT_PANELS, plot_learning_curves
 
-__all__ = ["RunConfig", "EvalConfig", "TrainingRun", "Recipe", "run_recipe", "entry_points"]
+__all__ = ["RunConfig", "EvalConfig", "TrainingRun", "Recipe", "run_recipe", "entry_points", "LrSchedule",
+           "lr_multiplier", "run_progress"]
 
 
 @dataclass
@@ -60,6 +61,35 @@ class RunConfig:
                                     "(0 = no limit; counts across --resume).")
     tensorboard: bool = doc(True, "Write TensorBoard events.")
     progress: bool = doc(True, "Show the tqdm progress bar.")
+
+
+class LrSchedule(Choice):
+    """Learning-rate schedules of the recipes that offer one (:func:`lr_multiplier`)."""
+
+    constant = "constant"
+    cosine = "cosine"
+
+
+def run_progress(done_iterations: int, total_iterations: int, elapsed_s: float, time_budget_s: float) -> float:
+    """How far a run is, 0..1: iterations done / total or, with a time budget, seconds used / budget,
+    whichever is further along (a time-budgeted run reaches 1 at its budget)."""
+    progress = done_iterations / max(total_iterations, 1)
+    if time_budget_s > 0:
+        progress = max(progress, elapsed_s / time_budget_s)
+    return min(max(progress, 0.0), 1.0)
+
+
+def lr_multiplier(schedule: str, progress: float, *, decay_start: float = 0.0, final_fraction: float = 0.1) -> float:
+    """Learning-rate multiplier at ``progress`` (0..1, :func:`run_progress`): 1 for ``constant``; for
+    ``cosine``, 1 until ``decay_start``, then a half cosine down to ``final_fraction`` at the end."""
+    if schedule == LrSchedule.constant:
+        return 1.0
+    if schedule != LrSchedule.cosine:
+        raise ValueError(f"unknown learning-rate schedule {schedule!r} (constant or cosine)")
+    if not 0.0 <= decay_start < 1.0:
+        raise ValueError(f"decay_start must be in [0, 1), got {decay_start}")
+    x = min(max(progress - decay_start, 0.0) / (1.0 - decay_start), 1.0)
+    return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * x))
 
 
 @dataclass

@@ -167,6 +167,37 @@ def test_dreamer_routing_resume_continues_counters_parameters_and_clock(tmp_runs
         routing.main(["--algo", "ppo", "--resume", str(run_dir), "train.iterations=6"])
 
 
+@pytest.mark.smoke
+def test_cosine_schedule_scales_every_dreamer_learning_rate_and_validates(tmp_runs):
+    """``optim.lr_schedule=cosine``: the world-model, actor and critic rates all follow the multiplier
+    (logged as ``train/lr_multiplier``), from 1 down to ``optim.lr_final_fraction``."""
+    from recipes.dreamer_routing import DreamerRoutingConfig, set_learning_rates
+    from torchrl_dreamer.config import load_config, to_object
+
+    cfg = to_object(load_config(DreamerRoutingConfig, [], ["optim.lr_schedule=cosine", "optim.lr_decay_start=0.5",
+                                                           "optim.lr_final_fraction=0.1", "train.iterations=100",
+                                                           "optim.world_model_lr=3e-4", "optim.actor_lr=2e-4",
+                                                           "optim.critic_lr=1e-4"]))
+    groups = [{"name": n, "lr": 0.0} for n in ("world_model", "actor", "critic")]
+    opt = type("Opt", (), {"param_groups": groups})()
+    assert set_learning_rates(opt, cfg, 40, 0.0) == pytest.approx(1.0)
+    assert [g["lr"] for g in groups] == pytest.approx([3e-4, 2e-4, 1e-4])
+    assert set_learning_rates(opt, cfg, 75, 0.0) == pytest.approx(0.55)
+    assert [g["lr"] for g in groups] == pytest.approx([1.65e-4, 1.1e-4, 0.55e-4])
+    cfg.run.time_budget_s = 100.0  # the clock is further along than the iterations: it decides
+    assert set_learning_rates(opt, cfg, 10, 100.0) == pytest.approx(0.1)
+    assert [g["lr"] for g in groups] == pytest.approx([3e-5, 2e-5, 1e-5])
+    args = ["--algo", "dreamer", "--env", "tsp20", *DREAMER_ROUTING_TINY, f"run.root={tmp_runs}", "train.iterations=4",
+            "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
+            "eval.every=100", "eval.diag_starts=4", "env.dev_set=''", "optim.lr_schedule=cosine"]
+    mults = [r["train/lr_multiplier"] for r in read_metrics(routing.main(args))]
+    assert mults[0] == pytest.approx(1.0) and mults[0] > mults[1] > mults[2] > mults[3] >= 0.1
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        routing.main([*args, "optim.lr_schedule=linear"])
+    with pytest.raises(ConfigError, match="lr_decay_start"):
+        routing.main([*args, "optim.lr_decay_start=1.0"])
+
+
 def test_load_features_are_the_unserved_demand_and_the_unvisited_customer_fraction():
     sizes = RoutingSizes(**{**SIZES.__dict__, "load_features": True})
     wm, _, _ = make_routing_agent("cvrp", sizes)
