@@ -78,6 +78,7 @@ RECIPES = [
            env_config_dir=dreamer_routing.ENV_CONFIG_DIR, choices=(
                ("env.problem", "cvrp", ("tsp", "cvrp")),
                ("loss.free_bits_grad", "straight_through", ("clip", "straight_through")),
+               ("optim.lr_schedule", "cosine", ("constant", "cosine")),
            )),
     Recipe("ppo_routing", ppo_routing, ppo_routing.PPORoutingConfig, "tsp20",
            env_config_dir=ppo_routing.ENV_CONFIG_DIR, choices=(
