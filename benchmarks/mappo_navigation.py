@@ -30,7 +30,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mappo_plain_reference import iter_plain_mappo  # noqa: E402

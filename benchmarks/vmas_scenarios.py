@@ -103,8 +103,8 @@ def main() -> None:
               f"(best eval {res['best_eval_reward_sum']:.3f})", flush=True)
         args.out.with_suffix(".json").write_text(json.dumps({"budget_min": args.budget_min, "results": results, **stamp}, indent=1))
     print()
-    print(f"| scenario | iterations (frames) | training time | train episode reward sum (last iter) | "
-          f"eval episode reward sum (last / best) |")
+    print("| scenario | iterations (frames) | training time | train episode reward sum (last iter) | "
+          "eval episode reward sum (last / best) |")
     print("|---|---|---|---|---|")
     for r in results:
         print(f"| {r['scenario']} | {r['iterations']} ({r['frames']:,}) | {r['train_s'] / 60:.1f} min | "

@@ -8,7 +8,7 @@ is therefore ``scale_g * (a + 1) * L * (L + 1) / 2``.
 from __future__ import annotations
 
 import torch
-from tensordict import TensorDict, TensorDictBase
+from tensordict import TensorDict
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 

@@ -4,7 +4,6 @@ LossModule without one."""
 from functools import partial
 from unittest import mock
 
-import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type

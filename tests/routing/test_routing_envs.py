@@ -2,7 +2,6 @@
 import itertools
 import math
 
-import numpy as np
 import pytest
 import torch
 from torchrl.envs.utils import check_env_specs, step_mdp

@@ -43,7 +43,7 @@ def test_nan_evaluation_is_an_error():
 def test_nan_before_the_first_checkpoint_does_not_claim_one(tmp_runs):
     args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
             "env.kwargs={nan_obs_at_call: 40}", "eval.every=0", "run.checkpoint_every=10000", "train.env_steps=200"]
-    with pytest.raises(NonFiniteError, match="no checkpoint was written yet") as info:
+    with pytest.raises(NonFiniteError, match="no checkpoint was written yet"):
         dreamer.main(args)
     assert not list(tmp_runs.rglob("checkpoint.pt"))
 

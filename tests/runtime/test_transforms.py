@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from torchrl.envs import Compose, TransformedEnv
+from torchrl.envs import TransformedEnv
 from torchrl.envs.utils import check_env_specs
 
 from scripted_env import ScriptedEnv
