@@ -9,6 +9,7 @@ from envs.routing import CVRPEnv, TSPEnv
 from recipes import routing
 from torchrl_dreamer.config import ConfigError
 from torchrl_dreamer.dreamer.imagination import imagine
+from torchrl_dreamer.dreamer.losses import imagined_steps
 from torchrl_dreamer.dreamer.routing import RoutingHooks, RoutingSizes, dreamer_rollout, make_routing_agent
 
 from helpers import DREAMER_ROUTING_TINY, read_metrics
@@ -337,13 +338,14 @@ def test_group_baseline_update_imagines_groups_from_one_start_with_exact_masks()
 def test_stop_when_done_skips_the_model_after_every_tour_ended_and_keeps_the_losses():
     """``ac.stop_when_done``: imagination stops stepping the model once every imagined tour has ended
     and completes the same ``[N, H+1]`` layout; the trajectory equals the full loop's up to there, and
-    the critic and actor losses are the full loop's."""
+    the critic and actor losses are the full loop's, although both now run their networks on the
+    imagined steps only (same gradients, same return normaliser)."""
     from recipes.dreamer_routing import DreamerRoutingConfig, build
     from torchrl_dreamer.config import load_config, to_object
 
     overrides = [*DREAMER_ROUTING_TINY, "env.problem=cvrp", "env.size=6", "env.capacity=12", "ac.horizon=30",
                  "ac.discount=1.0", "ac.lmbda=1.0", "ac.known_reward=true", "ac.group_size=4", "ac.live_starts=true"]
-    trajs, losses = {}, {}
+    trajs, losses, grads, scales = {}, {}, {}, {}
     for stop in (False, True):
         torch.manual_seed(0)
         cfg = to_object(load_config(DreamerRoutingConfig, [], [*overrides, f"ac.stop_when_done={stop}"]))
@@ -363,6 +365,11 @@ def test_stop_when_done_skips_the_model_after_every_tour_ended_and_keeps_the_los
         wm.reward_head.forward, wm.continue_head.forward = heads
         critic_td, targets = update.critic_loss(traj)
         losses[stop] = (critic_td["loss_critic"], update.actor_loss(traj.update(targets))["loss_actor"])
+        scales[stop] = update.actor_loss.return_normalizer.scale.clone()
+        agent.zero_grad(set_to_none=True)
+        sum(losses[stop]).backward()
+        grads[stop] = [p.grad.clone() for p in (*agent.actor.parameters(), *agent.critic.parameters())
+                       if p.grad is not None]
         if stop:
             metrics = update(rows)
             assert all(torch.isfinite(v).all() for v in metrics.values())
@@ -378,3 +385,10 @@ def test_stop_when_done_skips_the_model_after_every_tour_ended_and_keeps_the_los
     assert torch.equal(full["feat"][:, :ended + 1], cut["feat"][:, :ended + 1])
     for a, b in zip(losses[False], losses[True]):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+    # the losses ran their networks on s_0 .. s_ended only, and said so through the trajectory
+    assert full["imagined"].all() and imagined_steps(full) is None
+    assert int(cut["imagined"][0].sum()) == ended + 1 and imagined_steps(cut) == ended
+    assert torch.equal(scales[False], scales[True])  # the percentiles still count the padding's zero returns
+    assert len(grads[False]) == len(grads[True]) > 0
+    for a, b in zip(grads[False], grads[True]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)

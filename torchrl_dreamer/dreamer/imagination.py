@@ -13,6 +13,7 @@ Trajectory layout (``[N, H+1]``, index t = imagined state s_t, s_0 = the posteri
 | ``log_prob``, ``entropy`` | of a_t under the policy at rollout time (no gradient; diagnostics) |
 | ``reward`` | r_t predicted for arriving at s_t (0 at t = 0, unused) |
 | ``cont`` | continue flag of s_t: the data's ``1 - is_terminal`` at t = 0, then the continue head's probability (or mode) |
+| ``imagined`` | True where the model stepped to s_t; False on the steps ``stop_when_done`` filled after every trajectory ended |
 | extra actor inputs | whatever :class:`ImaginationHooks` provide, e.g. ``action_mask`` |
 
 Environment knowledge that need not be learned (for routing, the visited set is
@@ -295,6 +296,9 @@ def imagine(world_model: DreamerWorldModel, actor: nn.Module, deter: torch.Tenso
             "entropy": torch.cat([torch.stack(entropies, 1), zeros], 1).detach(),
             "reward": torch.cat([zeros, reward], 1),
             "cont": torch.cat([start_cont.reshape(n, 1).to(feat_all.dtype), cont], 1),
+            # states the model stepped to (False: the layout's padding after every trajectory ended);
+            # one [H+1] row broadcast, so the losses can skip the padding (see imagined_steps)
+            "imagined": (torch.arange(horizon + 1, device=feat_all.device) <= acted).expand(n, horizon + 1),
         }
         for k, v in extras.items():
             out[k] = torch.stack(v, 1)
@@ -340,7 +344,7 @@ class ImaginationModule(TensorDictModuleBase):
         self.imagine_fn = imagine
         self.predraw_noise = False  # draw all randomness before the loop (set by enable_compile("loop"))
         self.in_keys = ["deter", "stoch", "is_terminal"]
-        self.out_keys = ["deter", "stoch", "feat", "action", "log_prob", "entropy", "reward", "cont"]
+        self.out_keys = ["deter", "stoch", "feat", "action", "log_prob", "entropy", "reward", "cont", "imagined"]
 
     def enable_compile(self, mode: str = "step", **kwargs) -> None:
         """``torch.compile`` the per-step function (``mode="step"``: policy + prior step) or the

@@ -39,7 +39,8 @@ from .nets import TwoHotHead
 from .rssm import gumbel_noise
 from .world_model import DreamerWorldModel
 
-__all__ = ["LambdaReturn", "DreamerWorldModelLoss", "DreamerCriticLoss", "DreamerPolicyLoss", "imagination_weight"]
+__all__ = ["LambdaReturn", "DreamerWorldModelLoss", "DreamerCriticLoss", "DreamerPolicyLoss", "imagination_weight",
+           "imagined_steps"]
 
 
 class LambdaReturn:
@@ -77,6 +78,23 @@ class _BroadcastFirstRow(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return (grad / ctx.length).unsqueeze(1).expand(grad.shape[0], ctx.length, *grad.shape[1:])
+
+
+def imagined_steps(traj: TensorDictBase) -> int | None:
+    """``L`` when the world model stepped only to ``s_0 .. s_L`` of an ``[N, H+1]`` trajectory
+    (``L < H``: :func:`~.imagination.imagine` with ``stop_when_done`` ended the loop once every
+    trajectory had reached a known terminal state and padded the layout), else ``None``.
+
+    Past ``s_L`` every reward and continuation is exactly 0, so those steps carry no loss weight
+    and their lambda-returns are 0 whatever the critic predicts there: the critic and actor
+    losses run their networks on ``s_0 .. s_L`` only and divide by ``N * H`` as before (same
+    losses, tested), while the return normaliser still sees all ``N * H`` returns (the zeros
+    included), so its percentiles are unchanged. One host sync."""
+    mask = traj.get("imagined", None)
+    if mask is None:
+        return None
+    steps = int(mask[0].sum()) - 1
+    return steps if steps < mask.shape[1] - 1 else None
 
 
 def per_trajectory(x: torch.Tensor) -> torch.Tensor:
@@ -354,8 +372,12 @@ class DreamerCriticLoss(_DreamerLoss):
         k = self.tensor_keys
         feat = _require(traj, k.feat, "DreamerCriticLoss").detach()
         reward, cont = _require(traj, k.reward, "DreamerCriticLoss").detach(), _require(traj, k.cont, "DreamerCriticLoss").detach()
-        fn = self.__dict__.get("_compiled_terms") or self._terms
-        loss_critic, value, ret, weight, stats = fn(feat, reward, cont)
+        steps = imagined_steps(traj)
+        if steps is None:
+            fn = self.__dict__.get("_compiled_terms") or self._terms
+            loss_critic, value, ret, weight, stats = fn(feat, reward, cont)
+        else:  # eager: a compiled core would recompile for every length
+            loss_critic, value, ret, weight, stats = self._terms(feat, reward, cont, steps)
         loss_td = TensorDict({"loss_critic": loss_critic, **dict(zip(self._STATS, stats.unbind(0)))}, batch_size=[])
         targets_td = TensorDict({"value": value, "weight": weight}, batch_size=traj.batch_size, device=feat.device)
         targets_td["lambda_return"] = torch.cat([ret, value[:, -1:]], 1)  # padded to [N, H+1] (R_H = V_H)
@@ -364,11 +386,21 @@ class DreamerCriticLoss(_DreamerLoss):
     _STATS = ("value_min", "value_max", "value_mean", "lambda_return_min", "lambda_return_max",
               "lambda_return_mean", "imagined_reward_mean", "imagined_cont_mean")
 
-    def _terms(self, feat: torch.Tensor, reward: torch.Tensor, cont: torch.Tensor):
-        """The loss on plain tensors (compilable): ``(loss, value [N, H+1], ret [N, H], weight, stats)``."""
-        logits = self.critic(feat)  # [N, H+1, bins]
+    def _terms(self, feat: torch.Tensor, reward: torch.Tensor, cont: torch.Tensor, steps: int | None = None):
+        """The loss on plain tensors (compilable): ``(loss, value [N, H+1], ret [N, H], weight, stats)``.
+
+        ``steps = L`` (:func:`imagined_steps`): the critic runs on ``s_0 .. s_L`` only; the values
+        past ``s_L`` are returned as 0 (each is multiplied by a zero continuation in the returns)
+        and the value statistics cover ``s_0 .. s_L``."""
+        horizon = feat.shape[1] - 1
+        if steps is not None:
+            feat = feat[:, :steps + 1].contiguous()  # contiguous: one matmul over all rows (see below)
+        logits = self.critic(feat)  # [N, H+1, bins] (steps: [N, L+1, bins])
         value, lse = self.critic.codec.decode_and_lse(logits)
         value = value.detach()
+        stats_value = value
+        if steps is not None:
+            value = torch.nn.functional.pad(value, (0, horizon - steps))
         estimator = self.value_estimator
         ret = estimator(reward, cont, value)  # [N, H]
         weight = imagination_weight(cont, estimator.gamma)
@@ -378,10 +410,15 @@ class DreamerCriticLoss(_DreamerLoss):
             # broadcast per trajectory (~2x the time of one matmul over all rows on CPU)
             slow_value = self.slow_critic.mean(self.slow_critic(feat))[:, :-1]
         head = logits[:, :-1]
+        acted = head.shape[1]
         # lambda-return and slow-critic targets share one logsumexp (one softmax in the backward)
-        per_step = self.critic.codec.mixture_loss(head, (ret, slow_value), (1.0, self.slow_reg_scale), lse[:, :-1])
-        loss_critic = (per_step * weight[:, :-1]).mean()
-        stats = torch.stack([value.min(), value.max(), value.mean(), ret.min(), ret.max(), ret.mean(),
+        per_step = self.critic.codec.mixture_loss(head, (ret[:, :acted], slow_value), (1.0, self.slow_reg_scale),
+                                                  lse[:, :-1])
+        if steps is None:
+            loss_critic = (per_step * weight[:, :-1]).mean()
+        else:  # the mean over all N * H steps: the skipped ones have zero weight
+            loss_critic = (per_step * weight[:, :acted]).sum() / (per_step.shape[0] * horizon)
+        stats = torch.stack([stats_value.min(), stats_value.max(), stats_value.mean(), ret.min(), ret.max(), ret.mean(),
                              reward[:, 1:].mean(), cont[:, 1:].mean()]).detach()
         return loss_critic, value, ret, weight, stats
 
@@ -503,14 +540,24 @@ class DreamerPolicyLoss(_DreamerLoss):
         if self.actor_grad == "reinforce":
             ret = traj.get(k.lambda_return)[:, :-1].detach()
             value = traj.get(k.value)[:, :-1].detach()
+            # the percentiles over all N * H returns (with stop_when_done's padding: zeros)
             scale = self.return_normalizer.update(ret) if self.training else self.return_normalizer.scale
             fn = self.__dict__.get("_compiled_reinforce") or self._reinforce_terms
             # without per-step actor inputs, the actor runs on all H+1 (contiguous) states and its
             # distribution is sliced to the H acted ones: with the backward, 11% faster compiled
             # than running on the (non-contiguous) slice (forward-only heads are the other way)
             full = not self.actor_input_keys
-            loss_actor, entropy, advantage, log_prob = fn(feat.detach() if full else feat[:, :-1].detach(),
-                                                          action.detach(), ret, value, scale, weight, inputs, full)
+            steps = imagined_steps(traj)
+            if steps is None:
+                states = feat.detach() if full else feat[:, :-1].detach()
+                horizon = None
+            else:  # the actor runs on the imagined steps only, eagerly (see imagined_steps)
+                fn, horizon = self._reinforce_terms, ret.shape[1]
+                states = feat[:, :steps + 1 if full else steps].detach().contiguous()
+                action, ret, value, weight = (x[:, :steps] for x in (action, ret, value, weight))
+                inputs.update({name: inputs[name][:, :steps] for name in self.actor_input_keys})
+            loss_actor, entropy, advantage, log_prob = fn(states, action.detach(), ret, value, scale, weight, inputs,
+                                                          full, horizon)
         else:
             dist = self.actor(feat[:, :-1].detach(), **inputs)
             entropy = dist.entropy()
@@ -536,10 +583,12 @@ class DreamerPolicyLoss(_DreamerLoss):
 
     def _reinforce_terms(self, feat: torch.Tensor, action: torch.Tensor, ret: torch.Tensor, value: torch.Tensor,
                          scale: torch.Tensor, weight: torch.Tensor, inputs: dict[str, torch.Tensor],
-                         full: bool = False):
+                         full: bool = False, horizon: int | None = None):
         """REINFORCE loss on plain tensors (compilable): ``(loss, entropy, advantage, log_prob)``.
         ``full``: ``feat`` holds all H+1 states and the distribution is sliced to the first H
-        (``dist[:, :-1]``; a distribution without ``__getitem__`` is recomputed on the slice)."""
+        (``dist[:, :-1]``; a distribution without ``__getitem__`` is recomputed on the slice).
+        ``horizon``: the inputs hold the first ``L`` of ``horizon`` steps (:func:`imagined_steps`;
+        the rest have zero weight) and the loss is the mean over ``N * horizon`` steps."""
         dist = self.actor(feat, **inputs)
         if full:
             # a custom actor's distribution may not support slicing: then run it on the slice
@@ -556,7 +605,8 @@ class DreamerPolicyLoss(_DreamerLoss):
         else:
             advantage = ((ret - value) / scale).detach()
         log_prob = dist.log_prob(action)
-        loss_actor = -((log_prob * advantage + self.entropy_coef * entropy) * weight).mean()
+        per_step = (log_prob * advantage + self.entropy_coef * entropy) * weight
+        loss_actor = -(per_step.mean() if horizon is None else per_step.sum() / (per_step.shape[0] * horizon))
         return loss_actor, entropy, advantage, log_prob
 
     def enable_compile(self, **kwargs) -> None:
