@@ -39,6 +39,8 @@ def run(env: str, reward: str, budget_min: float, threads: int, root: Path, over
                                     f"threads={threads}", f"run.root={root}", "run.progress=false", *overrides])
     records = read_metrics(run_dir)
     curve = [(r["time/total_s"], r["train/episodes"], r["eval/gap_pct"]) for r in records if "eval/gap_pct" in r]
+    # with optim.ema_decay > 0, eval/gap_pct is the weight average's and eval/gap_pct_last the last iterate's
+    last = [(r["time/total_s"], r["train/episodes"], r["eval/gap_pct_last"]) for r in records if "eval/gap_pct_last" in r]
     ranges = [(r["time/total_s"], r.get("diag/value_min", math.nan), r.get("diag/value_max", math.nan),
                r.get("diag/lambda_return_min", math.nan), r.get("diag/lambda_return_max", math.nan))
               for r in records if "eval/gap_pct" in r]
@@ -56,8 +58,12 @@ def run(env: str, reward: str, budget_min: float, threads: int, root: Path, over
              for r in records if "diag/imagined_tour_length_model" in r]
     print(f"\n[{env}, {reward} reward] training minutes | instances | greedy dev gap % | value min..max | "
           f"lambda-target min..max")
+    if last:
+        print("(greedy dev gap: the weight average's; the last iterate's in brackets)")
+    last_gap = {n: g for _, n, g in last}
     for (t, n, gap), (_, vmin, vmax, lmin, lmax) in zip(curve, ranges):
-        print(f"{t / 60:8.1f} | {int(n):9d} | {gap:7.2f} | {vmin:8.2f}..{vmax:6.2f} | {lmin:8.2f}..{lmax:6.2f}")
+        shown = f"{gap:7.2f}" + (f" ({last_gap[n]:.2f})" if n in last_gap else "")
+        print(f"{t / 60:8.1f} | {int(n):9d} | {shown} | {vmin:8.2f}..{vmax:6.2f} | {lmin:8.2f}..{lmax:6.2f}")
     if tours:
         t, real, model, exact, acc = tours[-1]
         print(f"last diagnostic: real tour {real:.3f}, imagined tour (model reward) {model:.3f}, "
@@ -69,6 +75,7 @@ def run(env: str, reward: str, budget_min: float, threads: int, root: Path, over
             "instances_per_s_median": throughput, "curve": curve, "value_ranges": ranges, "tour_diagnostics": tours,
             "final_greedy_gap_pct": curve[-1][2] if curve else math.nan,
             "best_greedy_gap_pct": min(c[2] for c in curve) if curve else math.nan,
+            "curve_last_iterate": last, "final_greedy_gap_pct_last_iterate": last[-1][2] if last else None,
             "max_imagined_invalid_action_rate": invalid, "non_finite_logged_values": non_finite,
             "updates": records[-1].get("train/updates") if records else 0, "overrides": overrides}
 
@@ -82,7 +89,10 @@ def plot(env: str, results: list[dict], out: Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for res in results:
         ax.plot([c[0] / 60 for c in res["curve"]], [c[2] for c in res["curve"]], "o-", ms=3,
-                label=f"Dreamer ({res['reward']} reward)")
+                label=f"Dreamer ({res['reward']} reward)" + (", weight average" if res.get("curve_last_iterate") else ""))
+        if res.get("curve_last_iterate"):
+            ax.plot([c[0] / 60 for c in res["curve_last_iterate"]], [c[2] for c in res["curve_last_iterate"]], "x:",
+                    ms=3, label=f"Dreamer ({res['reward']} reward), last iterate")
         t = [r[0] / 60 for r in res["value_ranges"]]
         bx.plot(t, [r[1] for r in res["value_ranges"]], "-", label=f"value min ({res['reward']})")
         bx.plot(t, [r[2] for r in res["value_ranges"]], "-", label=f"value max ({res['reward']})")

@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         raise SystemExit("routing_tour_stats: needs a CVRP run with env.dev_set")
     state = load_checkpoint(args.run_dir / args.checkpoint, map_location="cpu")
     agent, _, _ = R.build(cfg)
-    R.load_weights(agent, state["agent"])
+    R.load_weights(agent, R.evaluated_weights(state))  # the weight average when the run kept one
     data = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
     n = data["locs"].shape[0]
     with torch.no_grad():

@@ -169,6 +169,40 @@ def test_dreamer_routing_resume_continues_counters_parameters_and_clock(tmp_runs
 
 
 @pytest.mark.smoke
+def test_dreamer_weight_average_is_evaluated_checkpointed_and_resumed(tmp_runs, capsys):
+    """optim.ema_decay: after each iteration's updates ema = d * ema + (1 - d) * weights (first: a copy);
+    eval/gap_pct decodes the average and eval/gap_pct_last the last iterate; the checkpoint carries the
+    average, --evaluate decodes it (same figure as the log) and --resume continues it."""
+    import json
+
+    from recipes.dreamer_routing import evaluated_weights
+    from torchrl_dreamer.checkpoint import load_checkpoint
+
+    args = ["--algo", "dreamer", "--env", "cvrp20", *DREAMER_ROUTING_TINY, f"run.root={tmp_runs}", "train.iterations=3",
+            "train.episodes_per_iter=8", "replay.prefill=8", "replay.batch_size=4", "replay.train_ratio=4",
+            "eval.every=1", "eval.diag_starts=4", "optim.ema_decay=0.5", "optim.actor_lr=1e-2", "optim.world_model_lr=1e-2"]
+    run_dir = routing.main(args)
+    records = read_metrics(run_dir)
+    last = records[-1]
+    assert last["eval/gap_pct"] > 0 and last["eval/gap_pct_last"] > 0
+    state = load_checkpoint(run_dir)
+    assert state["ema"]["n_averaged"] == 2  # iterations 2 and 3 updated (iteration 1 is the prefill)
+    averaged = evaluated_weights(state)
+    assert averaged.keys() == state["agent"].keys()
+    assert any(not torch.equal(averaged[k], v) for k, v in state["agent"].items())  # an average, not a copy
+    assert evaluated_weights({**state, "ema": None}) is state["agent"]
+    capsys.readouterr()
+    routing.main(["--evaluate", str(run_dir)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["gap_pct"] == pytest.approx(last["eval/gap_pct"], rel=1e-6)
+    assert printed["gap_pct"] != pytest.approx(last["eval/gap_pct_last"], rel=1e-6)
+    routing.main(["--resume", str(run_dir), "train.iterations=4"])
+    assert load_checkpoint(run_dir)["ema"]["n_averaged"] == 3
+    with pytest.raises(ConfigError, match="ema_decay"):
+        routing.main([*args, "optim.ema_decay=1.0"])
+
+
+@pytest.mark.smoke
 def test_cosine_schedule_scales_every_dreamer_learning_rate_and_validates(tmp_runs):
     """``optim.lr_schedule=cosine``: the world-model, actor and critic rates all follow the multiplier
     (logged as ``train/lr_multiplier``), from 1 down to ``optim.lr_final_fraction``."""
