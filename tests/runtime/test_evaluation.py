@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import recipes.ppo_routing as ppo_routing
 import recipes.dreamer_routing as dreamer_routing
 import torchrl_dreamer.evaluation as evaluation
 import torchrl_dreamer.routing_eval as routing_eval
