@@ -41,7 +41,15 @@ def build_variant(env: str, overrides: list[str], weights: dict | None, seed: in
     torch.manual_seed(seed)
     agent, _, update = recipe.build(cfg)
     if weights is not None:
-        recipe.load_weights(agent, weights)
+        try:
+            recipe.load_weights(agent, weights)
+        except recipe.CheckpointError:
+            # a variant that adds modules (e.g. model.actor_encoder=true): the shared weights load, the
+            # new modules keep their initial values (the timing does not depend on their values)
+            missing, unexpected = agent.load_state_dict(weights, strict=False)
+            if unexpected:
+                raise
+            print(f"note: {len(missing)} tensors of the variant {overrides} are not in the checkpoint; left at init")
     return cfg, agent, update
 
 
