@@ -160,6 +160,17 @@ def rows_checkpoint_size(record: Record) -> list[Row]:
              "old / new": r.get("old_over_new")} for r in record.get("results", [])]
 
 
+def rows_replay_sampling(record: Record) -> list[Row]:
+    """``replay_sampling.py``: one row per sampler and buffer size."""
+    return [{"sampler": r.get("sampler"), "rows stored": r.get("rows"), "ms per collector batch": ms(r.get("cycle_s")),
+             "ms per sample": ms(r.get("per_sample_s")), "TorchRL / ours": r.get("torchrl_over_ours"),
+             "windows": f"{record.get('batch')} x {record.get('seq_len')}"} for r in record.get("results", [])]
+
+
+def ms(seconds: Any) -> Any:
+    return seconds * 1e3 if isinstance(seconds, (int, float)) else seconds
+
+
 def rows_dreamer_throughput(record: Record) -> list[Row]:
     ours, theirs = record.get("ours_updates_per_s"), record.get("torchrl_updates_per_s")
     ratio = record.get("ratio_median")
@@ -261,6 +272,7 @@ KINDS: dict[str, Callable[[Record], list[Row]]] = {
     "checkpoint_size": rows_checkpoint_size,
     "crash_resume": rows_crash_resume,
     "dreamer_throughput": rows_dreamer_throughput,
+    "replay_sampling": rows_replay_sampling,
     "dreamer_vs_ppo": rows_dreamer_vs_ppo,
     "ppo_single_agent": rows_ppo_single_agent,
     "dreamer_cartpole": rows_dreamer_learning,

@@ -41,11 +41,11 @@ from torchrl_dreamer.dreamer.imagination import ActionMaskHooks, ImaginationModu
 from torchrl_dreamer.dreamer.losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_dict, make_replay_buffer,
                                            replay_state_dict)
-from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, terminal_calibration
+from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, set_learning_rates, terminal_calibration
 from torchrl_dreamer.guards import check_tensordict_finite
 from torchrl_dreamer.evaluation import confirm_final_and_best, evaluation_paths, report_evaluation, run_episodes
 from torchrl_dreamer.runtime import check_device
-from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
+from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_progress
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer"
 RECIPE = "dreamer"
@@ -174,7 +174,8 @@ def validate(cfg: DreamerConfig) -> None:
         "ac.start_fraction": "(0, 1]", "ac.slow_critic_fraction": "(0, 1]", "ac.slow_reg_scale": ">= 0",
         "ac.replay_value_scale": ">= 0", "ac.return_decay": "[0, 1)", "ac.group_size": ">= 1",
         "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
-        "optim.eps": "> 0", "optim.warmup_steps": ">= 0",
+        "optim.eps": "> 0", "optim.warmup_steps": ">= 0", "optim.lr_decay_start": "[0, 1)",
+        "optim.lr_final_fraction": "(0, 1]",
         "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
         "replay.train_ratio": "> 0", "replay.prefill": ">= 0",
         "train.env_steps": ">= 1", "train.steps_per_collect": ">= 1",
@@ -531,7 +532,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         for e in (env, eval_env):
             e.close(raise_if_closed=False)
         raise
-    window, metrics, completed = LogWindow(), {}, False
+    window, metrics, completed, lr_mult = LogWindow(), {}, False, 1.0
     obs = [k for k in keys if k != policy.mask_key]
     finite_keys = [*obs, *(("next", k) for k in obs), ("next", "reward")]
     try:
@@ -549,6 +550,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             prefill_ended = policy.random_actions and p.env_steps >= cfg.replay.prefill
             if p.env_steps >= cfg.replay.prefill:
                 policy.random_actions = False
+                progress = run_progress(p.env_steps, cfg.train.env_steps, run.elapsed(), cfg.run.time_budget_s)
+                lr_mult = set_learning_rates(update.optimizer, cfg.optim, progress)
                 run_owed_updates(cfg, update, rb, p, window, run.rd, batch.numel())
             pusher.after_batch(p.updates, force=prefill_ended)  # workers act with the new weights from here
             t0 = time.perf_counter()
@@ -565,7 +568,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             if p.env_steps >= p.next_log or evaluation is not None or finished:
                 p.next_log = p.env_steps + cfg.run.log_every
                 metrics = {**window.row(run.elapsed()), **(evaluation or {}), "train/env_steps": p.env_steps,
-                           "train/updates": p.updates, "diag/replay_rows": len(rb),
+                           "train/updates": p.updates, "train/lr_multiplier": lr_mult, "diag/replay_rows": len(rb),
                            "diag/random_actions": float(policy.random_actions), "diag/weight_pushes": pusher.pushes}
                 run.log(metrics, step=p.env_steps)  # log, then checkpoint (see TrainingRun)
                 window = LogWindow()

@@ -43,11 +43,12 @@ from torchrl_dreamer.dreamer.routing import (
     make_routing_agent,
 )
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, terminal_calibration
+from torchrl_dreamer.dreamer.update import set_learning_rates as set_optimizer_rates
 from torchrl_dreamer.evaluation import draw_picture, evaluation_paths, note, report_evaluation
 from torchrl_dreamer.routing_eval import RoutingEnvConfig, dev_tours_title, plot_decoded_tours, routing_eval_record
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import (
-    EvalConfig, LrSchedule, Recipe, RunConfig, TrainingRun, entry_points, lr_multiplier, run_progress,
+    EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_progress,
 )
 
 CONFIG_DIR = Path(__file__).parent / "configs" / "dreamer_routing"
@@ -57,13 +58,6 @@ RECIPE = "dreamer_routing"
 
 @dataclass
 class RoutingOptimConfig(OptimConfig):
-    lr_schedule: LrSchedule = doc(LrSchedule.constant, "constant, or cosine: every learning rate (world model, actor, "
-                                                       "critic) decays to lr * lr_final_fraction by the end of the run "
-                                                       "(progress = the larger of iterations done / train.iterations "
-                                                       "and time used / run.time_budget_s).")
-    lr_decay_start: float = doc(0.0, "Cosine schedule: progress (0-1) at which the decay starts; the rates are held "
-                                     "before it (0: decay over the whole run).")
-    lr_final_fraction: float = doc(0.1, "Cosine schedule: final learning rates as a fraction of the configured ones.")
     compile: bool = doc(False, "torch.compile the optimizer step (the same LaProp + AGC update as one graph; tested "
                                "equal). CVRP20 agent, one thread: 261 against 266 ms per update, ~40 s to compile "
                                "once. Falls back to eager with a warning where torch.compile cannot run.")
@@ -536,16 +530,11 @@ def restore(cfg: DreamerRoutingConfig, resume_state: Optional[dict], agent: Drea
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: DreamerRoutingConfig, done_iterations: int,
                        elapsed_s: float) -> float:
-    """Sets each param group's rate (``world_model``, ``actor``, ``critic``) to its configured rate times
-    the schedule's multiplier at this point of the run (``optim.lr_schedule``); returns the multiplier.
-    The optimizer's warm-up still scales these rates over the first ``optim.warmup_steps`` updates."""
-    oc = cfg.optim
+    """Sets each param group's rate to its configured rate times the schedule's multiplier at this point
+    of the run (``optim.lr_schedule``; :func:`torchrl_dreamer.dreamer.update.set_learning_rates`);
+    returns the multiplier."""
     progress = run_progress(done_iterations, cfg.train.iterations, elapsed_s, cfg.run.time_budget_s)
-    mult = lr_multiplier(oc.lr_schedule, progress, decay_start=oc.lr_decay_start, final_fraction=oc.lr_final_fraction)
-    base = {"world_model": oc.world_model_lr, "actor": oc.actor_lr, "critic": oc.critic_lr}
-    for group in optimizer.param_groups:
-        group["lr"] = base[group["name"]] * mult
-    return mult
+    return set_optimizer_rates(optimizer, cfg.optim, progress)
 
 
 def trim_padding(batch: TensorDict) -> TensorDict:

@@ -200,3 +200,78 @@ def test_wrapped_replay_into_a_larger_capacity_keeps_ring_order():
     more = w(_transitions(2, 10, done_at=[], start_obs=9000.0))
     rb2.extend(more)
     assert len(rb2) == 100 + len(more) and (rb2.storage[:][100:] == more).all()
+
+
+def _windows(rb, n=64, seed=0):
+    torch.manual_seed(seed)
+    return torch.stack([rb.sample()["observation"] for _ in range(n)])
+
+
+def _rebuilt_runs(rb):
+    """The sampler's runs (stream, first step, slots) as kept incrementally, and as a rebuild from storage finds them."""
+    sampler = rb._sampler
+
+    def runs():
+        return [(r.stream, r.first_step, r.buf[r.lo:r.hi].tolist()) for s in sorted(sampler._runs) for r in sampler._runs[s]]
+
+    sampler._refresh(rb.storage)
+    kept = runs()
+    sampler._full_rebuild(rb.storage)
+    return kept, runs()
+
+
+@pytest.mark.parametrize("capacity", [10_000, 157], ids=["growing", "wrapping"])
+def test_stream_sampler_keeps_the_runs_a_rebuild_finds(capacity):
+    """Extend by extend (episode ends, the ring buffer overwriting the oldest rows, a resumed run's new
+    stream ids), the runs kept incrementally equal those a sort of the whole storage finds, and the
+    windows drawn under a seed equal a freshly loaded buffer's."""
+    g = torch.Generator().manual_seed(1)
+    w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=3)
+    rb = make_replay_buffer(capacity, batch_size=4, seq_len=6)
+    for i in range(12):
+        if i == 7:  # as after --resume: the writer continues under new stream ids
+            w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=3, stream_offset=3)
+        done_at = [(e, int(t), bool(t % 2)) for e in range(3) for t in torch.randint(0, 17, (2,), generator=g)]
+        rb.extend(w(_transitions(3, 17, done_at, start_obs=100.0 * i, first_at=[(0, 0), (1, 0), (2, 0)] if i in (0, 7) else ())))
+        rb.sample()  # the sampler indexes what was written
+        kept, rebuilt = _rebuilt_runs(rb)
+        assert kept == rebuilt
+    streams = {s for s, _, _ in kept}
+    assert streams == ({0, 1, 2, 3, 4, 5} if capacity > 1000 else {3, 4, 5})
+    assert torch.equal(_windows(rb), _windows(_saved_and_loaded_at(rb, capacity, seq_len=6)))
+
+
+def _saved_and_loaded_at(rb, capacity, seq_len):
+    buf = io.BytesIO()
+    torch.save(replay_state_dict(rb), buf)
+    buf.seek(0)
+    rb2 = make_replay_buffer(capacity, batch_size=4, seq_len=seq_len)
+    load_replay_state_dict(rb2, torch.load(buf, weights_only=False))
+    return rb2
+
+
+def test_stream_sampler_draws_every_window_uniformly():
+    """Two streams of 30 and 10 rows, windows of 5: 26 + 6 windows fit, each drawn about equally often
+    (uniform over windows, not over streams), and none starts where fewer than 5 rows follow."""
+    w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=1)
+    w2 = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=1, stream_offset=1)
+    rb = make_replay_buffer(1000, batch_size=400, seq_len=5)
+    rb.extend(w(_transitions(1, 29, [], first_at=[(0, 0)])[0]))  # 29 transitions + nothing: 29 rows
+    rb.extend(w(_transitions(1, 1, [(0, 0, True)], start_obs=29.0)[0]))  # + 1 and the final row: 31 rows
+    rb.extend(w2(_transitions(1, 10, [], start_obs=5000.0, first_at=[(0, 0)])[0]))
+    n31, n10 = 31, 10
+    torch.manual_seed(0)
+    starts = torch.cat([rb.sample().reshape(400, 5)["observation"][:, 0, 0] for _ in range(40)])
+    first_obs = starts.unique()
+    assert len(first_obs) == (n31 - 4) + (n10 - 4)
+    counts = torch.stack([(starts == v).sum() for v in first_obs]).float()
+    expected = len(starts) / len(first_obs)
+    assert counts.min() > 0.75 * expected and counts.max() < 1.25 * expected
+
+
+def test_stream_sampler_says_when_no_stream_holds_a_window():
+    w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=2)
+    rb = make_replay_buffer(100, batch_size=2, seq_len=8)
+    rb.extend(w(_transitions(2, 5, [], first_at=[(0, 0), (1, 0)])))
+    with pytest.raises(RuntimeError, match="no stream holds 8 consecutive rows yet"):
+        rb.sample()

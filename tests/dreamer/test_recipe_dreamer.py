@@ -134,6 +134,29 @@ def test_resume_continues_counters_parameters_and_replay(tmp_runs, device_args):
 
 
 @pytest.mark.smoke
+def test_cosine_schedule_lowers_every_learning_rate_to_the_final_fraction(tmp_runs):
+    """``optim.lr_schedule=cosine``: the rates are held until ``optim.lr_decay_start`` of the run (in env
+    steps), then follow the multiplier (logged as ``train/lr_multiplier``) down towards
+    ``optim.lr_final_fraction``; the optimizer's groups carry the scaled rates. ``constant`` logs 1."""
+    args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
+            "eval.every=0", "train.env_steps=160", "optim.world_model_lr=2e-4", "optim.actor_lr=1e-4",
+            "optim.critic_lr=3e-4"]
+    run_dir = dreamer.main([*args, "optim.lr_schedule=cosine", "optim.lr_decay_start=0.5", "optim.lr_final_fraction=0.1"])
+    rows = [(r["train/env_steps"], r["train/lr_multiplier"]) for r in read_metrics(run_dir)]
+    held = [m for steps, m in rows if steps <= 80]
+    decayed = [m for steps, m in rows if steps > 96]
+    assert held and all(m == pytest.approx(1.0) for m in held)
+    assert decayed and all(0.1 <= m < 1.0 for m in decayed) and decayed == sorted(decayed, reverse=True)
+    groups = {g["name"]: g["lr"] for g in load_checkpoint(run_dir)["optimizer"]["param_groups"]}
+    last = rows[-1][1]
+    assert groups == pytest.approx({"world_model": 2e-4 * last, "actor": 1e-4 * last, "critic": 3e-4 * last})
+    run_dir = dreamer.main(args)
+    assert {r["train/lr_multiplier"] for r in read_metrics(run_dir)} == {1.0}
+    groups = {g["name"]: g["lr"] for g in load_checkpoint(run_dir)["optimizer"]["param_groups"]}
+    assert groups == pytest.approx({"world_model": 2e-4, "actor": 1e-4, "critic": 3e-4})
+
+
+@pytest.mark.smoke
 def test_resume_restores_exact_parameters(tmp_runs):
     args = ["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "env.factory=scripted_env:make_counting_env",
             "eval.every=0", "train.env_steps=48"]
@@ -280,6 +303,9 @@ def test_best_checkpoint_holds_the_best_evaluation_across_a_resume(tmp_runs, cap
     ("model.compile_mode=graph", "model.compile_mode must be one of"),
     ("replay.learning_rate=1", "unknown config key 'replay.learning_rate'"),
     ("replay.batch_size=abc", "wrong type"),
+    ("optim.lr_schedule=linear", "optim.lr_schedule must be one of"),
+    ("optim.lr_decay_start=1.0", "optim.lr_decay_start"),
+    ("optim.lr_final_fraction=0", "optim.lr_final_fraction"),
 ])
 def test_config_errors_before_any_work(override, message, tmp_runs):
     with pytest.raises(ConfigError, match=message):

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List
 
 from ..config import Choice, doc
+from ..trainer import LrSchedule
 
 __all__ = ["SingleAgentEnvConfig", "WorldModelLossConfig", "OptimConfig", "FreeBitsGrad", "ModelSize", "CompileMode", "ActorGrad", "ContMode"]
 
@@ -68,6 +69,13 @@ class OptimConfig:
     agc: float = doc(0.3, "Adaptive gradient clipping: max gradient norm as a fraction of each parameter's norm.")
     eps: float = doc(1e-20, "LaProp epsilon.")
     warmup_steps: int = doc(1000, "Linear learning-rate warm-up (updates).")
+    lr_schedule: LrSchedule = doc(LrSchedule.constant, "constant, or cosine: every learning rate (world model, actor, "
+                                                       "critic) decays to lr * lr_final_fraction by the end of the run "
+                                                       "(progress = the larger of the run's length done, in env steps "
+                                                       "or iterations, and time used / run.time_budget_s).")
+    lr_decay_start: float = doc(0.0, "Cosine schedule: progress (0-1) at which the decay starts; the rates are held "
+                                     "before it (0: decay over the whole run).")
+    lr_final_fraction: float = doc(0.1, "Cosine schedule: final learning rates as a fraction of the configured ones.")
 
 
 @dataclass

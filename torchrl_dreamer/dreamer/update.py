@@ -22,11 +22,12 @@ from tensordict import TensorDictBase
 from torchrl.trainers.algorithms.dreamer_v3 import DreamerV3Optimizer
 
 from ..guards import NonFiniteError, check_parameters_finite
+from ..trainer import lr_multiplier
 from .agent import DreamerAgent
 from .imagination import ImaginationModule
 from .losses import DreamerPolicyLoss, DreamerCriticLoss, DreamerWorldModelLoss
 
-__all__ = ["make_optimizer", "CompiledDreamerV3Optimizer", "DreamerUpdate"]
+__all__ = ["make_optimizer", "set_learning_rates", "CompiledDreamerV3Optimizer", "DreamerUpdate"]
 
 
 def _laprop_update(params: list[torch.Tensor], grads: list[torch.Tensor], rms: list[torch.Tensor],
@@ -119,6 +120,21 @@ def make_optimizer(agent: DreamerAgent, *, world_model_lr: float = 4e-5, actor_l
     if compile:
         return CompiledDreamerV3Optimizer(groups, compile_kwargs=compile_kwargs, **kwargs)
     return DreamerV3Optimizer(groups, **kwargs)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, optim_cfg, progress: float) -> float:
+    """Sets each param group's rate (``world_model``, ``actor``, ``critic``) to its configured rate in
+    ``optim_cfg`` (an :class:`~torchrl_dreamer.dreamer.config.OptimConfig`) times the multiplier of
+    ``optim_cfg.lr_schedule`` at ``progress`` (0..1, :func:`torchrl_dreamer.trainer.run_progress`);
+    returns the multiplier. The optimizer's warm-up still scales these rates over its first
+    ``warmup_steps`` updates. The compiled optimizer reads the rates as tensor inputs: changing them
+    does not recompile."""
+    oc = optim_cfg
+    mult = lr_multiplier(oc.lr_schedule, progress, decay_start=oc.lr_decay_start, final_fraction=oc.lr_final_fraction)
+    base = {"world_model": oc.world_model_lr, "actor": oc.actor_lr, "critic": oc.critic_lr}
+    for group in optimizer.param_groups:
+        group["lr"] = base[group["name"]] * mult
+    return mult
 
 
 def terminal_calibration(row: dict[str, float]) -> dict[str, float]:
