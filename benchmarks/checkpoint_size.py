@@ -25,7 +25,6 @@ the machine, versions, git commit and argv.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
+from provenance import provenance, write_json  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -125,9 +124,7 @@ def main(argv=None) -> dict:
           f"byte counter = file size on every run: {all(r['counted_checkpoint_bytes'] == r['checkpoint_bytes'] for r in results)})")
 
     report = {"machine": machine(default_threads), "settings": TINY, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, report)
     return report
 
 

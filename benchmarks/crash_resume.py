@@ -65,7 +65,7 @@ from typing import Any, Callable
 
 import torch
 
-from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
+from provenance import provenance, write_json  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -587,9 +587,7 @@ def main(argv=None) -> int:
         result = crash_cycles(args.cycles, root=root, seed=args.seed, kill_window_s=args.kill_window,
                               write_timeout_s=args.write_timeout, corrupt_every=args.corrupt_every)
     result["provenance"] = provenance(torch_threads_runs=1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0 if result["ok"] else 1
 
 

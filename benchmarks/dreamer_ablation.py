@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from dreamer_cartpole import TARGETS  # noqa: E402 (env yaml: threshold, minutes, env steps, eval every)
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 ROOT = Path(__file__).resolve().parents[1]
 DIAGNOSTICS = ("diag/continue_accuracy", "diag/continue_prob_at_terminal", "diag/imagined_cont_mean", "diag/actor_entropy", "diag/return_scale",
@@ -101,6 +101,7 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
             "best_eval": max(v for _, _, v in evals) if evals else None,
             "final_eval": evals[-1][2] if evals else None,
             "total_s": rows[-1].get("time/total_s"), "env_steps": rows[-1].get("train/env_steps"),
+            "updates": rows[-1].get("train/updates"),
             "confirm_final": result.get("final", {}).get("episode_reward_sum"),
             "confirm_best": result.get("best", {}).get("episode_reward_sum"),
             "confirm_episodes": result.get("episodes"), "diagnostics_last_quarter": diag}
@@ -113,8 +114,8 @@ def _fmt(x, spec=".1f") -> str:
 def table(results: list[dict], variants: list[str], args, threshold: float, minutes: float) -> str:
     lines = [f"| variant | seeds | budget | threads | reached {threshold:g} | minutes to it (each seed) | best eval "
              f"(mean) | final eval (mean) | {results[0].get('confirm_episodes') or 50}-episode re-score: final / best "
-             f"(mean) | updates/s | env steps (mean) |" if results else "",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"(mean) | updates/s | env steps (mean) | updates (mean) |" if results else "",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in variants:
         rs = [r for r in results if r["variant"] == name and "error" not in r]
         if not rs:
@@ -129,7 +130,8 @@ def table(results: list[dict], variants: list[str], args, threshold: float, minu
         lines.append(f"| {name} | {', '.join(str(r['seed']) for r in rs)} | {minutes:g} min | {args.threads} | "
                      f"{reached}/{len(rs)}{held} | {times} | {_fmt(mean('best_eval'))} | {_fmt(mean('final_eval'))} | "
                      f"{_fmt(mean('confirm_final'))} / {_fmt(mean('confirm_best'))} | "
-                     f"{_fmt(statistics.fmean(ups) if ups else None)} | {_fmt(mean('env_steps'), ',.0f')} |")
+                     f"{_fmt(statistics.fmean(ups) if ups else None)} | {_fmt(mean('env_steps'), ',.0f')} | "
+                     f"{_fmt(mean('updates'), ',.0f')} |")
     return "\n".join(lines)
 
 
@@ -199,11 +201,10 @@ def main() -> None:
     print()
     print(table(results, names, args, threshold, minutes))
     out = args.out or Path(__file__).parent / "results" / f"dreamer_ablation_{args.env}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(
-        {"env": args.env, "threshold": threshold, "budget_min": minutes, "budget_env_steps": steps,
-         "eval_every": eval_every, "no_stop": args.no_stop, "hold": args.hold, "common_overrides": args.overrides,
-         "variants": {n: ov for n, ov in variants}, "runs": results, **stamp}, indent=1))
+    write_json(out.with_suffix(".json"), {
+        "env": args.env, "threshold": threshold, "budget_min": minutes, "budget_env_steps": steps,
+        "eval_every": eval_every, "no_stop": args.no_stop, "hold": args.hold, "common_overrides": args.overrides,
+        "variants": {n: ov for n, ov in variants}, "runs": results, **stamp}, announce=False)
     plot(out.with_suffix(".png"), results, names, threshold, args.env)
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

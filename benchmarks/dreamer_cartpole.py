@@ -14,13 +14,12 @@ dreamer_<env>.json`` and a PNG of the evaluation curves.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 from recipes import dreamer
 from torchrl_dreamer.plots import read_metrics
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 TARGETS = {  # env yaml: (threshold, minutes, env steps, eval every)
     "cartpole": (475.0, 15.0, 50_000, 2500),
@@ -77,7 +76,7 @@ def main() -> None:
     summary = {"env": args.env, "threshold": threshold, "budget_min": minutes, "budget_env_steps": steps,
                "eval_every": eval_every, "overrides": args.overrides, "seeds": results,
                "all_reached": all(r["reached"] for r in results), **stamp}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_json(out.with_suffix(".json"), summary, announce=False)
     import matplotlib
 
     matplotlib.use("Agg")

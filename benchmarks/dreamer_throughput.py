@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from torchrl_reference_dreamer import RefSizes, build_torchrl_update  # noqa: E402
 
 from torchrl_dreamer.cpu import minor_page_faults, tune_malloc  # noqa: E402
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
@@ -200,10 +199,8 @@ def main() -> None:
               f"{med('torchrl_faults_per_update'):.0f}")
         print(f"ratio ours / TorchRL: {med('ratio'):.2f}x (median of per-round ratios; "
               f"min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.ours_only:
-        args.out.write_text(json.dumps({**result, **stamp}, indent=1))
-        print(f"wrote {args.out}")
+        write_json(args.out, {**result, **stamp})
 
 
 if __name__ == "__main__":

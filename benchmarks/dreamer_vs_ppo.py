@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from provenance import provenance
+from provenance import provenance, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -139,8 +139,7 @@ def main() -> None:
               f"{r['wall_clock_s']:.0f} | {ref} |")
     record = {"benchmark": "dreamer_vs_ppo", "budget_s": args.budget_s, "seed": args.seed, "references": refs,
               "results": results, **stamp}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record, announce=False)
     plot(results, refs, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

@@ -23,7 +23,6 @@ targets are reported per seed (the reference is interleaved with the first seed 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from mappo_plain_reference import iter_plain_mappo  # noqa: E402
 from recipes.mappo_vmas import CONFIG_DIR, MAPPOConfig, train  # noqa: E402
 from torchrl_dreamer.config import load_config, to_object  # noqa: E402
 from torchrl_dreamer.cpu import minor_page_faults, tune_malloc  # noqa: E402
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 
 def _show_ref(name: str, r: dict) -> None:
@@ -217,7 +216,7 @@ def main() -> None:
         "reference": {name: ref["records"] for name, ref in refs.items()},
         "argv": sys.argv[1:],
     }
-    args.out.with_suffix(".json").write_text(json.dumps({**result, **stamp}, indent=1))
+    write_json(args.out.with_suffix(".json"), {**result, **stamp}, announce=False)
     plot(args.out.with_suffix(".png"), runs, {n: r["records"] for n, r in refs.items()})
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 

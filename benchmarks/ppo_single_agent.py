@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 #: env YAML -> the return a solved run reaches (the usual "solved" lines)
@@ -62,10 +62,8 @@ def main() -> None:
                     if r["reached_s"] is not None else f"did not reach {r['solved_at']:g}")
             print(f"{env:12s} best {r['best_eval']:8.1f} final {r['final_eval']:8.1f} after {r['env_steps']} steps "
                   f"in {r['wall_clock_s']:.0f} s; {when}", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "ppo_single_agent", "budget_s": args.budget_s, "seed": args.seed,
-                                    "results": results, **stamp}, indent=1))
-    print(f"wrote {args.out}")
+    write_json(args.out, {"benchmark": "ppo_single_agent", "budget_s": args.budget_s, "seed": args.seed,
+                          "results": results, **stamp})
 
 
 if __name__ == "__main__":

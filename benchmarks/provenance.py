@@ -48,10 +48,19 @@ def provenance(**extra: Any) -> dict[str, Any]:
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def write_json(path: Path | str, record: Any, *, announce: bool = True) -> Path:
+    """Writes ``record`` as JSON at ``path`` (folders made; a temporary file renamed into place, so an
+    interrupted benchmark never leaves half a result) and, with ``announce``, prints where; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+    if announce:
+        print(f"wrote {path}")
+    return path
+
+
 def write_result(name: str, record: dict[str, Any]) -> Path:
     """Writes ``record`` as ``benchmarks/results/<name>.json`` and prints where; returns the path."""
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(f"wrote {path}")
-    return path
+    return write_json(RESULTS / f"{name}.json", record)

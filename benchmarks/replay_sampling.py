@@ -18,7 +18,6 @@ thread (``torch.set_num_threads(1)``), as the recipe's runs. Both samplers draw 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 from tensordict import TensorDict
 
-from provenance import provenance  # benchmarks/provenance.py (the script's folder is on sys.path)
+from provenance import provenance, write_json  # benchmarks/provenance.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,9 +107,7 @@ def main(argv=None) -> dict:
     record = {**provenance(torch_threads_runs=1), "benchmark": "replay_sampling", "capacity": args.capacity,
               "batch": args.batch, "seq_len": args.seq_len, "envs": ENVS, "steps_per_batch": args.steps,
               "samples_per_batch": args.samples, "cycles": args.cycles, "results": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, record)
     return record
 
 

@@ -246,7 +246,8 @@ def rows_dreamer_ablation(record: Record) -> list[Row]:
              "budget (min)": record.get("budget_min"), "reached": r.get("reached"),
              "minutes to target": (r.get("reached_s") or math.nan) / 60, "best eval": r.get("best_eval"),
              "final eval": r.get("final_eval"), "re-scored final": r.get("confirm_final"),
-             "re-scored best.pt": r.get("confirm_best"), "env steps": r.get("env_steps")}
+             "re-scored best.pt": r.get("confirm_best"), "env steps": r.get("env_steps"),
+             "updates": r.get("updates")}
             for r in record.get("runs", [])]
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from recipes import dreamer_routing
 from torchrl_dreamer.config import load_config, to_object
 from torchrl_dreamer.plots import read_metrics
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -128,9 +128,8 @@ def main() -> None:
     rewards = ["learned", "known"] if args.reward == "both" else [args.reward]
     results = [run(args.env, r, args.budget_min, args.threads, args.root, args.overrides) for r in rewards]
     out = args.out or RESULTS / f"routing_dreamer_{args.env}{'' if args.reward == 'yaml' else '_' + args.reward}"
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"runs": results} if len(results) > 1 else results[0]
-    out.with_suffix(".json").write_text(json.dumps({**record, **stamp}, indent=1))
+    write_json(out.with_suffix(".json"), {**record, **stamp}, announce=False)
     plot(args.env, results, out.with_suffix(".png"))
     if len(results) > 1:
         print("\nreward   | final greedy gap % | best greedy gap % | instances/s")

@@ -11,7 +11,6 @@ PNG of the gap curve.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from recipes.ppo_routing import PPORoutingConfig, evaluate_checkpoint
 from recipes.ppo_routing import main as ppo_main
 from torchrl_dreamer.config import load_config, to_object
 from torchrl_dreamer.plots import read_metrics
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
@@ -69,7 +68,7 @@ def main() -> None:
     print(f"training throughput: {throughput:.0f} instances/s (median over iterations, rollout + update; "
           f"{args.threads} threads)" + (f"; {k} rollouts per problem: {throughput / k:.1f} distinct problems/s"
                                         if k > 1 else ""))
-    out.with_suffix(".json").write_text(json.dumps({**results, **stamp}, indent=1))
+    write_json(out.with_suffix(".json"), {**results, **stamp}, announce=False)
     plot_curve(results, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 SETUPS = ["direct:1:sync", "process:1:sync", "process:2:sync", "process:2:async", "ray:2:sync"]
 
@@ -217,8 +217,7 @@ def main() -> None:
                "learning": curves, "learning_minutes": args.minutes if args.learning else None,
                "usd_per_core_hour": args.usd_per_core_hour,
                "note": "2-core machine: learner and workers share the cores; per-worker rates feed the estimate"}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
+    write_json(args.out.with_suffix(".json"), summary, announce=False)
     plot(summary, args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
 

@@ -14,7 +14,6 @@ PNG (one bar chart per scenario).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from baselines.vmas_heuristics import reference_policy
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 POLICIES = {
     "wheel": ["do_nothing", "random", "wheel", "wheel_push"],
@@ -97,8 +96,7 @@ def main() -> None:
             results.append(res)
             print(f"{scenario:18s} {rule:18s} episode reward sum {res['mean']:8.3f} +- {res['std']:.3f} "
                   f"({args.repeats} x {res['num_envs']} envs, {res['seconds']:.0f} s)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"repeats": args.repeats, "results": results, **stamp}, indent=1))
+    write_json(args.out, {"repeats": args.repeats, "results": results, **stamp}, announce=False)
     print("\n| scenario | policy | eval episode reward sum (mean +- sd over repeats) |\n|---|---|---|")
     for r in results:
         print(f"| {r['scenario']} | {r['policy']} | {r['mean']:.3f} +- {r['std']:.3f} |")

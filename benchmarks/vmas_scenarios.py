@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from recipes.mappo_vmas import main as mappo_main
-from provenance import provenance  # noqa: E402 (benchmarks/ is on sys.path when run)
+from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
 SCENARIOS = ["navigation", "reverse_transport", "wheel", "buzz_wire"]
 
@@ -101,7 +101,8 @@ def main() -> None:
         print(f"{scenario}: {res['iterations']} iterations, {res['frames']} frames, {res['train_s'] / 60:.1f} min; "
               f"train reward sum {res['final_train_reward_sum']:.3f}, eval {res['final_eval_reward_sum']:.3f} "
               f"(best eval {res['best_eval_reward_sum']:.3f})", flush=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"budget_min": args.budget_min, "results": results, **stamp}, indent=1))
+        write_json(args.out.with_suffix(".json"), {"budget_min": args.budget_min, "results": results, **stamp},
+                   announce=False)
     print()
     print("| scenario | iterations (frames) | training time | train episode reward sum (last iter) | "
           "eval episode reward sum (last / best) |")

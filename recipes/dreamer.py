@@ -111,6 +111,9 @@ class ReplayConfig:
     seq_len: int = doc(64, "Steps per sequence (may cross episode boundaries, marked by is_first).")
     train_ratio: float = doc(512.0, "Replayed steps per env step (updates = env steps * ratio / (batch * seq_len)).")
     prefill: int = doc(2500, "Env steps with uniformly random actions before the first update.")
+    terminal_fraction: float = doc(0.0, "Share of each batch's windows drawn around a stored terminal row (0-1; "
+                                        "0 = all uniform): rare episode ends reach the reward and continue heads "
+                                        "more often, which then lean towards ending.")
 
 
 @dataclass
@@ -177,7 +180,7 @@ def validate(cfg: DreamerConfig) -> None:
         "optim.eps": "> 0", "optim.warmup_steps": ">= 0", "optim.lr_decay_start": "[0, 1)",
         "optim.lr_final_fraction": "(0, 1]",
         "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
-        "replay.train_ratio": "> 0", "replay.prefill": ">= 0",
+        "replay.train_ratio": "> 0", "replay.prefill": ">= 0", "replay.terminal_fraction": "[0, 1]",
         "train.env_steps": ">= 1", "train.steps_per_collect": ">= 1",
         "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0",
         "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
@@ -500,7 +503,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     with_policy_state(env, policy)
     announce_compile(cfg)
     update = build_update(cfg, agent)
-    rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len)
+    rb = make_replay_buffer(cfg.replay.capacity, cfg.replay.batch_size, cfg.replay.seq_len,
+                            terminal_fraction=cfg.replay.terminal_fraction)
     keys = list(policy.obs_keys)  # the observations and, for a masked env, its action mask
     writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, total_envs(cfg),
                             reward_scale=cfg.env.reward_scale)

@@ -88,3 +88,18 @@ def test_kind_from_benchmark_field_or_script_prefix(report, tmp_path):
     assert report.kind_of(tmp_path / "x.json", {"benchmark": "dreamer_vs_ppo"}, prefixes) == "dreamer_vs_ppo"
     assert report.find_stamp({"a": [{"b": {"git_commit": "c"}}]}) == {"git_commit": "c"}
     assert report.find_stamp({"git": {"commit": "c"}}) is None
+
+
+def test_write_json_makes_folders_replaces_whole_files_and_keeps_the_old_one_on_failure(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("provenance", None)
+    provenance = importlib.import_module("provenance")
+    path = tmp_path / "deep" / "er" / "result.json"
+    assert provenance.write_json(path, {"a": 1}) == path
+    assert json.loads(path.read_text()) == {"a": 1} and f"wrote {path}" in capsys.readouterr().out
+    provenance.write_json(path, {"b": [1.5, None]}, announce=False)
+    assert json.loads(path.read_text()) == {"b": [1.5, None]} and capsys.readouterr().out == ""
+    with pytest.raises(TypeError):  # not JSON: nothing half-written, the previous result stays
+        provenance.write_json(path, {"c": object()})
+    assert json.loads(path.read_text()) == {"b": [1.5, None]}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]

@@ -275,3 +275,57 @@ def test_stream_sampler_says_when_no_stream_holds_a_window():
     rb.extend(w(_transitions(2, 5, [], first_at=[(0, 0), (1, 0)])))
     with pytest.raises(RuntimeError, match="no stream holds 8 consecutive rows yet"):
         rb.sample()
+
+
+@pytest.mark.parametrize("capacity", [10_000, 157], ids=["growing", "wrapping"])
+def test_terminal_fraction_draws_that_share_of_windows_around_terminal_rows(capacity):
+    """``terminal_fraction=0.5``: the first half of each batch's windows hold a terminal row, at every
+    position of the window, every stored terminal drawn; a ring buffer that overwrote terminal rows never
+    yields them; each window is consecutive steps of one stream; a reloaded buffer draws the same windows."""
+    g = torch.Generator().manual_seed(3)
+    w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=2)
+    rb = make_replay_buffer(capacity, batch_size=8, seq_len=6, terminal_fraction=0.5)
+    written = 0
+    for i in range(10):
+        done_at = [(e, int(t), bool((t + e + i) % 2)) for e in range(2) for t in torch.randint(0, 23, (1,), generator=g)]
+        rows = w(_transitions(2, 23, done_at, start_obs=100.0 * i, first_at=[(0, 0), (1, 0)] if i == 0 else ()))
+        written += int(rows["is_terminal"].sum())
+        rb.extend(rows)
+        if i >= 2:  # the sampler indexes each write as it comes (a first sample rebuilds from storage)
+            batch = rb.sample().reshape(8, 6)
+            assert batch["is_terminal"].reshape(8, 6)[:4].any(1).all()
+    rows = rb.storage[:len(rb)]
+    stored = {(int(s), int(t)) for s, t, x in zip(rows["stream"], rows["step"], rows["is_terminal"]) if x}
+    assert len(stored) >= 3 and (written > len(stored)) == (capacity < 1000)  # wrapping: some were overwritten
+    seen, positions = set(), set()
+    torch.manual_seed(0)
+    for _ in range(200):
+        batch = rb.sample().reshape(8, 6)
+        steps, streams, term = batch["step"], batch["stream"], batch["is_terminal"].reshape(8, 6)
+        assert (streams == streams[:, :1]).all() and (steps[:, 1:] == steps[:, :-1] + 1).all()
+        assert term[:4].any(1).all()
+        for win in range(4):
+            for pos in term[win].nonzero().squeeze(-1).tolist():
+                seen.add((int(streams[win, pos]), int(steps[win, pos])))
+                positions.add(pos)
+    assert seen == stored and positions == set(range(6))
+    assert torch.equal(_windows(rb), _windows(_reloaded_with_terminals(rb, capacity)))
+
+
+def _reloaded_with_terminals(rb, capacity):
+    buf = io.BytesIO()
+    torch.save(replay_state_dict(rb), buf)
+    buf.seek(0)
+    rb2 = make_replay_buffer(capacity, batch_size=8, seq_len=6, terminal_fraction=0.5)
+    load_replay_state_dict(rb2, torch.load(buf, weights_only=False))
+    return rb2
+
+
+def test_terminal_fraction_falls_back_to_uniform_windows_and_checks_its_range():
+    w = SequenceWriter({"observation": "observation"}, lambda a: a.float(), num_envs=1)
+    rb = make_replay_buffer(1000, batch_size=4, seq_len=5, terminal_fraction=1.0)
+    rb.extend(w(_transitions(1, 30, [(0, 12, False)], first_at=[(0, 0)])))  # a truncation only: no terminal row
+    batch = rb.sample().reshape(4, 5)
+    assert not batch["is_terminal"].any() and (batch["step"][:, 1:] == batch["step"][:, :-1] + 1).all()
+    with pytest.raises(ValueError, match="terminal_fraction must be in"):
+        make_replay_buffer(1000, batch_size=4, seq_len=5, terminal_fraction=1.5)

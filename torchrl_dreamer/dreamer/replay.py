@@ -176,22 +176,38 @@ class StreamSliceSampler(Sampler):
     storage in one sort. Runs are kept in (stream, step) order, so the windows drawn under a seed
     depend on the rows stored, not on the storage layout or the write history.
 
+    With ``terminal_fraction > 0`` that fraction of each batch's windows (rounded) is drawn around a
+    stored terminal row instead: a terminal row uniformly among those stored, at a uniform position in
+    its window (moved in where its run is too short on one side). Rare episode ends (a crash or a
+    landing among hundreds of steps) then reach the world model's reward and continue heads several
+    times per batch instead of about once; the heads see terminals more often than the env produces
+    them, so their probabilities lean towards ending (off by default). The rest of the batch stays
+    uniform; with no terminal row stored, the whole batch is.
+
     Args:
         seq_len: rows per window; ``sample(storage, batch_size)`` returns ``batch_size // seq_len``
             windows, one after another (reshape the rows to ``[batch_size // seq_len, seq_len]``).
         traj_key, step_key: the row keys of the stream id and the position in the stream.
+        terminal_fraction: share of the windows drawn around a terminal row (``[0, 1]``).
+        terminal_key: the row key marking terminal rows.
     """
 
-    def __init__(self, seq_len: int, traj_key: str = "stream", step_key: str = "step") -> None:
+    def __init__(self, seq_len: int, traj_key: str = "stream", step_key: str = "step", *,
+                 terminal_fraction: float = 0.0, terminal_key: str = "is_terminal") -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        if not 0.0 <= terminal_fraction <= 1.0:
+            raise ValueError(f"terminal_fraction must be in [0, 1], got {terminal_fraction}")
         self.seq_len, self.traj_key, self.step_key = int(seq_len), traj_key, step_key
+        self.terminal_fraction, self.terminal_key = float(terminal_fraction), terminal_key
         self._empty()
 
     def _empty(self) -> None:
         self._runs: dict[int, list[_Run]] = {}
         self._slot_stream = torch.empty(0, dtype=torch.long)  # per storage slot; -1 = no row indexed
         self._slot_step = torch.empty(0, dtype=torch.long)
+        self._slot_terminal = torch.empty(0, dtype=torch.bool)  # kept only with terminal_fraction > 0
+        self._terminals: torch.Tensor | None = None  # slots of the terminal rows, (stream, step) order; None = stale
         self._pending: list[torch.Tensor] = []
         self._revision: int | None = None  # the storage's mutation counter when the runs were last right
         self._rebuild = True
@@ -215,7 +231,8 @@ class StreamSliceSampler(Sampler):
         self._empty()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(seq_len={self.seq_len}, streams={len(self._runs)})"
+        extra = f", terminal_fraction={self.terminal_fraction:g}" if self.terminal_fraction else ""
+        return f"{type(self).__name__}(seq_len={self.seq_len}{extra}, streams={len(self._runs)})"
 
     # ------------------------------------------------------------------ keeping the runs
     def _columns(self, storage, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,21 +242,32 @@ class StreamSliceSampler(Sampler):
             stream, step = stream[index], step[index]
         return stream.reshape(-1).long().cpu(), step.reshape(-1).long().cpu()
 
+    def _terminal_column(self, storage, index: torch.Tensor | None = None) -> torch.Tensor:
+        flag = storage[:].get(self.terminal_key)
+        if index is not None:
+            flag = flag[index]
+        return flag.reshape(-1).bool().cpu()
+
     def _grow_slots(self, size: int) -> None:
         if size > self._slot_stream.numel():
             grow = max(size, 2 * self._slot_stream.numel()) - self._slot_stream.numel()
             self._slot_stream = torch.cat([self._slot_stream, self._slot_stream.new_full((grow,), -1)])
             self._slot_step = torch.cat([self._slot_step, self._slot_step.new_full((grow,), -1)])
+            self._slot_terminal = torch.cat([self._slot_terminal, self._slot_terminal.new_zeros((grow,))])
 
     def _full_rebuild(self, storage) -> None:
         self._runs, self._pending = {}, []
         n = len(storage)
         self._slot_stream = torch.full((n,), -1, dtype=torch.long)
         self._slot_step = torch.full((n,), -1, dtype=torch.long)
+        self._slot_terminal = torch.zeros(n, dtype=torch.bool)
+        self._terminals = None
         if n:
             stream, step = self._columns(storage)
             stream, step = stream[:n], step[:n]
             self._slot_stream[:], self._slot_step[:] = stream, step
+            if self.terminal_fraction:
+                self._slot_terminal[:] = self._terminal_column(storage)[:n]
             order = torch.argsort(step, stable=True)
             order = order[torch.argsort(stream[order], stable=True)]
             s, t = stream[order], step[order]
@@ -276,6 +304,9 @@ class StreamSliceSampler(Sampler):
                     self._runs.pop(stream, None)
         stream, step = self._columns(storage, index)
         self._slot_stream[index], self._slot_step[index] = stream, step
+        if self.terminal_fraction:
+            self._slot_terminal[index] = self._terminal_column(storage, index)
+            self._terminals = None
         # rows of one stream arrive in step order: split the write into (stream, consecutive steps) pieces
         cut = torch.ones(index.numel(), dtype=torch.bool)
         cut[1:] = (stream[1:] != stream[:-1]) | (step[1:] != step[:-1] + 1)
@@ -324,20 +355,46 @@ class StreamSliceSampler(Sampler):
             longest = max((len(r) for r in runs), default=0)
             raise RuntimeError(f"no stream holds {self.seq_len} consecutive rows yet (longest: {longest}); "
                                "collect more before sampling")
-        draw = torch.randint(total, (batch_size // self.seq_len,), generator=self._rng)
+        L, windows = self.seq_len, batch_size // self.seq_len
+        pieces = self._terminal_windows(round(self.terminal_fraction * windows)) if self.terminal_fraction else []
+        draw = torch.randint(total, (windows - len(pieces),), generator=self._rng)
         ends = torch.cumsum(fits, 0)
         which = torch.searchsorted(ends, draw, right=True)
         offset = draw - (ends[which] - fits[which])
-        L = self.seq_len
-        pieces = [runs[w].buf[runs[w].lo + o:runs[w].lo + o + L] for w, o in zip(which.tolist(), offset.tolist())]
+        pieces += [runs[w].buf[runs[w].lo + o:runs[w].lo + o + L] for w, o in zip(which.tolist(), offset.tolist())]
         return torch.cat(pieces), {}
 
+    def _terminal_windows(self, count: int) -> list[torch.Tensor]:
+        """``count`` windows, each around a terminal row drawn uniformly (fewer where no terminal row
+        lies in a run of ``seq_len`` rows or more)."""
+        if count <= 0:
+            return []
+        if self._terminals is None:
+            slots = self._slot_terminal.nonzero().squeeze(-1)
+            key = self._slot_stream[slots] * (int(self._slot_step.max()) + 1) + self._slot_step[slots]
+            self._terminals = slots[torch.argsort(key)]  # (stream, step) order: independent of the layout
+        if not self._terminals.numel():
+            return []
+        L, out = self.seq_len, []
+        picks = torch.randint(self._terminals.numel(), (count,), generator=self._rng)
+        where = torch.randint(L, (count,), generator=self._rng)
+        for slot, u in zip(self._terminals[picks].tolist(), where.tolist()):
+            stream, step = int(self._slot_stream[slot]), int(self._slot_step[slot])
+            run = next((r for r in self._runs.get(stream, ()) if r.first_step <= step < r.next_step), None)
+            if run is None or len(run) < L:
+                continue
+            start = min(max(step - u, run.first_step), run.next_step - L) - run.first_step
+            out.append(run.buf[run.lo + start:run.lo + start + L])
+        return out
 
-def make_replay_buffer(capacity: int, batch_size: int, seq_len: int, *, device: str | torch.device = "cpu") -> ReplayBuffer:
+
+def make_replay_buffer(capacity: int, batch_size: int, seq_len: int, *, device: str | torch.device = "cpu",
+                       terminal_fraction: float = 0.0) -> ReplayBuffer:
     """Ring buffer of rows; :meth:`sample` returns ``batch_size * seq_len`` rows, ``seq_len``
     consecutive rows of one stream after another (reshape to ``[batch_size, seq_len]``), drawn by
-    :class:`StreamSliceSampler`."""
-    return ReplayBuffer(storage=LazyTensorStorage(capacity, device=device), sampler=StreamSliceSampler(seq_len),
+    :class:`StreamSliceSampler` (``terminal_fraction``: its share of windows around terminal rows)."""
+    sampler = StreamSliceSampler(seq_len, terminal_fraction=terminal_fraction)
+    return ReplayBuffer(storage=LazyTensorStorage(capacity, device=device), sampler=sampler,
                         batch_size=batch_size * seq_len)
 
 
