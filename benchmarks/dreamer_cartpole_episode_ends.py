@@ -33,9 +33,9 @@ from torchrl_dreamer.dreamer.functional import symexp
 X_LIMIT, THETA_LIMIT = 2.4, math.radians(12)  # CartPole-v1's termination bounds
 
 
-def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = (4,), with_rewards: bool = False):
-    """Agent, and per episode its observations ``[L+1, *obs_shape]`` (terminal one included) and
-    one-hot actions ``[L, A]`` (``with_rewards``: also the rewards ``[L]``)."""
+def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = (4,)):
+    """Checkpoint env steps, agent, and per episode ``(observations [L+1, *obs_shape]`` (terminal one
+    included), ``one-hot actions [L, A]``, ``rewards [L])``."""
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"{run_dir}: no config.yaml here; pass a Dreamer run directory (runs/dreamer/<env>/<stamp>)")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig), OmegaConf.load(run_dir / "config.yaml")))
@@ -75,7 +75,7 @@ def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = 
         L = int(lengths[i])
         a = A[i, :L].reshape(L, -1)
         a = a.float() if a.shape[-1] == n_actions else F.one_hot(a.long().reshape(L), n_actions).float()
-        out.append((O[i, :L + 1], a, R[i, :L]) if with_rewards else (O[i, :L + 1], a))
+        out.append((O[i, :L + 1], a, R[i, :L]))
     return state["env_steps"], agent, out
 
 
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
     env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps)
     print(f"checkpoint at {env_steps} env steps; {args.episodes} episodes with mode actions")
     reasons, errors = [], {}
-    for i, (obs, act) in enumerate(episodes):
+    for i, (obs, act, _) in enumerate(episodes):
         L = act.shape[0]
         last = obs[-1]
         reason = end_reason(last, L, args.max_steps)

@@ -51,8 +51,7 @@ def main(argv=None) -> dict:
                                               OmegaConf.load(args.run_dir / "config.yaml")))
     scale = cfg.env.reward_scale
     still = cfg.env.still_tol > 0  # env.still_tol appends the steps-at-rest count to the 8 state entries
-    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + still,),
-                                      with_rewards=True)
+    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + still,))
     rows: dict[str, list[dict]] = {}
     for obs, act, rew in episodes:
         L = act.shape[0]
