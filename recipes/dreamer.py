@@ -33,7 +33,7 @@ from torchrl_dreamer.collectors import (CollectorConfig, WeightPusher, WorkerFai
                                         make_collector, shutdown_quietly, worker_chunks)
 from torchrl_dreamer.config import ConfigError, check_ranges, doc
 from torchrl_dreamer.cpu import compile_unavailable, inductor_options, tune_malloc
-from torchrl_dreamer.dreamer.config import (ActorGrad, CompileMode, ContMode, ModelSize, OptimConfig,
+from torchrl_dreamer.dreamer.config import (ActorGrad, CompileMode, ContMode, ModelSize, OptimConfig, TwoHotSpace,
                                            SingleAgentEnvConfig, WorldModelLossConfig)
 from torchrl_dreamer.dreamer.agent import DreamerAgent, DreamerPolicy, make_agent, preset
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
@@ -70,6 +70,11 @@ class ModelConfig:
     classes: int = doc(0, "Override: classes per latent C (0 = preset).")
     blocks: int = doc(0, "Override: GRU blocks (0 = preset).")
     cnn_depth: int = doc(0, "Override: channels of the first conv layer (0 = preset).")
+    twohot: TwoHotSpace = doc(TwoHotSpace.symlog, "Two-hot bins of the reward head and the critic: symlog (even in "
+                                                  "symlog space, prediction = symexp of the mean bin: the 2023 paper's "
+                                                  "text) or symexp (the reference code's symexp_twohot: the same bins "
+                                                  "in raw units, prediction = the distribution's mean, so rare large "
+                                                  "rewards are not shrunk towards 0).")
     unimix: float = doc(0.01, "Uniform mix of latent and (discrete) policy distributions.")
     compile: bool = doc(False, "torch.compile parts of the update (optional; see compile_mode; measure first).")
     compile_mode: CompileMode = doc(CompileMode.step, "With compile=true: step (the RSSM scan step and the imagination step) or full "
@@ -235,7 +240,7 @@ def preflight(cfg: DreamerConfig, resume_state: Optional[dict]) -> None:
 def model_sizes(cfg: ModelConfig):
     overrides = {k: getattr(cfg, k) for k in ("deter", "hidden", "units", "layers", "stoch", "classes", "blocks",
                                               "cnn_depth") if getattr(cfg, k)}
-    return preset(cfg.size, **overrides)
+    return preset(cfg.size, twohot=str(cfg.twohot.value), **overrides)
 
 
 def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int, check: bool = False) -> EnvBase:

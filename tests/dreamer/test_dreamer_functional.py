@@ -22,14 +22,19 @@ def test_symlog_symexp_values_and_round_trip():
     assert torch.allclose(symexp(symlog(x)), x, rtol=1e-12)
 
 
-def test_two_hot_encode_decode_round_trip_and_loss():
-    codec = TwoHot(num_bins=255).double()
+def _bin_units(codec, x):
+    return symlog(x) if codec.space == "symlog" else x
+
+
+@pytest.mark.parametrize("space", TwoHot.SPACES)
+def test_two_hot_encode_decode_round_trip_and_loss(space):
+    codec = TwoHot(num_bins=255, space=space).double()
     targets = torch.tensor([-300.0, -1.0, 0.0, 0.37, 5.0, 1234.5], dtype=torch.float64)
     w = codec.encode(targets)
     assert torch.allclose(w.sum(-1), torch.ones(6, dtype=torch.float64))
     assert ((w > 0).sum(-1) <= 2).all()
-    # expected bin == symlog(target) exactly (inside the range)
-    assert torch.allclose((w * codec.bins).sum(-1), symlog(targets))
+    # expected bin == the target in bin units (symlog(target) or target) exactly, inside the range
+    assert torch.allclose((w * codec.bins).sum(-1), _bin_units(codec, targets))
     # decoding logits that put exactly these weights back gives the target
     logits = torch.log(w.clamp_min(1e-300))
     assert torch.allclose(codec.decode(logits), targets, rtol=1e-9)
@@ -165,13 +170,14 @@ def test_return_normalizer_ema_against_naive():
     assert small.scale.item() == 1.0  # never divides advantages by less than 1
 
 
-def test_two_hot_loss_compiled_form_equals_gather_form_values_and_gradients():
+@pytest.mark.parametrize("space", TwoHot.SPACES)
+def test_two_hot_loss_compiled_form_equals_gather_form_values_and_gradients(space):
     """Under torch.compile the loss uses dense "tent" weights max(0, 1 - |i - position|) instead of
     a gather (whose backward is a scatter); same loss and same logits gradient, edge bins and
-    out-of-range targets included."""
-    codec = TwoHot(num_bins=255)
+    out-of-range targets included (symexp bins: uneven widths on the two sides of a bin)."""
+    codec = TwoHot(num_bins=255, space=space)
     torch.manual_seed(0)
-    targets = torch.tensor([-1e9, -300.0, -1.0, 0.0, 0.37, 5.0, 1234.5, 1e9, codec.bins[7].item()])
+    targets = torch.tensor([-1e9, -300.0, -1.0, 0.0, 0.37, 5.0, 1234.5, 1e9, symexp(torch.tensor(-20.0 + 7 * 40 / 254)).item()])
     targets = torch.cat([targets, symexp(torch.randn(40) * 4)])
     raw = torch.randn(len(targets), 255)
     results = []
@@ -190,11 +196,12 @@ def test_two_hot_loss_compiled_form_equals_gather_form_values_and_gradients():
     torch.testing.assert_close(g0, torch.softmax(raw, -1) - codec.encode(targets), atol=1e-6, rtol=1e-5)
 
 
-def test_two_hot_mixture_loss_equals_the_weighted_sum_of_single_losses():
+@pytest.mark.parametrize("space", TwoHot.SPACES)
+def test_two_hot_mixture_loss_equals_the_weighted_sum_of_single_losses(space):
     """The critic's two targets (lambda-return and slow critic) share one logsumexp: the mixture
     loss equals ``loss(l, a) + s * loss(l, b)`` in value and logits gradient, eager and compiled;
     mismatched scales are refused."""
-    codec = TwoHot(num_bins=255)
+    codec = TwoHot(num_bins=255, space=space)
     torch.manual_seed(1)
     a = symexp(torch.randn(6, 7) * 4)
     b = symexp(torch.randn(6, 7) * 4)
@@ -218,13 +225,15 @@ def test_two_hot_mixture_loss_equals_the_weighted_sum_of_single_losses():
         codec.mixture_loss(raw, (a, b), (1.0,))
 
 
-def test_two_hot_decode_and_lse_compiled_form_equals_softmax_and_logsumexp():
+@pytest.mark.parametrize("space", TwoHot.SPACES)
+def test_two_hot_decode_and_lse_compiled_form_equals_softmax_and_logsumexp(space):
     """``decode_and_lse`` (the critic's value and log-normaliser of the same logits): eager it is
     ``symexp(softmax @ bins)`` and ``logsumexp``; compiled, both come from one ``exp(l - max)``
     with the max detached. Values and logits gradients agree (the gradient through the detached
     max is zero in exact arithmetic), including large logits where a plain ``exp`` overflows; a
-    precomputed ``lse`` of the wrong shape is refused by ``mixture_loss``."""
-    codec = TwoHot(num_bins=255)
+    precomputed ``lse`` of the wrong shape is refused by ``mixture_loss``. Symexp bins: the mean
+    of ``softmax`` over the raw-unit bins (in float64 for the reference)."""
+    codec = TwoHot(num_bins=255, space=space)
     torch.manual_seed(2)
     raw = torch.randn(5, 6, 255) * 3
     raw[0, 0] += 200.0  # exp(200) overflows float32 without the shift
@@ -236,14 +245,42 @@ def test_two_hot_decode_and_lse_compiled_form_equals_softmax_and_logsumexp():
         ((value * weights).sum() + (lse * weights.flip(0)).sum()).backward()
         return value.detach(), lse.detach(), logits.grad
 
-    ref = run(lambda lg: (symexp(torch.softmax(lg, -1) @ codec.bins), torch.logsumexp(lg, -1)))
+    if space == "symlog":
+        ref = run(lambda lg: (symexp(torch.softmax(lg, -1) @ codec.bins), torch.logsumexp(lg, -1)))
+    else:
+        ref = run(lambda lg: ((torch.softmax(lg.double(), -1) @ codec.bins.double()).float(), torch.logsumexp(lg, -1)))
     for fn in (codec.decode_and_lse, torch.compile(codec.decode_and_lse, dynamic=False)):
         value, lse, grad = run(fn)
         assert torch.isfinite(value).all() and torch.isfinite(grad).all()
         torch.testing.assert_close(value, ref[0], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(lse, ref[1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(grad, ref[2], atol=1e-5, rtol=1e-4)
+        # symexp: the value's gradient is softmax * (bins - value) with bins up to 5e8 (float32 rounding)
+        torch.testing.assert_close(grad, ref[2], atol=1e-5, rtol=1e-4 if space == "symlog" else 1e-3)
     compiled_decode = torch.compile(codec.decode, dynamic=False)
     torch.testing.assert_close(compiled_decode(raw), ref[0], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="lse must have shape"):
         codec.mixture_loss(raw, (weights,), (1.0,), lse=torch.zeros(5))
+
+
+def test_two_hot_symexp_decodes_the_mean_and_zero_at_init():
+    """Symexp bins decode to the predicted distribution's mean, where symlog bins decode to the
+    symexp of the mean bin: for a reward of -100 with probability 0.2 and 0 otherwise (the two-hot
+    targets' mixture), -20 against symexp(0.2 * symlog(-100)) = -1.517. All-equal logits (the
+    zero-initialised head) decode to exactly 0 eager and compiled (mirror-paired sum), and the
+    bins are an exact mirror image; an unknown space is refused."""
+    for space, expected in (("symexp", -20.0), ("symlog", -1.5169)):
+        codec = TwoHot(num_bins=255, space=space)
+        mix = 0.2 * codec.encode(torch.tensor([-100.0]))[0] + 0.8 * codec.encode(torch.tensor([0.0]))[0]
+        assert codec.decode(torch.log(mix.clamp_min(1e-30))).item() == pytest.approx(expected, abs=1e-3)
+    codec = TwoHot(num_bins=255, space="symexp")
+    assert torch.equal(codec.bins, -codec.bins.flip(0)) and codec.bins[127] == 0 and codec.bins[-1] > 4e8
+    flat = torch.zeros(3, 255)
+    assert torch.equal(codec.decode(flat), torch.zeros(3))
+    assert torch.equal(torch.compile(codec.decode, dynamic=False)(flat), torch.zeros(3))
+    assert torch.equal(TwoHot(num_bins=256, space="symexp").decode(torch.zeros(256)), torch.tensor(0.0))
+    with pytest.raises(ValueError, match="space must be one of"):
+        TwoHot(space="linear")
+    # a checkpoint of the other spacing is refused with the option's name, the same one loads
+    codec.load_state_dict(TwoHot(num_bins=255, space="symexp").state_dict())
+    with pytest.raises(ValueError, match="model.twohot"):
+        codec.load_state_dict(TwoHot(num_bins=255, space="symlog").state_dict())

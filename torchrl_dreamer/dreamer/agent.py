@@ -33,7 +33,9 @@ __all__ = ["ModelSizes", "PRESETS", "preset", "DreamerAgent", "make_world_model"
 class ModelSizes:
     """Network sizes. ``units``/``layers``: every MLP (encoder, decoder, heads, actor, critic);
     ``deter``/``hidden``/``blocks``: the block GRU; ``stoch`` x ``classes``: the latent;
-    ``cnn_depth``: channels of the first conv layer (doubles per layer); ``bins``: two-hot bins."""
+    ``cnn_depth``: channels of the first conv layer (doubles per layer); ``bins``: two-hot bins of the
+    reward head and the critic, ``twohot``: their spacing and decoding (``"symlog"`` or ``"symexp"``,
+    see :class:`.functional.TwoHot`)."""
 
     deter: int = 256
     hidden: int = 256
@@ -44,6 +46,7 @@ class ModelSizes:
     blocks: int = 8
     cnn_depth: int = 24
     bins: int = 255
+    twohot: str = "symlog"
 
 
 PRESETS: dict[str, ModelSizes] = {
@@ -88,7 +91,8 @@ def make_world_model(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, si
             raise ValueError(f"observation '{name}' has shape {shape}: expected [F] (vector) or [3, 64, 64] (pixels)")
         embed_dim += encoders[name].out_features
     rssm = RSSM(action_dim, embed_dim, sizes.deter, sizes.stoch, sizes.classes, sizes.hidden, sizes.blocks, unimix)
-    return DreamerWorldModel(encoders, decoders, rssm, TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins),
+    return DreamerWorldModel(encoders, decoders, rssm, TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins,
+                                                                           sizes.twohot),
                              ContinueHead(feat_dim, sizes.units, sizes.layers), mask_key=mask_key)
 
 
@@ -99,7 +103,7 @@ def make_actor(feat_dim: int, action_dim: int, discrete: bool, sizes: ModelSizes
 
 
 def make_critic(feat_dim: int, sizes: ModelSizes) -> TwoHotHead:
-    return TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins)
+    return TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins, sizes.twohot)
 
 
 class DreamerAgent(nn.Module):

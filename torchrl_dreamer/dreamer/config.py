@@ -10,7 +10,8 @@ from typing import Any, Dict, List
 from ..config import Choice, doc
 from ..trainer import LrSchedule
 
-__all__ = ["SingleAgentEnvConfig", "WorldModelLossConfig", "OptimConfig", "FreeBitsGrad", "ModelSize", "CompileMode", "ActorGrad", "ContMode"]
+__all__ = ["SingleAgentEnvConfig", "WorldModelLossConfig", "OptimConfig", "FreeBitsGrad", "ModelSize", "CompileMode", "ActorGrad", "ContMode",
+           "TwoHotSpace"]
 
 
 class FreeBitsGrad(Choice):
@@ -27,6 +28,12 @@ class ModelSize(Choice):
     s = "s"
     m = "m"
     l = "l"  # noqa: E741 - the paper's name
+
+
+class TwoHotSpace(Choice):
+    """Spacing and decoding of the two-hot bins of the reward head and the critic."""
+    symlog = "symlog"
+    symexp = "symexp"
 
 
 class CompileMode(Choice):

@@ -47,18 +47,59 @@ def symexp(x: torch.Tensor) -> torch.Tensor:
 
 
 class TwoHot(nn.Module):
-    """Symexp two-hot regression (DreamerV3): ``num_bins`` bins evenly spaced in symlog space.
+    """Two-hot regression (DreamerV3) over ``num_bins`` bins, ``space`` choosing where they are even
+    and where the prediction is averaged.
 
-    A target ``y`` becomes weights on the two bins around ``symlog(y)`` (linear interpolation, so
-    the expected bin equals ``symlog(y)`` exactly inside the range; outside it all weight goes to
-    the edge bin). Predictions decode as ``symexp(sum(softmax(logits) * bins))``.
+    * ``"symlog"`` (the 2023 paper's text): bins evenly spaced in symlog space; a target ``y``
+      becomes weights on the two bins around ``symlog(y)`` (linear interpolation, so the expected
+      bin equals ``symlog(y)`` inside the range; outside it all weight goes to the edge bin), and
+      predictions decode as ``symexp(sum(softmax(logits) * bins))``.
+    * ``"symexp"`` (the ``symexp_twohot`` output of the reference implementation): the same grid
+      mapped through ``symexp`` (mirror-symmetric, so all-equal logits decode to exactly 0); the
+      interpolation is in raw units and predictions decode as ``sum(softmax(logits) * bins)``,
+      the mean of the predicted distribution. The symlog decode is the symexp of a mean in log
+      space, well below the mean when the distribution is spread: a reward that is 0 on most
+      steps and -100 with probability 0.2 decodes to ``symexp(0.2 * symlog(-100)) = -1.5`` there
+      and to ``-20`` here.
     """
 
-    def __init__(self, num_bins: int = 255, low: float = -20.0, high: float = 20.0) -> None:
+    SPACES = ("symlog", "symexp")
+
+    def __init__(self, num_bins: int = 255, low: float = -20.0, high: float = 20.0, space: str = "symlog") -> None:
         super().__init__()
         if num_bins < 2 or not high > low:
             raise ValueError("TwoHot needs num_bins >= 2 and high > low")
-        self.register_buffer("bins", torch.linspace(low, high, num_bins))
+        if space not in self.SPACES:
+            raise ValueError(f"TwoHot space must be one of {self.SPACES}, got {space!r}")
+        self.space = space
+        grid = torch.linspace(low, high, num_bins, dtype=torch.float64)
+        if space == "symexp":
+            grid = symexp(grid)
+            if low == -high:  # exact mirror image, so that uniform logits decode to 0.0
+                grid = (grid - grid.flip(0)) / 2
+        self.register_buffer("bins", grid.float())
+        if space == "symexp":
+            # bin widths on either side of each bin (the tent of the compiled loss, see _tent); the edges
+            # get a width of 1, never used (targets are clamped into [bins[0], bins[-1]])
+            gap = grid.diff()
+            one = torch.ones(1, dtype=grid.dtype)
+            self.register_buffer("gap_below", torch.cat([one, gap]).float(), persistent=False)
+            self.register_buffer("gap_above", torch.cat([gap, one]).float(), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        stored = state_dict.get(prefix + "bins")
+        if stored is not None and (stored.shape != self.bins.shape
+                                   or not torch.allclose(stored.to(self.bins), self.bins, rtol=1e-5, atol=1e-6)):
+            raise ValueError(f"{prefix}bins: the checkpoint's two-hot bins are not this model's "
+                             f"({self.space} x {len(self.bins)}); load it with the model.twohot and bins it was "
+                             f"trained with (its run directory's config.yaml)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _to_bin_units(self, target: torch.Tensor) -> torch.Tensor:
+        return symlog(target) if self.space == "symlog" else target
+
+    def _from_bin_units(self, mean: torch.Tensor) -> torch.Tensor:
+        return symexp(mean) if self.space == "symlog" else mean
 
     def encode(self, target: torch.Tensor) -> torch.Tensor:
         """``target [...]`` (raw units) -> two-hot weights ``[..., num_bins]``."""
@@ -72,8 +113,10 @@ class TwoHot(nn.Module):
     def decode(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [..., num_bins]`` -> prediction ``[...]`` in raw units."""
         if torch.compiler.is_compiling():
-            return symexp(self._moments(logits)[0])
-        return symexp(torch.softmax(logits, -1) @ self.bins)
+            return self._from_bin_units(self._moments(logits)[0])
+        if self.space == "symlog":
+            return symexp(torch.softmax(logits, -1) @ self.bins)
+        return self._weighted_bins(torch.softmax(logits, -1))
 
     def decode_and_lse(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decode(logits), logsumexp(logits, -1))``: the critic needs both of the same logits
@@ -81,7 +124,7 @@ class TwoHot(nn.Module):
         ``torch.compile`` they share one pass of ``exp`` (see :meth:`_moments`)."""
         if torch.compiler.is_compiling():
             mean, lse = self._moments(logits)
-            return symexp(mean), lse
+            return self._from_bin_units(mean), lse
         return self.decode(logits), torch.logsumexp(logits, -1)
 
     def _moments(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +137,19 @@ class TwoHot(nn.Module):
         shift = logits.detach().amax(-1, keepdim=True)
         e = torch.exp(logits - shift)
         total = e.sum(-1)
-        return (e * self.bins).sum(-1) / total, shift.squeeze(-1) + torch.log(total)
+        return self._weighted_bins(e) / total, shift.squeeze(-1) + torch.log(total)
+
+    def _weighted_bins(self, weights: torch.Tensor) -> torch.Tensor:
+        """``sum(weights * bins, -1)``. Symexp bins reach +-5e8: summed left to right in float32,
+        uniform weights leave a rounding error of order 1 where the exact sum is 0, so each bin is
+        first added to its mirror image (exactly 0 for equal weights) and the pairs are summed."""
+        t = weights * self.bins
+        if self.space == "symlog":
+            return t.sum(-1)
+        n = t.shape[-1]
+        half = n // 2
+        paired = (t[..., :half].flip(-1) + t[..., n - half:]).sum(-1)
+        return paired + t[..., half] if n % 2 else paired
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy against the two-hot target; ``[...]`` (no reduction). The target is
@@ -140,8 +195,12 @@ class TwoHot(nn.Module):
 
     def _tent(self, target: torch.Tensor) -> torch.Tensor:
         """Dense two-hot weights ``[..., num_bins]`` of a (detached) target as the "tent"
-        ``max(0, 1 - |bin - symlog(target)| / step)`` (the compiled form, see :meth:`loss`)."""
-        x = symlog(target.detach()).clamp(self.bins[0], self.bins[-1])
+        ``max(0, 1 - |bin - symlog(target)| / step)`` (the compiled form, see :meth:`loss`); with
+        symexp bins the step is the width on the target's side of each bin."""
+        x = self._to_bin_units(target.detach()).clamp(self.bins[0], self.bins[-1])
+        if self.space == "symexp":
+            d = self.bins - x.unsqueeze(-1)
+            return (1 - d.abs() / torch.where(d < 0, self.gap_above, self.gap_below)).clamp_min(0)
         inv_step = (len(self.bins) - 1) / (self.bins[-1] - self.bins[0])
         return (1 - (self.bins - x.unsqueeze(-1)).abs() * inv_step).clamp_min(0)
 
@@ -153,8 +212,8 @@ class TwoHot(nn.Module):
         return pair[..., 0], pair[..., 1], w_up
 
     def _neighbours(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Index of the bin just below ``symlog(target)`` and the weight of the bin above it."""
-        x = symlog(target).clamp(self.bins[0], self.bins[-1])
+        """Index of the bin just below the target (in bin units) and the weight of the bin above it."""
+        x = self._to_bin_units(target).clamp(self.bins[0], self.bins[-1])
         upper = torch.bucketize(x, self.bins).clamp(1, len(self.bins) - 1)
         lower = upper - 1
         lo_v, up_v = self.bins[lower], self.bins[upper]

@@ -174,13 +174,13 @@ class ConvDecoder(nn.Module):
 
 
 class TwoHotHead(nn.Module):
-    """``feat -> logits [..., bins]`` over symexp-spaced bins; :meth:`mean` decodes, :meth:`loss`
-    is the two-hot cross-entropy (target treated as a constant)."""
+    """``feat -> logits [..., bins]`` over two-hot bins (``space``: see :class:`.TwoHot`); :meth:`mean`
+    decodes, :meth:`loss` is the two-hot cross-entropy (target treated as a constant)."""
 
-    def __init__(self, feat_dim: int, units: int, layers: int, bins: int = 255) -> None:
+    def __init__(self, feat_dim: int, units: int, layers: int, bins: int = 255, space: str = "symlog") -> None:
         super().__init__()
         self.net = NormMLP(feat_dim, units, layers, bins, zero_init_output=True)
-        self.codec = TwoHot(bins)
+        self.codec = TwoHot(bins, space=space)
 
     def forward(self, feat: torch.Tensor) -> torch.Tensor:
         return self.net(feat)
