@@ -272,6 +272,8 @@ def test_two_hot_symexp_decodes_the_mean_and_zero_at_init():
         codec = TwoHot(num_bins=255, space=space)
         mix = 0.2 * codec.encode(torch.tensor([-100.0]))[0] + 0.8 * codec.encode(torch.tensor([0.0]))[0]
         assert codec.decode(torch.log(mix.clamp_min(1e-30))).item() == pytest.approx(expected, abs=1e-3)
+    # the symlog bins stay float32 linspace to the bit (checkpoints and seeded runs of earlier versions)
+    assert torch.equal(TwoHot(num_bins=255).bins, torch.linspace(-20.0, 20.0, 255))
     codec = TwoHot(num_bins=255, space="symexp")
     assert torch.equal(codec.bins, -codec.bins.flip(0)) and codec.bins[127] == 0 and codec.bins[-1] > 4e8
     flat = torch.zeros(3, 255)

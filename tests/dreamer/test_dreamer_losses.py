@@ -1,5 +1,6 @@
 """Dreamer world model, imagination and losses: contracts, gradient routing and exact values."""
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ SIZES = preset("tiny", deter=32, hidden=16, units=16, stoch=4, classes=4, blocks
 B, T, H = 3, 7, 4
 
 
-def _agent(discrete=True, obs_dim=5, action_dim=3):
+def _agent(discrete=True, obs_dim=5, action_dim=3, twohot="symlog"):
     torch.manual_seed(0)
-    return make_agent({"observation": (obs_dim,)}, action_dim, discrete, SIZES)
+    return make_agent({"observation": (obs_dim,)}, action_dim, discrete, replace(SIZES, twohot=twohot))
 
 
 def _batch(obs_dim=5, action_dim=3, seed=0):
@@ -555,9 +556,11 @@ def test_sampling_from_predrawn_noise_has_the_policy_distribution_and_respects_t
     assert torch.equal(d.sample_from_noise(torch.ones(2, 1)), torch.full((2, 1), 0.5))
 
 
-def test_compiled_critic_and_actor_losses_equal_eager_values_and_gradients():
+@pytest.mark.parametrize("twohot", ["symlog", "symexp"])
+def test_compiled_critic_and_actor_losses_equal_eager_values_and_gradients(twohot):
     """DreamerWorldModelLoss/DreamerCriticLoss/DreamerPolicyLoss.enable_compile: the compiled tensor cores (forward and
-    backward, incl. the replay-value loss) give eager's losses, targets and parameter gradients."""
+    backward, incl. the replay-value loss) give eager's losses, targets and parameter gradients, with either
+    two-hot spacing of the reward head and the critic."""
     torch.manual_seed(3)
     N = 6
     traj = TensorDict({"feat": torch.randn(N, H + 1, 32 + 16), "reward": torch.randn(N, H + 1),
@@ -569,7 +572,8 @@ def test_compiled_critic_and_actor_losses_equal_eager_values_and_gradients():
     states["is_first"][1, 4] = True
     results = []
     for compiled in (False, True):
-        agent = _agent()
+        agent = _agent(twohot=twohot)
+        assert agent.critic.codec.space == agent.world_model.reward_head.codec.space == twohot
         critic, actor = DreamerCriticLoss(agent.critic, replay_scale=0.3), DreamerPolicyLoss(agent.actor)
         wm = DreamerWorldModelLoss(agent.world_model, terminal_weight=5.0)
         if compiled:
@@ -727,3 +731,21 @@ def test_per_trajectory_constants_give_the_same_values_and_gradients_as_indexing
     materialised = torch.randn(5, 7, 3, requires_grad=True)  # not a broadcast: plain indexing, exact
     per_trajectory(materialised).sum().backward()
     assert torch.equal(materialised.grad[:, 0], torch.ones(5, 3)) and not materialised.grad[:, 1:].any()
+
+
+def test_twohot_option_reaches_the_reward_head_and_the_critic():
+    """``model.twohot`` (recipe config) -> ``ModelSizes.twohot`` -> both two-hot heads; symlog by default; an
+    agent saved with one spacing does not load into the other (named error, not silently swapped bins)."""
+    from recipes.dreamer import ModelConfig, model_sizes
+    from torchrl_dreamer.dreamer.config import TwoHotSpace
+
+    assert ModelConfig().twohot == "symlog"
+    agents = {}
+    for space in TwoHotSpace:
+        agents[space.value] = make_agent({"observation": (5,)}, 3, True,
+                                         model_sizes(ModelConfig(size="nano", twohot=space)))
+        codecs = (agents[space.value].world_model.reward_head.codec, agents[space.value].critic.codec)
+        assert [c.space for c in codecs] == [space.value] * 2
+    agents["symexp"].load_state_dict(copy.deepcopy(agents["symexp"].state_dict()))
+    with pytest.raises(ValueError, match="model.twohot"):
+        agents["symexp"].load_state_dict(agents["symlog"].state_dict())

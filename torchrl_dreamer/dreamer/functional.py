@@ -72,19 +72,19 @@ class TwoHot(nn.Module):
         if space not in self.SPACES:
             raise ValueError(f"TwoHot space must be one of {self.SPACES}, got {space!r}")
         self.space = space
-        grid = torch.linspace(low, high, num_bins, dtype=torch.float64)
-        if space == "symexp":
-            grid = symexp(grid)
-            if low == -high:  # exact mirror image, so that uniform logits decode to 0.0
-                grid = (grid - grid.flip(0)) / 2
+        if space == "symlog":
+            self.register_buffer("bins", torch.linspace(low, high, num_bins))
+            return
+        grid = symexp(torch.linspace(low, high, num_bins, dtype=torch.float64))
+        if low == -high:  # exact mirror image, so that uniform logits decode to 0.0
+            grid = (grid - grid.flip(0)) / 2
         self.register_buffer("bins", grid.float())
-        if space == "symexp":
-            # bin widths on either side of each bin (the tent of the compiled loss, see _tent); the edges
-            # get a width of 1, never used (targets are clamped into [bins[0], bins[-1]])
-            gap = grid.diff()
-            one = torch.ones(1, dtype=grid.dtype)
-            self.register_buffer("gap_below", torch.cat([one, gap]).float(), persistent=False)
-            self.register_buffer("gap_above", torch.cat([gap, one]).float(), persistent=False)
+        # bin widths on either side of each bin (the tent of the compiled loss, see _tent); the edges get a
+        # width of 1, never used (targets are clamped into [bins[0], bins[-1]])
+        gap = grid.diff()
+        one = torch.ones(1, dtype=grid.dtype)
+        self.register_buffer("gap_below", torch.cat([one, gap]).float(), persistent=False)
+        self.register_buffer("gap_above", torch.cat([gap, one]).float(), persistent=False)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         stored = state_dict.get(prefix + "bins")
