@@ -240,7 +240,7 @@ def preflight(cfg: DreamerConfig, resume_state: Optional[dict]) -> None:
 def model_sizes(cfg: ModelConfig):
     overrides = {k: getattr(cfg, k) for k in ("deter", "hidden", "units", "layers", "stoch", "classes", "blocks",
                                               "cnn_depth") if getattr(cfg, k)}
-    return preset(cfg.size, twohot=str(cfg.twohot.value), **overrides)
+    return preset(cfg.size, twohot=TwoHotSpace(cfg.twohot).value, **overrides)
 
 
 def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int, check: bool = False) -> EnvBase:

@@ -196,6 +196,6 @@ def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = next((line.strip() for line in first if "size mismatch" in line or "Missing" in line
-                       or "Unexpected" in line), first[0] if first else "")
+                       or "Unexpected" in line), (first[1] if len(first) > 1 else first[0]).strip() if first else "")
         raise CheckpointError(f"the {what}'s weights do not fit the model this config builds ({detail[:240]}); "
                               "resume without model.* / env.* overrides that change network sizes") from None

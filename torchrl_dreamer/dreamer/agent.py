@@ -91,8 +91,8 @@ def make_world_model(obs_shapes: dict[str, tuple[int, ...]], action_dim: int, si
             raise ValueError(f"observation '{name}' has shape {shape}: expected [F] (vector) or [3, 64, 64] (pixels)")
         embed_dim += encoders[name].out_features
     rssm = RSSM(action_dim, embed_dim, sizes.deter, sizes.stoch, sizes.classes, sizes.hidden, sizes.blocks, unimix)
-    return DreamerWorldModel(encoders, decoders, rssm, TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins,
-                                                                           sizes.twohot),
+    reward_head = TwoHotHead(feat_dim, sizes.units, sizes.layers, sizes.bins, sizes.twohot)
+    return DreamerWorldModel(encoders, decoders, rssm, reward_head,
                              ContinueHead(feat_dim, sizes.units, sizes.layers), mask_key=mask_key)
 
 

@@ -86,14 +86,18 @@ class TwoHot(nn.Module):
         self.register_buffer("gap_below", torch.cat([one, gap]).float(), persistent=False)
         self.register_buffer("gap_above", torch.cat([gap, one]).float(), persistent=False)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """Refuses bins of another spacing (``load_state_dict`` raises its ``RuntimeError`` with this message)
+        instead of silently decoding this head's logits over them."""
         stored = state_dict.get(prefix + "bins")
         if stored is not None and (stored.shape != self.bins.shape
                                    or not torch.allclose(stored.to(self.bins), self.bins, rtol=1e-5, atol=1e-6)):
-            raise ValueError(f"{prefix}bins: the checkpoint's two-hot bins are not this model's "
-                             f"({self.space} x {len(self.bins)}); load it with the model.twohot and bins it was "
-                             f"trained with (its run directory's config.yaml)")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+            error_msgs.append(f"two-hot bins of {prefix}bins differ: this model's are {self.space} x {len(self.bins)}; "
+                              f"load the checkpoint with the model.twohot it was trained with (its run's config.yaml)")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def _to_bin_units(self, target: torch.Tensor) -> torch.Tensor:
         return symlog(target) if self.space == "symlog" else target
