@@ -43,7 +43,8 @@ from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_di
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, set_learning_rates, terminal_calibration
 from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.evaluation import confirm_final_and_best, evaluation_paths, report_evaluation, run_episodes
+from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, report_evaluation,
+                                        run_episodes)
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_progress
 
@@ -130,7 +131,10 @@ class TrainConfig:
 @dataclass
 class DreamerEvalConfig(EvalConfig):
     every: int = doc(5000, "Evaluate every N env steps (0 = only at the end).")
-    episodes: int = doc(10, "Evaluation episodes (run in parallel, mode actions).")
+    episodes: int = doc(10, "Evaluation episodes (run in parallel).")
+    actions: EvalActions = doc(EvalActions.mode, "Actions in every evaluation (periodic, end-of-run, --evaluate): "
+                                                 "mode = the actor's most likely action; sample = drawn from the "
+                                                 "actor as in training (DreamerV3's reference code).")
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
     keep_best: bool = doc(True, "After each evaluation that beats every earlier one, write the weights to "
                                 "<run>/best.pt (score it with --evaluate <run>/best.pt).")
@@ -363,9 +367,11 @@ def with_policy_state(env: EnvBase, policy: DreamerPolicy) -> EnvBase:
     return env
 
 
-def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000) -> dict[str, float]:
-    """One episode per env of ``env`` with mode actions (:func:`torchrl_dreamer.evaluation.run_episodes`)."""
-    return run_episodes(policy, env, max_steps=max_steps)
+def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000, actions: str = "mode",
+             seed: Optional[int] = None) -> dict[str, float]:
+    """One episode per env of ``env`` with mode or sampled actions (``eval.actions``), see
+    :func:`torchrl_dreamer.evaluation.run_episodes`."""
+    return run_episodes(policy, env, max_steps=max_steps, actions=actions, seed=seed)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -619,7 +625,8 @@ def confirm_policies(cfg: DreamerConfig, run_dir: str | Path, agent: DreamerAgen
     return confirm_final_and_best(
         run_dir, episodes=n, seed=seed, networks=agent, final_env_steps=p.env_steps,
         make_env=lambda: with_policy_state(make_env_from_config(cfg, num_envs=n, seed=seed), policy),
-        evaluate=lambda env: evaluate(policy, env), best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+        evaluate=lambda env: evaluate(policy, env, actions=cfg.eval.actions),
+        best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
         load_best=lambda state: load_weights(agent, state["agent"], BEST_NAME), checkpoint_name=CHECKPOINT_NAME,
         device=cfg.device)
 
@@ -651,8 +658,12 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
                            p: Progress, run: TrainingRun) -> dict[str, float]:
     """Evaluation (after the non-finite guard); with ``eval.keep_best`` a new best score writes
     ``best.pt`` (the weights behind it: the policy at the end of a run is not always its best one)."""
-    metrics = run.evaluated(evaluate(policy, eval_env), ("eval/episode_reward_sum", "eval/episode_length"),
-                            iteration=p.updates)
+    # sampled actions draw from generators of their own (seeded per evaluation), so the training's random
+    # stream does not depend on how long the evaluation episodes were; mode evaluations draw from the
+    # training's stream (the latent samples) as they always have, so earlier seeded runs repeat to the digit
+    sampled = cfg.eval.actions == EvalActions.sample
+    result = evaluate(policy, eval_env, actions=cfg.eval.actions, seed=cfg.seed + 10_000 + p.updates if sampled else None)
+    metrics = run.evaluated(result, ("eval/episode_reward_sum", "eval/episode_length"), iteration=p.updates)
     score = metrics["eval/episode_reward_sum"]
     if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
         p.best_return = score
@@ -678,7 +689,7 @@ def checkpoint_state(cfg: DreamerConfig, agent: DreamerAgent, update: DreamerUpd
 
 def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
     """Loads ``run_dir``'s checkpoint (or the checkpoint file ``run_dir``, e.g. ``<run>/best.pt``) and
-    runs ``eval.episodes`` episodes with mode actions. Prints the JSON line and writes it to
+    runs ``eval.episodes`` episodes (``eval.actions``: mode or sampled). Prints the JSON line and writes it to
     ``<run dir>/eval.json`` (``eval_best.json`` for ``best.pt``); a read-only run directory only
     costs the file (a note on stderr)."""
     if cfg.threads > 0:
@@ -693,7 +704,7 @@ def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
         load_weights(agent, state["agent"], "checkpoint")
         with_policy_state(env, policy)
         t0 = time.perf_counter()
-        metrics = evaluate(policy, env)
+        metrics = evaluate(policy, env, actions=cfg.eval.actions)
         metrics["time/eval_s"] = time.perf_counter() - t0
         env.close()
     # the numbers first: printed and saved to <run dir>/eval.json (eval_best.json for best.pt)

@@ -37,7 +37,8 @@ from torchrl_dreamer.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_we
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
 from torchrl_dreamer.dreamer.config import SingleAgentEnvConfig
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
-from torchrl_dreamer.evaluation import confirm_final_and_best, evaluation_paths, report_evaluation, run_episodes
+from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, report_evaluation,
+                                        run_episodes)
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite, check_tensordict_finite
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
@@ -94,7 +95,10 @@ class PPOTrainConfig:
 @dataclass
 class PPOEvalConfig(EvalConfig):
     every: int = doc(20_000, "Evaluate every N env steps (0 = only at the end).")
-    episodes: int = doc(10, "Evaluation episodes (run in parallel, mode actions).")
+    episodes: int = doc(10, "Evaluation episodes (run in parallel).")
+    actions: EvalActions = doc(EvalActions.mode, "Actions in every evaluation (periodic, end-of-run, --evaluate): "
+                                                 "mode = the actor's most likely action; sample = drawn from the "
+                                                 "actor as in training.")
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
     keep_best: bool = doc(True, "Write the weights behind the best evaluation to <run>/best.pt.")
     confirm_episodes: int = doc(50, "At the end of a run, score the final weights and best.pt on this many fresh "
@@ -405,7 +409,9 @@ def train(cfg: PPOConfig, run_dir: Path, resume_state: Optional[dict] = None,
             finished, stop_reason, evaluation = p.env_steps >= cfg.train.env_steps or out_of_time, "", None
             if (cfg.eval.every and p.env_steps >= p.next_eval) or finished:
                 p.next_eval += cfg.eval.every or cfg.train.env_steps
-                evaluation = run.evaluated(run_episodes(actor, eval_env),
+                sampled = cfg.eval.actions == EvalActions.sample  # own seeded generators, as in the Dreamer recipe
+                evaluation = run.evaluated(run_episodes(actor, eval_env, actions=cfg.eval.actions,
+                                                        seed=cfg.seed + 10_000 + p.iterations if sampled else None),
                                            ("eval/episode_reward_sum", "eval/episode_length"), iteration=p.iterations)
                 score = evaluation["eval/episode_reward_sum"]
                 if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
@@ -454,20 +460,20 @@ def train(cfg: PPOConfig, run_dir: Path, resume_state: Optional[dict] = None,
 
 def confirm_policies(cfg: PPOConfig, run_dir: str | Path, nets: nn.Module, actor, p: PPOProgress) -> dict:
     """Scores the final weights and ``best.pt`` on ``eval.confirm_episodes`` fresh episodes each (the
-    same seeds for both, none used in training or in the periodic evaluations; mode actions) and
+    same seeds for both, none used in training or in the periodic evaluations; ``eval.actions``) and
     writes ``<run>/result.json`` naming the better file, as the Dreamer recipe does."""
     run_dir, n, seed = Path(run_dir), cfg.eval.confirm_episodes, cfg.seed + 30_000
     return confirm_final_and_best(
         run_dir, episodes=n, seed=seed, networks=nets, final_env_steps=p.env_steps,
         make_env=lambda: make_env_from_config(cfg, num_envs=n, seed=seed),
-        evaluate=lambda env: run_episodes(actor, env), best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+        evaluate=lambda env: run_episodes(actor, env, actions=cfg.eval.actions), best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
         load_best=lambda state: load_weights(nets, state["networks"], BEST_NAME), checkpoint_name=CHECKPOINT_NAME,
         device=cfg.device)
 
 
 def evaluate_checkpoint(cfg: PPOConfig, run_dir: Path) -> dict[str, float]:
     """Loads ``run_dir``'s checkpoint (or a checkpoint file such as ``<run>/best.pt``) and runs
-    ``eval.episodes`` episodes with mode actions; prints the JSON line and writes ``eval.json``."""
+    ``eval.episodes`` episodes (``eval.actions``); prints the JSON line and writes ``eval.json``."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     state = load_checkpoint(run_dir, map_location=cfg.device)
@@ -476,7 +482,7 @@ def evaluate_checkpoint(cfg: PPOConfig, run_dir: Path) -> dict[str, float]:
     nets, actor, _, _ = build_agent(cfg, env)
     load_weights(nets, state["networks"], "checkpoint")
     t0 = time.perf_counter()
-    metrics = run_episodes(actor, env)
+    metrics = run_episodes(actor, env, actions=cfg.eval.actions)
     metrics["time/eval_s"] = time.perf_counter() - t0
     env.close()
     run_dir, checkpoint, suffix = evaluation_paths(run_dir)

@@ -17,13 +17,29 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-__all__ = ["EVAL_NAME", "RESULT_NAME", "evaluation_paths", "write_json_atomic", "report_evaluation", "draw_picture",
-           "note", "run_episodes", "confirm_final_and_best"]
+from .config import Choice
+
+__all__ = ["EVAL_NAME", "RESULT_NAME", "EvalActions", "evaluation_paths", "write_json_atomic", "report_evaluation",
+           "draw_picture", "note", "run_episodes", "confirm_final_and_best"]
 
 EVAL_NAME = "eval.json"
 RESULT_NAME = "result.json"  # the end-of-run re-score of the final weights and best.pt, naming the better
 DEFAULT_CHECKPOINT = "checkpoint.pt"
 T = TypeVar("T")
+
+
+class EvalActions(Choice):
+    """How an evaluation picks its actions (``eval.actions``).
+
+    ``mode``: the actor's most likely action (the mean for continuous actions), TorchRL's
+    ``ExplorationType.DETERMINISTIC``. ``sample``: drawn from the actor's distribution, as in training
+    (``ExplorationType.RANDOM``); DreamerV3's reference code evaluates this way. A policy trained with
+    sampled actions can rely on mixing them (fire the engine on a third of the steps), which its mode
+    never does.
+    """
+
+    mode = "mode"
+    sample = "sample"
 
 
 def evaluation_paths(target: str | os.PathLike) -> tuple[Path, Path, str]:
@@ -95,19 +111,31 @@ def draw_picture(name: str, draw: Callable[..., T], *args: Any, **kwargs: Any) -
     return None
 
 
-def run_episodes(policy, env, *, max_steps: int = 100_000) -> dict[str, float]:
-    """One episode per env of ``env`` (run in parallel) with deterministic (mode) actions, for any
-    TorchRL policy (Dreamer's or PPO's). Returns the mean episode reward SUM (``env`` must carry
-    an ``episode_reward`` sum, e.g. :class:`~torchrl_dreamer.transforms.EpisodeRewardSum`) and
-    length over those episodes. A policy with ``random_actions`` (Dreamer's prefill switch) acts
-    with its actor here."""
+def run_episodes(policy, env, *, max_steps: int = 100_000, actions: str = "mode",
+                 seed: int | None = None) -> dict[str, float]:
+    """One episode per env of ``env`` (run in parallel), for any TorchRL policy (Dreamer's or PPO's),
+    with the actor's mode actions or sampled ones (``actions``, see :class:`EvalActions`). With
+    ``seed``, the episodes draw from torch's generators forked and seeded with it, so the caller's
+    random stream is left where it was; without, from the caller's stream. Returns the
+    mean episode reward SUM (``env`` must carry an ``episode_reward`` sum, e.g.
+    :class:`~torchrl_dreamer.transforms.EpisodeRewardSum`) and length over those episodes. A policy
+    with ``random_actions`` (Dreamer's prefill switch) acts with its actor here."""
     import torch
 
-    with torch.no_grad():
-        return _run_episodes(policy, env, max_steps)
+    try:
+        actions = EvalActions(actions)
+    except ValueError:
+        raise ValueError(f"actions must be one of {', '.join(EvalActions.values())}; got {actions!r}") from None
+    if seed is None:
+        with torch.no_grad():
+            return _run_episodes(policy, env, max_steps, actions)
+    device = next(policy.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(seed)
+        return _run_episodes(policy, env, max_steps, actions)
 
 
-def _run_episodes(policy, env, max_steps: int) -> dict[str, float]:
+def _run_episodes(policy, env, max_steps: int, actions: EvalActions) -> dict[str, float]:
     import torch
     from torchrl.envs.utils import ExplorationType, set_exploration_type
 
@@ -122,7 +150,8 @@ def _run_episodes(policy, env, max_steps: int) -> dict[str, float]:
     td = env.reset()
     env_device = env.device if env.device is not None else td.get("done").device  # custom envs may say None
     move = torch.device(env_device) != device  # on one device, no per-step copies
-    with set_exploration_type(ExplorationType.DETERMINISTIC):
+    kind = ExplorationType.RANDOM if actions == EvalActions.sample else ExplorationType.DETERMINISTIC
+    with set_exploration_type(kind):
         for _ in range(max_steps):
             td = policy(td.to(device)).to(env_device) if move else policy(td)
             td, td_next = env.step_and_maybe_reset(td)
