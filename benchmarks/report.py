@@ -260,6 +260,15 @@ def rows_episode_ends(record: Record) -> list[Row]:
             for end, r in sorted(record.get("summary", {}).items())]
 
 
+def rows_eval_actions(record: Record) -> list[Row]:
+    """``eval_actions.py``: one row per checkpoint, scored with mode and with sampled actions."""
+    return [{"run": Path(str(r.get("run_dir", ""))).name, "seed": r.get("seed"), "weights": r.get("weights"),
+             "env steps": r.get("env_steps"), "episodes": record.get("episodes"),
+             "mode": (r.get("mode") or {}).get("episode_reward_sum"),
+             "sample": (r.get("sample") or {}).get("episode_reward_sum")}
+            for r in record.get("rows", [])]
+
+
 def rows_generic(record: Record) -> list[Row]:
     """The record's top-level scalar fields (stamp fields left out)."""
     if not isinstance(record, dict):
@@ -283,6 +292,7 @@ KINDS: dict[str, Callable[[Record], list[Row]]] = {
     "vmas_heuristics": rows_vmas_heuristics,
     "dreamer_ablation": rows_dreamer_ablation,
     "dreamer_lunarlander_episode_ends": rows_episode_ends,
+    "eval_actions": rows_eval_actions,
     "scaling": rows_scaling,
 }
 PROVENANCE_COLUMNS = ["commit", "date (UTC)", "threads", "files"]

@@ -46,7 +46,7 @@ Logging, evaluation and plots
     RunLogger                one logger for TensorBoard, ``metrics.jsonl`` and a tqdm bar
     make_run_dir             ``<root>/<recipe>/<env>/<timestamp>/``
     report_evaluation        prints an evaluation record as JSON and writes it beside the run
-    run_episodes             one deterministic episode per env of a batched env, for any policy
+    run_episodes             one episode per env of a batched env (mode or sampled actions), for any policy
     read_metrics             the records of a run's ``metrics.jsonl``
     plot_learning_curves     ``curves.png`` from ``metrics.jsonl``
     plot_tours               pictures of routing tours (ours beside the reference)
