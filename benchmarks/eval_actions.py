@@ -73,7 +73,8 @@ def main(argv=None) -> dict:
                    **{a: score(cfg, agent, policy, state["agent"], args.episodes, a) for a in ("mode", "sample")}}
             rows.append(row)
             m, s = row["mode"], row["sample"]
-            print(f"| {run_dir.parent.parent.parent.name}/{run_dir.name} | {cfg.seed} | {name} ({state['env_steps']:,}) "
+            label = f"{run_dir.parent.parent.parent.name}/{run_dir.name}"
+            print(f"| {label} | {cfg.seed} | {name} ({state['env_steps']:,}) "
                   f"| {m['episode_reward_sum']:.1f} | {s['episode_reward_sum']:.1f} "
                   f"| {s['episode_reward_sum'] - m['episode_reward_sum']:+.1f} "
                   f"| {m['episode_length']:.0f} / {s['episode_length']:.0f} |", flush=True)

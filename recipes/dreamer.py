@@ -662,7 +662,8 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
     # stream does not depend on how long the evaluation episodes were; mode evaluations draw from the
     # training's stream (the latent samples) as they always have, so earlier seeded runs repeat to the digit
     sampled = cfg.eval.actions == EvalActions.sample
-    result = evaluate(policy, eval_env, actions=cfg.eval.actions, seed=cfg.seed + 10_000 + p.updates if sampled else None)
+    result = evaluate(policy, eval_env, actions=cfg.eval.actions,
+                      seed=cfg.seed + 10_000 + p.updates if sampled else None)
     metrics = run.evaluated(result, ("eval/episode_reward_sum", "eval/episode_length"), iteration=p.updates)
     score = metrics["eval/episode_reward_sum"]
     if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:

@@ -466,7 +466,8 @@ def confirm_policies(cfg: PPOConfig, run_dir: str | Path, nets: nn.Module, actor
     return confirm_final_and_best(
         run_dir, episodes=n, seed=seed, networks=nets, final_env_steps=p.env_steps,
         make_env=lambda: make_env_from_config(cfg, num_envs=n, seed=seed),
-        evaluate=lambda env: run_episodes(actor, env, actions=cfg.eval.actions), best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
+        evaluate=lambda env: run_episodes(actor, env, actions=cfg.eval.actions),
+        best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
         load_best=lambda state: load_weights(nets, state["networks"], BEST_NAME), checkpoint_name=CHECKPOINT_NAME,
         device=cfg.device)
 
