@@ -23,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
-from provenance import provenance, write_json  # noqa: E402
+from provenance import RESULTS, provenance, write_json  # noqa: E402
 from recipes import dreamer as D  # noqa: E402
 from torchrl_dreamer.checkpoint import load_checkpoint, load_weights  # noqa: E402
 
@@ -47,8 +47,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", type=Path, nargs="+")
     parser.add_argument("--episodes", type=int, default=50)
-    parser.add_argument("--out", default="benchmarks/results/eval_actions",
-                        help="output path without suffix (writes <out>.json)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "eval_actions",
+                        help="output path without suffix (writes <out>.json; default: benchmarks/results/eval_actions)")
     args = parser.parse_args(argv)
     stamp = provenance()
     rows = []
