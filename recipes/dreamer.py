@@ -26,7 +26,8 @@ import torch
 from torchrl.envs import EnvBase, TensorDictPrimer
 
 from torchrl_dreamer.checkpoint import (
-    CHECKPOINT_NAME, CheckpointError, load_checkpoint, load_weights, rng_state, set_rng_state,
+    CHECKPOINT_NAME, CheckpointError, averaged_weights, load_checkpoint, load_weights, rng_state, set_rng_state,
+    weight_average,
 )
 from torchrl_dreamer.collectors import (CollectorConfig, WeightPusher, WorkerFailedError, WorkerWatchdog, acting_copy,
                                         check_collector_config, describe, finite_frames, keep_threads,
@@ -111,6 +112,15 @@ class ActorCriticConfig:
 
 
 @dataclass
+class DreamerOptimConfig(OptimConfig):
+    ema_decay: float = doc(0.0, "Keep an exponential moving average of the agent's weights (torch.optim.swa_utils."
+                                "AveragedModel), moved after every update (0.999 averages over ~1,000 updates). "
+                                "Evaluations, best.pt, the end-of-run score and --evaluate then play the average; "
+                                "each periodic evaluation plays the last iterate first (eval/episode_reward_sum_last), "
+                                "and collection always acts with the last iterate. 0 = off.")
+
+
+@dataclass
 class ReplayConfig:
     capacity: int = doc(1_000_000, "Replay capacity in rows (env steps + one per finished episode).")
     batch_size: int = doc(16, "Sequences per update.")
@@ -162,7 +172,7 @@ class DreamerConfig:
     model: ModelConfig = doc(ModelConfig(), "Network sizes.")
     loss: WorldModelLossConfig = doc(WorldModelLossConfig(), "World-model loss.")
     ac: ActorCriticConfig = doc(ActorCriticConfig(), "Imagination, actor and critic.")
-    optim: OptimConfig = doc(OptimConfig(), "Optimiser (LaProp + AGC, TorchRL's DreamerV3Optimizer).")
+    optim: DreamerOptimConfig = doc(DreamerOptimConfig(), "Optimiser (LaProp + AGC, TorchRL's DreamerV3Optimizer).")
     replay: ReplayConfig = doc(ReplayConfig(), "Replay buffer and train ratio.")
     train: TrainConfig = doc(TrainConfig(), "Training length and collection.")
     collector: CollectorConfig = doc(CollectorConfig(), "Where the envs run: in the learner process, worker "
@@ -187,7 +197,7 @@ def validate(cfg: DreamerConfig) -> None:
         "ac.replay_value_scale": ">= 0", "ac.return_decay": "[0, 1)", "ac.group_size": ">= 1",
         "optim.world_model_lr": "> 0", "optim.actor_lr": "> 0", "optim.critic_lr": "> 0", "optim.agc": "> 0",
         "optim.eps": "> 0", "optim.warmup_steps": ">= 0", "optim.lr_decay_start": "[0, 1)",
-        "optim.lr_final_fraction": "(0, 1]",
+        "optim.lr_final_fraction": "(0, 1]", "optim.ema_decay": "[0, 1)",
         "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
         "replay.train_ratio": "> 0", "replay.prefill": ">= 0", "replay.terminal_fraction": "[0, 1]",
         "train.env_steps": ">= 1", "train.steps_per_collect": ">= 1",
@@ -229,6 +239,8 @@ def preflight(cfg: DreamerConfig, resume_state: Optional[dict]) -> None:
         agent, _ = build_agent(cfg, env)
         if resume_state is not None:
             load_weights(agent, resume_state["agent"], "checkpoint")
+            if resume_state.get("ema") is not None:
+                load_weights(agent, averaged_weights(resume_state), "checkpoint's weight average")
             replay = resume_state.get("replay") or {}
             rows = int(replay.get("_storage", {}).get("_len", 0)) if replay.get("_format") else 0
             if rows > cfg.replay.capacity:
@@ -322,6 +334,13 @@ def build_agent(cfg: DreamerConfig, env: EnvBase) -> tuple[DreamerAgent, Dreamer
     policy = DreamerPolicy(agent.world_model, agent.actor, obs_keys={k: k for k in shapes},
                            action_low=low, action_high=high).to(cfg.device)
     return agent, policy
+
+
+def policy_with(policy: DreamerPolicy, agent: DreamerAgent) -> DreamerPolicy:
+    """``policy`` acting with ``agent``'s networks instead (e.g. the copy holding the weight average)."""
+    bounds = {} if policy.discrete else {"action_low": policy.action_low, "action_high": policy.action_high}
+    return DreamerPolicy(agent.world_model, agent.actor, obs_keys=dict(policy.obs_keys), mask_key=policy.mask_key,
+                         **bounds).to(policy.prefill_flag.device)
 
 
 def build_update(cfg: DreamerConfig, agent: DreamerAgent) -> DreamerUpdate:
@@ -520,7 +539,17 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     writer = SequenceWriter({k: k for k in keys}, policy.from_env_action, total_envs(cfg),
                             reward_scale=cfg.env.reward_scale)
     p = restore(cfg, resume_state, run_dir, agent, update, rb, writer)
+    # optim.ema_decay: the weight average, evaluated with an env of its own so that the last iterate's
+    # evaluations (and the training) are exactly those of a run without it
+    average = weight_average(agent, cfg.optim.ema_decay)
+    if average is not None and resume_state is not None and resume_state.get("ema") is not None:
+        average.load_state_dict(resume_state["ema"])
     eval_env = with_policy_state(make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 10_000), policy)
+    averaged = None
+    if average is not None:
+        average_policy = policy_with(policy, average.module)
+        averaged = (average, average_policy, with_policy_state(
+            make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 10_000), average_policy))
     policy.random_actions = p.env_steps < cfg.replay.prefill  # before the workers' copy is taken: it travels with it
     collector = None
     if cc.backend != "direct":
@@ -544,7 +573,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                           x_label="env steps (all envs together)")
     except BaseException:  # nothing may leave worker processes or Ray actors behind
         shutdown_quietly(collector)
-        for e in (env, eval_env):
+        for e in (env, eval_env, *([averaged[2]] if averaged else [])):
             e.close(raise_if_closed=False)
         raise
     window, metrics, completed, lr_mult = LogWindow(), {}, False, 1.0
@@ -567,7 +596,8 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 policy.random_actions = False
                 progress = run_progress(p.env_steps, cfg.train.env_steps, run.elapsed(), cfg.run.time_budget_s)
                 lr_mult = set_learning_rates(update.optimizer, cfg.optim, progress)
-                run_owed_updates(cfg, update, rb, p, window, run.rd, batch.numel())
+                run_owed_updates(cfg, update, rb, p, window, run.rd, batch.numel(),
+                                 average=averaged[0] if averaged else None)
             pusher.after_batch(p.updates, force=prefill_ended)  # workers act with the new weights from here
             t0 = time.perf_counter()
             window.t_update += t0 - t1
@@ -575,7 +605,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
             finished, stop_reason, evaluation = p.env_steps >= cfg.train.env_steps or out_of_time, "", None
             if (cfg.eval.every and p.env_steps >= p.next_eval) or finished:
                 p.next_eval += cfg.eval.every or cfg.train.env_steps
-                evaluation = evaluate_and_keep_best(cfg, policy, eval_env, agent, p, run)
+                evaluation = evaluate_and_keep_best(cfg, policy, eval_env, agent, p, run, averaged)
                 stop_at = cfg.eval.stop_at_return
                 if stop_at is not None and evaluation["eval/episode_reward_sum"] >= stop_at:
                     stop_reason = f"eval return {evaluation['eval/episode_reward_sum']:.1f} >= {stop_at}"
@@ -591,7 +621,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 on_eval(dict(metrics))
             if p.env_steps >= p.next_ckpt or finished:
                 p.next_ckpt += cfg.run.checkpoint_every
-                run.save(checkpoint_state(cfg, agent, update, rb, writer, p))
+                run.save(checkpoint_state(cfg, agent, update, rb, writer, p, averaged))
             run.logger.advance(batch.numel())
             if finished:
                 stop_reason = f"time budget of {cfg.run.time_budget_s:.0f} s reached" if out_of_time else stop_reason
@@ -601,34 +631,40 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 break
             t0 = time.perf_counter()
     except WorkerFailedError as exc:  # raised in a wait on the collector: the learner's state is whole
-        run.save(checkpoint_state(cfg, agent, update, rb, writer, p))
+        run.save(checkpoint_state(cfg, agent, update, rb, writer, p, averaged))
         run.logger.write(f"stopping at {p.env_steps} env steps: {exc}; checkpoint written (continue with --resume)")
         raise
     finally:
         watchdog.__exit__(None, None, None)
         run.close()
         shutdown_quietly(collector)  # closes env too; worker processes / Ray actors end here, also on errors
-        for e in (env, eval_env):
+        for e in (env, eval_env, *([averaged[2]] if averaged else [])):
             e.close(raise_if_closed=False)
     if completed and cfg.eval.confirm_episodes and run.is_main:
-        confirm_policies(cfg, run.rd, agent, policy, p)
+        confirm_policies(cfg, run.rd, agent, policy, p, average=averaged[0] if averaged else None)
     return metrics
 
 
 def confirm_policies(cfg: DreamerConfig, run_dir: str | Path, agent: DreamerAgent, policy: DreamerPolicy,
-                     p: Progress) -> dict[str, Any]:
+                     p: Progress, average=None) -> dict[str, Any]:
     """Scores the final weights and ``best.pt`` on ``eval.confirm_episodes`` fresh episodes each (same
     seeds for both, none used in training or in the periodic evaluations) and writes
     ``<run>/result.json`` naming the better file. A run's last policy is not always its best one,
-    and a best-of-many 10-episode score flatters the policy behind it: this is the run's result."""
+    and a best-of-many 10-episode score flatters the policy behind it: this is the run's result.
+    With a weight ``average`` the final weights are the average (what ``--evaluate`` plays) and the
+    last iterate is scored too, for the record (``final_last``); ``agent`` ends holding the average."""
     run_dir, n, seed = Path(run_dir), cfg.eval.confirm_episodes, cfg.seed + 30_000
+    also = None
+    if average is not None:
+        also = {"final_last": {k: v.detach().clone() for k, v in agent.state_dict().items()}}
+        agent.load_state_dict(average.module.state_dict())
     return confirm_final_and_best(
         run_dir, episodes=n, seed=seed, networks=agent, final_env_steps=p.env_steps,
         make_env=lambda: with_policy_state(make_env_from_config(cfg, num_envs=n, seed=seed), policy),
         evaluate=lambda env: evaluate(policy, env, actions=cfg.eval.actions),
         best_file=run_dir / BEST_NAME if cfg.eval.keep_best else None,
         load_best=lambda state: load_weights(agent, state["agent"], BEST_NAME), checkpoint_name=CHECKPOINT_NAME,
-        device=cfg.device)
+        device=cfg.device, also=also)
 
 
 POSTFIX = {"train/episode_reward_sum": "R", "eval/episode_reward_sum": "R_eval", "loss/world_model": "wm",
@@ -642,33 +678,47 @@ CURVES = (
 
 
 def run_owed_updates(cfg: DreamerConfig, update: DreamerUpdate, rb, p: Progress, window: LogWindow, run_dir: str,
-                     new_steps: int) -> None:
+                     new_steps: int, average=None) -> None:
     """Adds what ``new_steps`` env steps owe (``replay.train_ratio`` replayed steps per env step) and runs
-    the whole updates owed, each on a fresh ``[batch_size, seq_len]`` sample."""
+    the whole updates owed, each on a fresh ``[batch_size, seq_len]`` sample (moving the weight
+    ``average``, if any, after each)."""
     B, L = cfg.replay.batch_size, cfg.replay.seq_len
     p.owed += new_steps * cfg.replay.train_ratio / (B * L)
     while p.owed >= 1.0:
         sample = rb.sample().reshape(B, L).to(cfg.device)
         window.add_update(update(sample, iteration=p.updates, run_dir=run_dir))
+        if average is not None:
+            average.update_parameters(update.agent)
         p.updates += 1
         p.owed -= 1.0
 
 
 def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: EnvBase, agent: DreamerAgent,
-                           p: Progress, run: TrainingRun) -> dict[str, float]:
+                           p: Progress, run: TrainingRun, averaged=None) -> dict[str, float]:
     """Evaluation (after the non-finite guard); with ``eval.keep_best`` a new best score writes
-    ``best.pt`` (the weights behind it: the policy at the end of a run is not always its best one)."""
+    ``best.pt`` (the weights behind it: the policy at the end of a run is not always its best one).
+    With ``averaged`` (the weight average, its policy and its eval env; ``optim.ema_decay``) the last
+    iterate plays first (``eval/*_last``), then the average, whose score is the evaluation's."""
     # sampled actions draw from generators of their own (seeded per evaluation), so the training's random
     # stream does not depend on how long the evaluation episodes were; mode evaluations draw from the
     # training's stream (the latent samples) as they always have, so earlier seeded runs repeat to the digit
     sampled = cfg.eval.actions == EvalActions.sample
     result = evaluate(policy, eval_env, actions=cfg.eval.actions,
                       seed=cfg.seed + 10_000 + p.updates if sampled else None)
-    metrics = run.evaluated(result, ("eval/episode_reward_sum", "eval/episode_length"), iteration=p.updates)
+    keys = ("eval/episode_reward_sum", "eval/episode_length")
+    kept = agent
+    if averaged is not None:
+        average, average_policy, average_env = averaged
+        last = {f"{k}_last": v for k, v in result.items() if k in keys}
+        # its own seeded generators: the training's stream is the one a run without the average draws
+        result = {**evaluate(average_policy, average_env, actions=cfg.eval.actions,
+                             seed=cfg.seed + 40_000 + p.updates), **last}
+        keys, kept = (*keys, *last), average.module
+    metrics = run.evaluated(result, keys, iteration=p.updates)
     score = metrics["eval/episode_reward_sum"]
     if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
         p.best_return = score
-        run.save({"agent": agent.state_dict(), "env_steps": p.env_steps, "updates": p.updates,
+        run.save({"agent": kept.state_dict(), "env_steps": p.env_steps, "updates": p.updates,
                   "eval/episode_reward_sum": score}, name=BEST_NAME)
     if cfg.eval.keep_best and math.isfinite(p.best_return):  # no -inf in metrics.jsonl before a finite score
         metrics["eval/best_episode_reward_sum"] = p.best_return
@@ -676,8 +726,8 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
 
 
 def checkpoint_state(cfg: DreamerConfig, agent: DreamerAgent, update: DreamerUpdate, rb, writer: SequenceWriter,
-                     p: Progress) -> dict:
-    """What ``--resume`` needs (the replay rows in use with ``run.save_replay``)."""
+                     p: Progress, averaged=None) -> dict:
+    """What ``--resume`` needs (the replay rows in use with ``run.save_replay``; the weight average)."""
     return {
         "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
         "critic_loss": update.critic_loss.state_dict(), "actor_loss": update.actor_loss.state_dict(),
@@ -685,6 +735,7 @@ def checkpoint_state(cfg: DreamerConfig, agent: DreamerAgent, update: DreamerUpd
         "writer": writer.state_dict() if cfg.run.save_replay else None,
         "env_steps": p.env_steps, "updates": p.updates, "owed": p.owed, "next_eval": p.next_eval,
         "next_ckpt": p.next_ckpt, "next_log": p.next_log, "best_return": p.best_return, "rng": rng_state(),
+        "ema": averaged[0].state_dict() if averaged is not None else None,
     }
 
 
@@ -702,7 +753,7 @@ def evaluate_checkpoint(cfg: DreamerConfig, run_dir: Path) -> dict[str, float]:
         torch.manual_seed(cfg.seed + 20_000)
         env = make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 20_000)
         agent, policy = build_agent(cfg, env)
-        load_weights(agent, state["agent"], "checkpoint")
+        load_weights(agent, averaged_weights(state), "checkpoint")  # the average, where the run kept one
         with_policy_state(env, policy)
         t0 = time.perf_counter()
         metrics = evaluate(policy, env, actions=cfg.eval.actions)

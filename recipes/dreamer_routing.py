@@ -22,13 +22,13 @@ from typing import Optional
 
 import torch
 from tensordict import TensorDict
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torchrl.data import LazyTensorStorage, ReplayBuffer
 
 from envs.routing import KOOL_CAPACITY, CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
 from torchrl_dreamer.dreamer.config import OptimConfig, WorldModelLossConfig
 from torchrl_dreamer.checkpoint import (
-    CheckpointError, load_checkpoint, rng_state, set_rng_state,
+    CheckpointError, averaged_weights, load_checkpoint, rng_state, set_rng_state, weight_average,
 )
 from torchrl_dreamer.config import ConfigError, check_ranges, config_errors, doc
 from torchrl_dreamer.cpu import compile_unavailable, tune_malloc
@@ -385,18 +385,13 @@ def load_weights(agent: DreamerAgent, state: dict) -> None:
 def make_ema(cfg: DreamerRoutingConfig, agent: DreamerAgent) -> Optional[AveragedModel]:
     """The moving average of the agent's weights (``optim.ema_decay > 0``), or None. Reuses torch's
     ``AveragedModel`` (the critic is averaged too: one module, and it costs one small copy)."""
-    if cfg.optim.ema_decay <= 0:
-        return None
-    return AveragedModel(agent, multi_avg_fn=get_ema_multi_avg_fn(cfg.optim.ema_decay), use_buffers=True)
+    return weight_average(agent, cfg.optim.ema_decay)
 
 
 def evaluated_weights(state: dict) -> dict:
     """The agent weights a checkpoint's evaluation uses: the weight average when the run kept one (what
     ``eval/gap_pct`` measured during training), else the last iterate."""
-    ema = state.get("ema")
-    if ema is None:
-        return state["agent"]
-    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+    return averaged_weights(state)
 
 
 def preflight(cfg: DreamerRoutingConfig, resume_state: Optional[dict]) -> None:

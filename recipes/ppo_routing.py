@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from baselines.pointer_ppo import (
     compute_advantage, compute_shared_advantage, evaluate_dev, multistart_nodes, ppo_routing_update, rollout,
 )
 from envs.routing import CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
 from torchrl_dreamer.checkpoint import (
-    CheckpointError, load_checkpoint, rng_state, set_rng_state,
+    CheckpointError, load_checkpoint, rng_state, set_rng_state, weight_average,
 )
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, config_errors, doc
 from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel
@@ -200,9 +200,7 @@ def make_train_env(cfg: PPORoutingConfig, seed: int):
 
 def make_ema(cfg: PPORoutingConfig, model: PointerActorCritic) -> Optional[AveragedModel]:
     """The EMA of the policy weights (``ppo.ema_decay > 0``), or None. Reuses torch's AveragedModel."""
-    if cfg.ppo.ema_decay <= 0:
-        return None
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ppo.ema_decay), use_buffers=True)
+    return weight_average(model, cfg.ppo.ema_decay)
 
 
 def lr_factor(cfg: PPORoutingConfig, done_iterations: int, elapsed_s: float) -> float:

@@ -199,3 +199,23 @@ def load_weights(module: torch.nn.Module, state: dict, what: str) -> None:
                        or "Unexpected" in line), (first[1] if len(first) > 1 else first[0]).strip() if first else "")
         raise CheckpointError(f"the {what}'s weights do not fit the model this config builds ({detail[:240]}); "
                               "resume without model.* / env.* overrides that change network sizes") from None
+
+
+def weight_average(module: torch.nn.Module, decay: float):
+    """An exponential moving average of ``module``'s weights (torch's ``AveragedModel`` with its EMA
+    update, buffers averaged too), or None for ``decay <= 0``. ``average.update_parameters(module)``
+    after the optimizer steps moves it; ``average.module`` is a copy of ``module`` holding the average."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(module, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def averaged_weights(state: dict[str, Any], key: str = "agent", average_key: str = "ema") -> dict[str, Any]:
+    """The weights a checkpoint's evaluation uses: the weight average's (``state[average_key]``, an
+    ``AveragedModel`` state) when the run kept one, else ``state[key]`` (the last iterate)."""
+    average = state.get(average_key)
+    if average is None:
+        return state[key]
+    return {k[len("module."):]: v for k, v in average.items() if k.startswith("module.")}

@@ -172,7 +172,8 @@ def _run_episodes(policy, env, max_steps: int, actions: EvalActions) -> dict[str
 def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: int, make_env: Callable[[], Any],
                            evaluate: Callable[[Any], Mapping[str, float]], networks: Any, final_env_steps: int,
                            best_file: str | os.PathLike | None, load_best: Callable[[dict], None],
-                           checkpoint_name: str = DEFAULT_CHECKPOINT, device: Any = "cpu") -> dict[str, Any]:
+                           checkpoint_name: str = DEFAULT_CHECKPOINT, device: Any = "cpu",
+                           also: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The end of a run: scores the final weights and, if ``best_file`` exists, the weights behind the
     run's best evaluation on the same ``episodes`` fresh episodes (``make_env()`` builds them,
     ``evaluate(env)`` plays one episode per env and returns ``eval/episode_reward_sum`` and
@@ -180,7 +181,9 @@ def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: i
     ``<run>/result.json`` naming the better file and prints one line. A run's last policy is not always
     its best, and a best-of-many 10-episode score flatters the policy behind it: this record is the
     run's result. ``load_best(state)`` loads ``best_file``'s checkpoint into ``networks``; the final
-    weights are put back afterwards."""
+    weights are put back afterwards. ``also`` maps names to further ``networks`` state dicts scored on
+    the same episodes for the record only (e.g. ``final_last``: the last iterate of a run whose
+    final weights are a weight average); they are not candidates for ``use``."""
     import torch
 
     from .checkpoint import load_checkpoint
@@ -200,6 +203,12 @@ def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: i
     try:
         record: dict[str, Any] = {"run_dir": str(run_dir), "episodes": episodes, "seed": seed,
                                   "final": {"file": checkpoint_name, "env_steps": final_env_steps, **score()}}
+        for name, weights in (also or {}).items():
+            networks.load_state_dict(weights)
+            try:
+                record[name] = {"file": checkpoint_name, "env_steps": final_env_steps, **score()}
+            finally:
+                networks.load_state_dict(final_weights)
         best = Path(best_file) if best_file is not None else None
         if best is not None and best.exists():
             state = load_checkpoint(best, map_location=device)
@@ -216,6 +225,7 @@ def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: i
     record["use"] = use["file"]
     write_json_atomic(run_dir / RESULT_NAME, record)
     line = f"confirmed on {episodes} fresh episodes: final weights {record['final']['episode_reward_sum']:.1f}"
+    line += "".join(f" ({name} {record[name]['episode_reward_sum']:.1f})" for name in (also or {}))
     if "best" in record:
         b = record["best"]
         when = f"eval {b['eval_when_saved']:.1f} at " if b["eval_when_saved"] is not None else ""
