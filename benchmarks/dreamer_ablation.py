@@ -83,6 +83,9 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [(r["time/total_s"], r["train/env_steps"], r["eval/episode_reward_sum"]) for r in rows
              if isinstance(r.get("eval/episode_reward_sum"), (int, float))]
+    # optim.ema_decay: the evaluations above are the weight average's, these the last iterate's
+    evals_last = [(r["time/total_s"], r["train/env_steps"], r["eval/episode_reward_sum_last"]) for r in rows
+                  if isinstance(r.get("eval/episode_reward_sum_last"), (int, float))]
     first = next((i for i, (_, _, v) in enumerate(evals) if v >= threshold), None)
     after = [v for _, _, v in evals[first + 1:]] if first is not None else []
     tail = rows[len(rows) * 3 // 4:]
@@ -104,7 +107,10 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
             "updates": rows[-1].get("train/updates"),
             "confirm_final": result.get("final", {}).get("episode_reward_sum"),
             "confirm_best": result.get("best", {}).get("episode_reward_sum"),
-            "confirm_episodes": result.get("episodes"), "diagnostics_last_quarter": diag}
+            "confirm_episodes": result.get("episodes"), "diagnostics_last_quarter": diag,
+            **({"evals_last": evals_last, "best_eval_last": max(v for _, _, v in evals_last),
+                "final_eval_last": evals_last[-1][2],
+                "confirm_final_last": result.get("final_last", {}).get("episode_reward_sum")} if evals_last else {})}
 
 
 def _fmt(x, spec=".1f") -> str:
@@ -145,7 +151,10 @@ def plot(path: Path, results: list[dict], variants: list[str], threshold: float,
     for ax, name in zip(axes[0], variants):
         for r in (r for r in results if r["variant"] == name and r.get("evals")):
             t, _, v = zip(*r["evals"])
-            ax.plot([x / 60 for x in t], v, "o-", ms=2, label=f"seed {r['seed']}")
+            line, = ax.plot([x / 60 for x in t], v, "o-", ms=2, label=f"seed {r['seed']}")
+            if r.get("evals_last"):  # optim.ema_decay: the last iterate, dotted, beside its weight average
+                t, _, v = zip(*r["evals_last"])
+                ax.plot([x / 60 for x in t], v, ":", lw=0.8, color=line.get_color(), label=f"seed {r['seed']} last iterate")
         ax.axhline(threshold, color="k", ls="--", lw=0.8)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("wall clock (min)")
