@@ -1,0 +1,44 @@
+"""benchmarks/dreamer_ablation.py reads a run's logs into its table: the evaluations, the 50-episode
+scores and, with ``optim.ema_decay``, the last iterate's beside the weight average's."""
+import importlib
+import json
+
+from helpers import BENCHMARKS
+
+
+def fake_run(tmp_path, *, average: bool):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = []
+    for i, (avg, last) in enumerate([(10.0, 30.0), (250.0, 190.0), (180.0, 220.0)]):
+        row = {"time/total_s": 60.0 * (i + 1), "train/env_steps": 1000 * (i + 1), "train/updates": 10 * (i + 1),
+               "eval/episode_reward_sum": avg}
+        if average:
+            row["eval/episode_reward_sum_last"] = last
+        rows.append(row)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = {"episodes": 50, "final": {"episode_reward_sum": 170.0}, "best": {"episode_reward_sum": 205.0}}
+    if average:
+        result["final_last"] = {"episode_reward_sum": 160.0}
+    (run_dir / "result.json").write_text(json.dumps(result))
+    log = tmp_path / "job.log"
+    log.write_text(f"run directory: {run_dir}\n")
+    return {"variant": "v", "seed": 0, "overrides": [], "log": log, "returncode": 0}
+
+
+def test_summary_keeps_the_last_iterate_beside_the_weight_average(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    out = ablation.summarise(fake_run(tmp_path, average=True), threshold=200.0, hold=150.0)
+    assert out["best_eval"] == 250.0 and out["final_eval"] == 180.0 and out["reached_env_steps"] == 2000
+    assert out["held"] and out["min_after_reach"] == 180.0
+    assert (out["confirm_final"], out["confirm_best"], out["confirm_final_last"]) == (170.0, 205.0, 160.0)
+    assert out["best_eval_last"] == 220.0 and out["final_eval_last"] == 220.0
+    assert [v for _, _, v in out["evals_last"]] == [30.0, 190.0, 220.0]
+
+
+def test_summary_without_a_weight_average_has_no_last_iterate_keys(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    out = ablation.summarise(fake_run(tmp_path, average=False), threshold=200.0, hold=150.0)
+    assert out["best_eval"] == 250.0 and "evals_last" not in out and "confirm_final_last" not in out
