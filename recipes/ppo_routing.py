@@ -28,7 +28,7 @@ from baselines.pointer_ppo import (
 )
 from envs.routing import CVRPEnv, DevSetError, TSPEnv, dev_set_path, load_dev_set
 from torchrl_dreamer.checkpoint import (
-    CheckpointError, load_checkpoint, rng_state, set_rng_state, weight_average,
+    CheckpointError, averaged_weights, load_checkpoint, rng_state, set_rng_state, weight_average,
 )
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, config_errors, doc
 from torchrl_dreamer.distributed import SINGLE, DataParallel, data_parallel
@@ -402,11 +402,8 @@ def evaluate_checkpoint(cfg: PPORoutingConfig, run_dir: Path) -> dict:
     run_dir, checkpoint, suffix = evaluation_paths(target)
     state = load_checkpoint(target, map_location=cfg.device)
     model = make_model(cfg)
-    load_weights(model, state["model"])
-    if state.get("ema") is not None:  # the weight average is what eval/gap_pct measured during training
-        ema = AveragedModel(model, use_buffers=True)
-        ema.load_state_dict(state["ema"])
-        model = ema.module
+    # the weight average where the run kept one: what eval/gap_pct measured during training
+    load_weights(model, averaged_weights(state, key="model"))
     data = load_dev_set(cfg.env.dev_set, cfg.env.problem, cfg.env.size)
     result = evaluate_dev(model, data, problem=cfg.env.problem,
                           multistart=cfg.eval.multistart, augment=cfg.eval.augment)
