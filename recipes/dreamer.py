@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torchrl.envs import EnvBase, TensorDictPrimer
@@ -396,6 +396,14 @@ def evaluate(policy: DreamerPolicy, env: EnvBase, *, max_steps: int = 100_000, a
 # --- training ----------------------------------------------------------------------------------
 
 
+class WeightAverage(NamedTuple):
+    """``optim.ema_decay``'s weight average (torch's ``AveragedModel`` of the agent), the policy that acts
+    with it and the eval env it plays in (its own, so the last iterate's evaluations are a plain run's)."""
+    model: torch.optim.swa_utils.AveragedModel
+    policy: DreamerPolicy
+    env: EnvBase
+
+
 @dataclass
 class Progress:
     """The counters a Dreamer run carries across ``--resume`` (stored in its checkpoint)."""
@@ -548,7 +556,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
     averaged = None
     if average is not None:
         average_policy = policy_with(policy, average.module)
-        averaged = (average, average_policy, with_policy_state(
+        averaged = WeightAverage(average, average_policy, with_policy_state(
             make_env_from_config(cfg, num_envs=cfg.eval.episodes, seed=cfg.seed + 10_000), average_policy))
     policy.random_actions = p.env_steps < cfg.replay.prefill  # before the workers' copy is taken: it travels with it
     collector = None
@@ -573,7 +581,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                           x_label="env steps (all envs together)")
     except BaseException:  # nothing may leave worker processes or Ray actors behind
         shutdown_quietly(collector)
-        for e in (env, eval_env, *([averaged[2]] if averaged else [])):
+        for e in (env, eval_env, *([averaged.env] if averaged else [])):
             e.close(raise_if_closed=False)
         raise
     window, metrics, completed, lr_mult = LogWindow(), {}, False, 1.0
@@ -597,7 +605,7 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
                 progress = run_progress(p.env_steps, cfg.train.env_steps, run.elapsed(), cfg.run.time_budget_s)
                 lr_mult = set_learning_rates(update.optimizer, cfg.optim, progress)
                 run_owed_updates(cfg, update, rb, p, window, run.rd, batch.numel(),
-                                 average=averaged[0] if averaged else None)
+                                 average=averaged.model if averaged else None)
             pusher.after_batch(p.updates, force=prefill_ended)  # workers act with the new weights from here
             t0 = time.perf_counter()
             window.t_update += t0 - t1
@@ -638,10 +646,10 @@ def train(cfg: DreamerConfig, run_dir: Path, resume_state: Optional[dict] = None
         watchdog.__exit__(None, None, None)
         run.close()
         shutdown_quietly(collector)  # closes env too; worker processes / Ray actors end here, also on errors
-        for e in (env, eval_env, *([averaged[2]] if averaged else [])):
+        for e in (env, eval_env, *([averaged.env] if averaged else [])):
             e.close(raise_if_closed=False)
     if completed and cfg.eval.confirm_episodes and run.is_main:
-        confirm_policies(cfg, run.rd, agent, policy, p, average=averaged[0] if averaged else None)
+        confirm_policies(cfg, run.rd, agent, policy, p, average=averaged.model if averaged else None)
     return metrics
 
 
@@ -694,10 +702,10 @@ def run_owed_updates(cfg: DreamerConfig, update: DreamerUpdate, rb, p: Progress,
 
 
 def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: EnvBase, agent: DreamerAgent,
-                           p: Progress, run: TrainingRun, averaged=None) -> dict[str, float]:
+                           p: Progress, run: TrainingRun, averaged: WeightAverage | None = None) -> dict[str, float]:
     """Evaluation (after the non-finite guard); with ``eval.keep_best`` a new best score writes
     ``best.pt`` (the weights behind it: the policy at the end of a run is not always its best one).
-    With ``averaged`` (the weight average, its policy and its eval env; ``optim.ema_decay``) the last
+    With ``averaged`` (:class:`WeightAverage`; ``optim.ema_decay``) the last
     iterate plays first (``eval/*_last``), then the average, whose score is the evaluation's."""
     # sampled actions draw from generators of their own (seeded per evaluation), so the training's random
     # stream does not depend on how long the evaluation episodes were; mode evaluations draw from the
@@ -708,12 +716,11 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
     keys = ("eval/episode_reward_sum", "eval/episode_length")
     kept = agent
     if averaged is not None:
-        average, average_policy, average_env = averaged
         last = {f"{k}_last": v for k, v in result.items() if k in keys}
         # its own seeded generators: the training's stream is the one a run without the average draws
-        result = {**evaluate(average_policy, average_env, actions=cfg.eval.actions,
+        result = {**evaluate(averaged.policy, averaged.env, actions=cfg.eval.actions,
                              seed=cfg.seed + 40_000 + p.updates), **last}
-        keys, kept = (*keys, *last), average.module
+        keys, kept = (*keys, *last), averaged.model.module
     metrics = run.evaluated(result, keys, iteration=p.updates)
     score = metrics["eval/episode_reward_sum"]
     if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
@@ -726,7 +733,7 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
 
 
 def checkpoint_state(cfg: DreamerConfig, agent: DreamerAgent, update: DreamerUpdate, rb, writer: SequenceWriter,
-                     p: Progress, averaged=None) -> dict:
+                     p: Progress, averaged: WeightAverage | None = None) -> dict:
     """What ``--resume`` needs (the replay rows in use with ``run.save_replay``; the weight average)."""
     return {
         "agent": agent.state_dict(), "optimizer": update.optimizer.state_dict(),
@@ -735,7 +742,7 @@ def checkpoint_state(cfg: DreamerConfig, agent: DreamerAgent, update: DreamerUpd
         "writer": writer.state_dict() if cfg.run.save_replay else None,
         "env_steps": p.env_steps, "updates": p.updates, "owed": p.owed, "next_eval": p.next_eval,
         "next_ckpt": p.next_ckpt, "next_log": p.next_log, "best_return": p.best_return, "rng": rng_state(),
-        "ema": averaged[0].state_dict() if averaged is not None else None,
+        "ema": averaged.model.state_dict() if averaged is not None else None,
     }
 
 
