@@ -13,6 +13,11 @@ For each kind of ending it reports, from the posterior states of the episodes:
 * how much the observation changed over the last step (max |x_T - x_{T-1}|): a terminal state
   that looks like its predecessor cannot be told apart by the observation alone.
 
+A second table looks at the rows where both legs touch the ground: the landing bonus comes only once
+Box2D puts the lander to sleep, i.e. after ~25 steps in a row without an engine impulse, so an actor
+that keeps firing a side engine on the ground never collects it. Per kind of ending: steps on the
+ground, the share of them spent firing an engine, and the actor's mean probabilities there.
+
 Writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
 """
 from __future__ import annotations
@@ -38,6 +43,32 @@ def kind(final_reward: float, length: int, max_steps: int) -> str:
     return "landed" if final_reward > 50 else "crashed" if final_reward < -50 else "other"
 
 
+ACTIONS = ("none", "left", "main", "right")  # LunarLander-v3's discrete actions, in order
+
+
+@torch.no_grad()
+def on_ground(agent, obs: torch.Tensor, act: torch.Tensor) -> dict[str, float]:
+    """Steps after which both leg contacts (entries 6 and 7) are set, the share of them that fired an
+    engine, and the actor's mean action probabilities at those posterior states (NaN if none)."""
+    after = obs[1:]
+    rows = ((after[:, 6] > 0.5) & (after[:, 7] > 0.5)).nonzero().reshape(-1)
+    out = {"ground_steps": float(len(rows))}
+    if not len(rows):
+        return {**out, "ground_engine_share": float("nan"), **{f"ground_prob_{a}": float("nan") for a in ACTIONS}}
+    wm = agent.world_model
+    L = act.shape[0]
+    a = torch.cat([act, torch.zeros(1, act.shape[-1])])[None]
+    is_first = torch.zeros(1, L + 1, dtype=torch.bool)
+    is_first[0, 0] = True
+    feat = wm.observe({"observation": obs[None]}, a, is_first)["feat"][0]
+    probs = agent.actor(feat).probs[rows + 1]  # the state after the step, where the next action is chosen
+    nxt = rows + 1
+    taken = act[nxt[nxt < L]].argmax(-1)  # the actions taken from those states (none after the final row)
+    share = float((taken != 0).float().mean()) if len(taken) else float("nan")
+    return {**out, "ground_engine_share": share,
+            **{f"ground_prob_{name}": float(probs[:, i].mean()) for i, name in enumerate(ACTIONS)}}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
@@ -57,14 +88,18 @@ def main(argv=None) -> dict:
         L = act.shape[0]
         out = inspect(agent, obs, act)
         k = kind(float(rew[-1]), L, args.max_steps)
+        ground = on_ground(agent, obs, act)
         rows.setdefault(k, []).append({
             "length": L, "return": float(rew.sum()), "final_reward": float(rew[-1]),
             "predicted_final_reward": float(out["reward"][-1]) / scale,
             "continue_final": float(out["cont"][-1]), "continue_before": float(out["cont"][-2]),
             "obs_change_last_step": float((obs[-1, :8] - obs[-2, :8]).abs().max()),
             **({"still_steps_final": float(obs[-1, 8])} if still else {}),
+            **ground,
         })
-    mean = lambda xs: statistics.fmean(xs) if xs else float("nan")  # noqa: E731
+    def mean(xs):  # NaN entries (an episode that never touched the ground) are left out
+        xs = [x for x in xs if x == x]
+        return statistics.fmean(xs) if xs else float("nan")
     print(f"checkpoint at {env_steps} env steps; {args.episodes} episodes with mode actions")
     print("| end | episodes | mean return | continue prob. at the final row / the row before | "
           "final reward: received / predicted | max obs change over the last step |")
@@ -76,6 +111,14 @@ def main(argv=None) -> dict:
         print(f"| {k} | {len(rs)} | {s['return']:.1f} | {s['continue_final']:.3f} / {s['continue_before']:.3f} | "
               f"{s['final_reward']:.1f} / {s['predicted_final_reward']:.1f} | {s['obs_change_last_step']:.3f} |"
               + (f" steps at rest at the end: {s['still_steps_final']:.1f}" if still else ""))
+    print("\nOn the ground (both legs touching; the +100 needs ~25 steps in a row without an engine):")
+    print("| end | episodes | steps on the ground | share firing an engine there | actor's mean probabilities there: "
+          "none / left / main / right |")
+    print("|---|---|---|---|---|")
+    for k, rs in sorted(rows.items()):
+        s = summary[k]
+        probs = " / ".join(f"{s[f'ground_prob_{a}']:.2f}" for a in ACTIONS)
+        print(f"| {k} | {len(rs)} | {s['ground_steps']:.1f} | {s['ground_engine_share']:.2f} | {probs} |")
     result = {"run_dir": str(args.run_dir), "env_steps": env_steps, "episodes": args.episodes, "summary": summary,
               "per_episode": rows, **stamp}
     write_result(args.out, result)

@@ -336,6 +336,38 @@ def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypat
         diag.main([str(run_dir.parent / "missing")])
 
 
+def test_lunarlander_episode_ends_counts_engine_use_on_the_ground(monkeypatch):
+    """benchmarks/dreamer_lunarlander_episode_ends.py's ground table: the rows after which both leg
+    contacts are set, the share of the actions taken from them that fire an engine, and the actor's
+    probabilities there (a distribution); an episode that never touches down gives NaN, not a crash."""
+    import importlib
+    import math
+    import sys
+
+    import torch.nn.functional as F
+
+    from torchrl_dreamer.dreamer import make_agent, preset
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dreamer_lunarlander_episode_ends", None)
+    diag = importlib.import_module("dreamer_lunarlander_episode_ends")
+    torch.manual_seed(0)
+    agent = make_agent({"observation": (8,)}, 4, True, preset("nano"))
+    L = 10
+    obs = torch.randn(L + 1, 8)
+    obs[:, 6:] = 0.0
+    obs[6:, 6:] = 1.0  # both legs down in the observations after steps 5..9 (obs rows 6..10)
+    actions = torch.tensor([2, 2, 2, 2, 2, 0, 1, 0, 3, 0])  # from rows 6..9: left, none, right, none
+    out = diag.on_ground(agent, obs, F.one_hot(actions, 4).float())
+    assert out["ground_steps"] == 5.0
+    assert out["ground_engine_share"] == 0.5
+    probs = [out[f"ground_prob_{a}"] for a in diag.ACTIONS]
+    assert all(0.0 <= p <= 1.0 for p in probs) and abs(sum(probs) - 1.0) < 1e-5
+    obs[:, 6:] = 0.0  # never on the ground
+    out = diag.on_ground(agent, obs, F.one_hot(actions, 4).float())
+    assert out["ground_steps"] == 0.0 and math.isnan(out["ground_engine_share"]) and math.isnan(out["ground_prob_none"])
+
+
 def test_update_ab_harness_builds_package_copies_and_prints_ratios(tmp_path, monkeypatch, capsys):
     """benchmarks/dreamer_update_ab.py (eager, tiny round counts): 'cur' is the installed package,
     another name a copy under --pkgs, which is really imported; a missing copy is a clear error."""
