@@ -16,7 +16,9 @@ For each kind of ending it reports, from the posterior states of the episodes:
 A second table looks at the rows where both legs touch the ground: the landing bonus comes only once
 Box2D puts the lander to sleep, i.e. after ~25 steps in a row without an engine impulse, so an actor
 that keeps firing a side engine on the ground never collects it. Per kind of ending: steps on the
-ground, the share of them spent firing an engine, and the actor's mean probabilities there.
+ground, the share of them spent firing an engine, and the actor's mean probabilities there. Last, the
+reward received over the 100 steps before the final row against the reward head's predictions there
+(a bonus the head cannot time is spread over the rows before it).
 
 Writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
 """
@@ -96,6 +98,10 @@ def main(argv=None) -> dict:
             "obs_change_last_step": float((obs[-1, :8] - obs[-2, :8]).abs().max()),
             **({"still_steps_final": float(obs[-1, 8])} if still else {}),
             **ground,
+            # the reward head over the 100 steps before the final row (the row after each step predicts
+            # that step's reward): a landing bonus it cannot time shows up here, spread over the ground rows
+            "reward_before_end": float(rew[-101:-1].sum()),
+            "predicted_reward_before_end": float(out["reward"][1:][-101:-1].sum()) / scale,
         })
     def mean(xs):  # NaN entries (an episode that never touched the ground) are left out
         xs = [x for x in xs if x == x]
@@ -119,6 +125,10 @@ def main(argv=None) -> dict:
         s = summary[k]
         probs = " / ".join(f"{s[f'ground_prob_{a}']:.2f}" for a in ACTIONS)
         print(f"| {k} | {len(rs)} | {s['ground_steps']:.1f} | {s['ground_engine_share']:.2f} | {probs} |")
+    print("\nReward over the 100 steps before the final row, received / predicted by the reward head:")
+    for k, rs in sorted(rows.items()):
+        s = summary[k]
+        print(f"  {k}: {s['reward_before_end']:.1f} / {s['predicted_reward_before_end']:.1f}")
     result = {"run_dir": str(args.run_dir), "env_steps": env_steps, "episodes": args.episodes, "summary": summary,
               "per_episode": rows, **stamp}
     write_result(args.out, result)

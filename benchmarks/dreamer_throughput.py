@@ -3,6 +3,8 @@
     python benchmarks/dreamer_throughput.py                      # 137k-parameter sizes, 8x16, H=15, 1 thread
     python benchmarks/dreamer_throughput.py --rounds 7 --per-round 10
     python benchmarks/dreamer_throughput.py --ours-only --batch 16 --seq-len 64 --size tiny
+    python benchmarks/dreamer_throughput.py --ours-only --size tiny --batch 32 --seq-len 32 --compile-full \
+        --no-cpp-wrapper --start-fraction 0.25 --replay-value 0 --profile 10   # LunarLander YAML's update, tiny size
 
 One "update" is the whole thing on a fixed ``[batch, seq_len]`` CartPole-shaped batch: world-model
 loss forward + backward, imagination for ``horizon`` steps from every posterior state, critic
@@ -48,7 +50,7 @@ from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on s
 
 def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_value: float = 0.3,
                compile_scan: bool = False, compile_full: bool = False, cpp_wrapper: bool = True,
-               package: str = "torchrl_dreamer"):
+               package: str = "torchrl_dreamer", start_fraction: float = 1.0):
     """Our update at the sizes of ``s`` (or a named preset). Returns (fn, param counts). Compiled
     as the recipe compiles it (``inductor_options``: on CPU inductor's C++ wrapper unless
     ``cpp_wrapper=False``). ``package``: build it from another importable copy of the package
@@ -66,7 +68,7 @@ def build_ours(s: RefSizes, *, size: str | None = None, seed: int = 0, replay_va
                                                layers=s.mlp_layers, stoch=s.stoch, classes=s.classes,
                                                blocks=s.blocks, bins=s.bins)
     agent = make_agent({"observation": (s.obs_dim,)}, s.action_dim, True, sizes)
-    imagination = ImaginationModule(agent.world_model, agent.actor, s.horizon)
+    imagination = ImaginationModule(agent.world_model, agent.actor, s.horizon, start_fraction=start_fraction)
     if compile_scan:
         agent.world_model.rssm.enable_compile(**kw)
         imagination.enable_compile(**kw)
@@ -132,6 +134,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=15)
     parser.add_argument("--size", default=None, help="ours-only: a named preset instead of the 137k sizes")
+    parser.add_argument("--start-fraction", type=float, default=1.0,
+                        help="ours-only: imagine from this share of the posterior states (recipe: ac.start_fraction; "
+                             "the LunarLander YAML 0.25)")
+    parser.add_argument("--replay-value", type=float, default=0.3,
+                        help="weight of our replay-value critic loss (TorchRL's default 0.3; recipe: "
+                             "ac.replay_value_scale, default 0)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after the timed rounds, run N more of our updates under torch.profiler and print "
+                             "the ops by self CPU time and the share spent in matrix multiplies")
     parser.add_argument("--ours-only", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile our RSSM scan and imagination steps")
     parser.add_argument("--compile-full", action="store_true",
@@ -144,6 +155,8 @@ def main() -> None:
                              "(which the recipes apply at start-up; process-wide, so it applies to both sides)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
     args = parser.parse_args()
+    if not args.ours_only and args.start_fraction != 1.0:
+        parser.error("--start-fraction is ours-only (TorchRL's update imagines from every state)")
     stamp = provenance()  # before the runs: the code they ran
     torch.set_num_threads(args.threads)
     # the recipes' allocator settings, for both updates alike (same process). glibc's defaults
@@ -154,7 +167,8 @@ def main() -> None:
     malloc_tuned = False if args.default_malloc else tune_malloc()
     sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)
     ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile, compile_full=args.compile_full,
-                                  cpp_wrapper=not args.no_cpp_wrapper)
+                                  cpp_wrapper=not args.no_cpp_wrapper, start_fraction=args.start_fraction,
+                                  replay_value=args.replay_value)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); batch {args.batch}x{args.seq_len}, "
           f"horizon {args.horizon}; allocator: {'tune_malloc' if malloc_tuned else 'glibc defaults'}")
     print("ours     parameters: " + ", ".join(f"{k} {v:,}" for k, v in our_counts.items()))
@@ -199,8 +213,25 @@ def main() -> None:
               f"{med('torchrl_faults_per_update'):.0f}")
         print(f"ratio ours / TorchRL: {med('ratio'):.2f}x (median of per-round ratios; "
               f"min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
+    if args.profile:
+        profile_ours(ours, args.profile)
     if not args.ours_only:
         write_json(args.out, {**result, **stamp})
+
+
+def profile_ours(fn, n: int) -> float:
+    """Prints the top ops of ``n`` updates by self CPU time and returns the share in matrix multiplies."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(n):
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"matrix multiplies (aten::mm, addmm, bmm): {matmul / total:.0%} of the self CPU time of {n} updates")
+    return matmul / total
 
 
 if __name__ == "__main__":

@@ -336,6 +336,31 @@ def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypat
         diag.main([str(run_dir.parent / "missing")])
 
 
+@pytest.mark.smoke
+def test_lunarlander_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypatch, capsys):
+    """benchmarks/dreamer_lunarlander_episode_ends.py end to end on a tiny LunarLander run: every
+    episode is sorted into one kind of ending, and each kind carries the heads' figures, the ground
+    table and the reward before the end."""
+    import importlib
+    import sys
+
+    pytest.importorskip("Box2D")
+    run_dir = dreamer.main(["--env", "lunarlander", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+                            "eval.every=0"])
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dreamer_lunarlander_episode_ends", None)
+    diag = importlib.import_module("dreamer_lunarlander_episode_ends")
+    out = diag.main([str(run_dir), "--episodes", "3", "--max-steps", "30", "--out", str(tmp_runs / "ends")])
+    assert out["env_steps"] == 64
+    assert sum(v["episodes"] for v in out["summary"].values()) == 3
+    assert set(out["summary"]) <= {"landed", "crashed", "truncated", "other"}
+    for s in out["summary"].values():
+        assert {"continue_final", "ground_steps", "reward_before_end", "predicted_reward_before_end"} <= set(s)
+    text = capsys.readouterr().out
+    assert "On the ground" in text and "Reward over the 100 steps before the final row" in text
+    assert (tmp_runs / "ends.json").is_file()
+
+
 def test_lunarlander_episode_ends_counts_engine_use_on_the_ground(monkeypatch):
     """benchmarks/dreamer_lunarlander_episode_ends.py's ground table: the rows after which both leg
     contacts are set, the share of the actions taken from them that fire an engine, and the actor's
@@ -422,3 +447,25 @@ def test_throughput_benchmark_runs_both_sides_under_one_allocator_setting(tmp_pa
         assert set(result["ours_phase_s"]) == {"world_model", "imagination", "actor_critic"}
         assert all(r["ours_faults_per_update"] >= 0 and r["torchrl_faults_per_update"] >= 0 for r in result["rounds"])
     assert "allocator: glibc defaults" in capsys.readouterr().out
+
+
+def test_throughput_benchmark_ours_only_with_recipe_starts_and_profile(monkeypatch, capsys):
+    """dreamer_throughput.py --ours-only with the recipe's start fraction and no replay-value loss runs
+    and prints the profiler's matrix-multiply share; a start fraction for TorchRL's side is refused."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dreamer_throughput", None)
+    bench = importlib.import_module("dreamer_throughput")
+    monkeypatch.setattr(bench, "tune_malloc", lambda: False)
+    common = ["dreamer_throughput.py", "--rounds", "1", "--per-round", "1", "--warmup", "1", "--batch", "2",
+              "--seq-len", "4", "--horizon", "2", "--start-fraction", "0.5"]
+    monkeypatch.setattr(sys, "argv", [*common, "--ours-only", "--replay-value", "0", "--profile", "1"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "ours: " in out and "matrix multiplies (aten::mm, addmm, bmm): " in out
+    monkeypatch.setattr(sys, "argv", common)
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert "--start-fraction is ours-only" in capsys.readouterr().err
