@@ -89,7 +89,7 @@ def end_reason(last: torch.Tensor, length: int, max_steps: int) -> str:
 
 @torch.no_grad()
 def inspect(agent, obs: torch.Tensor, act: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Posterior pass over one episode: continue probability, critic value, decoded state per row."""
+    """Posterior pass over one episode: features, continue probability, critic value, decoded state per row."""
     wm, critic = agent.world_model, agent.critic
     L = act.shape[0]
     a = torch.cat([act, torch.zeros(1, act.shape[-1])])[None]  # no action is taken at the final row
@@ -97,7 +97,8 @@ def inspect(agent, obs: torch.Tensor, act: torch.Tensor) -> dict[str, torch.Tens
     is_first[0, 0] = True
     post = wm.observe({"observation": obs[None]}, a, is_first)
     feat = post["feat"]
-    return {"cont": torch.sigmoid(wm.continue_head(feat)).reshape(-1), "value": critic.mean(critic(feat)).reshape(-1),
+    return {"feat": feat[0], "cont": torch.sigmoid(wm.continue_head(feat)).reshape(-1),
+            "value": critic.mean(critic(feat)).reshape(-1),
             "reward": wm.reward_head.mean(wm.reward_head(feat)).reshape(-1),
             "decoded": symexp(wm.decoders["observation"](feat))[0]}
 

@@ -383,13 +383,18 @@ def test_lunarlander_episode_ends_counts_engine_use_on_the_ground(monkeypatch):
     obs[:, 6:] = 0.0
     obs[6:, 6:] = 1.0  # both legs down in the observations after steps 5..9 (obs rows 6..10)
     actions = torch.tensor([2, 2, 2, 2, 2, 0, 1, 0, 3, 0])  # from rows 6..9: left, none, right, none
-    out = diag.on_ground(agent, obs, F.one_hot(actions, 4).float())
+    feat = diag.inspect(agent, obs, F.one_hot(actions, 4).float())["feat"]
+    assert feat.shape[0] == L + 1
+    out = diag.on_ground(agent, feat, obs, F.one_hot(actions, 4).float())
     assert out["ground_steps"] == 5.0
     assert out["ground_engine_share"] == 0.5
     probs = [out[f"ground_prob_{a}"] for a in diag.ACTIONS]
     assert all(0.0 <= p <= 1.0 for p in probs) and abs(sum(probs) - 1.0) < 1e-5
+    with torch.no_grad():  # read at the observations after the ground steps (rows 6..10), not at rows 5..9
+        expected = agent.actor(feat[6:11]).probs.mean(0)
+    assert probs == pytest.approx(expected.tolist(), abs=1e-6)
     obs[:, 6:] = 0.0  # never on the ground
-    out = diag.on_ground(agent, obs, F.one_hot(actions, 4).float())
+    out = diag.on_ground(agent, feat, obs, F.one_hot(actions, 4).float())
     assert out["ground_steps"] == 0.0 and math.isnan(out["ground_engine_share"]) and math.isnan(out["ground_prob_none"])
 
 
