@@ -4,9 +4,11 @@
     python benchmarks/dreamer_throughput.py --rounds 7 --per-round 10
     python benchmarks/dreamer_throughput.py --ours-only --batch 16 --seq-len 64 --size tiny
     python benchmarks/dreamer_throughput.py --ours-only --size tiny --batch 32 --seq-len 32 --compile-full \
-        --no-cpp-wrapper --start-fraction 0.25 --replay-value 0 --profile 10   # LunarLander YAML's update, tiny size
+        --no-cpp-wrapper --start-fraction 0.25 --replay-value 0 --obs-dim 8 --action-dim 4 \
+        --profile 10   # the LunarLander YAML's update at the tiny size
 
-One "update" is the whole thing on a fixed ``[batch, seq_len]`` CartPole-shaped batch: world-model
+One "update" is the whole thing on a fixed ``[batch, seq_len]`` batch of random vector observations
+(CartPole-shaped by default: 4 floats, 2 actions; ``--obs-dim`` / ``--action-dim`` for another env): world-model
 loss forward + backward, imagination for ``horizon`` steps from every posterior state, critic
 (imagined lambda-returns + slow-critic regulariser + the 0.3-weighted replay-value loss, which
 TorchRL's ``DreamerV3Loss`` includes by default) and actor losses, backward, optimizer step
@@ -26,7 +28,8 @@ glibc's defaults the page faults of freed-and-reallocated blocks fall unevenly: 
 update paid 3-8k minor faults per update and ours 0-150, which flattered the ratio. The minor page
 faults per update of each side are printed and stored.
 
-Prints figures and writes ``benchmarks/results/dreamer_throughput.json``.
+Prints figures and writes ``benchmarks/results/dreamer_throughput.json`` (``--ours-only``:
+``dreamer_throughput_ours.json``; ``--out`` for another file).
 """
 from __future__ import annotations
 
@@ -133,6 +136,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=16)
     parser.add_argument("--horizon", type=int, default=15)
+    parser.add_argument("--obs-dim", type=int, default=4, help="observation floats (CartPole 4, LunarLander 8)")
+    parser.add_argument("--action-dim", type=int, default=2, help="discrete actions (CartPole 2, LunarLander 4)")
     parser.add_argument("--size", default=None, help="ours-only: a named preset instead of the 137k sizes")
     parser.add_argument("--start-fraction", type=float, default=1.0,
                         help="ours-only: imagine from this share of the posterior states (recipe: ac.start_fraction; "
@@ -153,8 +158,13 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's default allocator settings instead of torchrl_dreamer.cpu.tune_malloc() "
                              "(which the recipes apply at start-up; process-wide, so it applies to both sides)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "dreamer_throughput.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the JSON file (default: results/dreamer_throughput.json, with --ours-only "
+                             "results/dreamer_throughput_ours.json)")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = Path(__file__).parent / "results" / (
+            "dreamer_throughput_ours.json" if args.ours_only else "dreamer_throughput.json")
     if not args.ours_only and args.start_fraction != 1.0:
         parser.error("--start-fraction is ours-only (TorchRL's update imagines from every state)")
     stamp = provenance()  # before the runs: the code they ran
@@ -165,7 +175,8 @@ def main() -> None:
     # (measured: TorchRL's update 3-8k minor faults per update, ours 0-150 once TorchRL's has grown
     # the heap; ours alone ~2k)
     malloc_tuned = False if args.default_malloc else tune_malloc()
-    sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon)
+    sizes = RefSizes(batch=args.batch, seq_len=args.seq_len, horizon=args.horizon, obs_dim=args.obs_dim,
+                     action_dim=args.action_dim)
     ours, our_counts = build_ours(sizes, size=args.size, compile_scan=args.compile, compile_full=args.compile_full,
                                   cpp_wrapper=not args.no_cpp_wrapper, start_fraction=args.start_fraction,
                                   replay_value=args.replay_value)
@@ -200,6 +211,8 @@ def main() -> None:
     result = {"threads": args.threads, "malloc_tuned": malloc_tuned, "compile": "full" if args.compile_full else ("step" if args.compile else "none"),
               "cpp_wrapper": (args.compile or args.compile_full) and not args.no_cpp_wrapper,
               "ours_warmup_s": warmup_s, "batch": args.batch, "seq_len": args.seq_len, "horizon": args.horizon,
+              "obs_dim": args.obs_dim, "action_dim": args.action_dim, "size": args.size or "reference 137k",
+              "start_fraction": args.start_fraction, "replay_value": args.replay_value, "ours_only": args.ours_only,
               "ours_params": our_counts, "ours_updates_per_s": med("ours"), "ours_phase_s": phases,
               "rounds": rounds}
     print(f"\nours: {med('ours'):.2f} updates/s (median of {args.rounds} rounds x {args.per_round}); breakdown "
@@ -214,9 +227,9 @@ def main() -> None:
         print(f"ratio ours / TorchRL: {med('ratio'):.2f}x (median of per-round ratios; "
               f"min {result['ratio_min']:.2f}, max {result['ratio_max']:.2f})")
     if args.profile:
-        profile_ours(ours, args.profile)
-    if not args.ours_only:
-        write_json(args.out, {**result, **stamp})
+        result["profile_updates"] = args.profile
+        result["matmul_share"] = profile_ours(ours, args.profile)
+    write_json(args.out, {**result, **stamp})
 
 
 def profile_ours(fn, n: int) -> float:

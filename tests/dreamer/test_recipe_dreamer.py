@@ -454,9 +454,10 @@ def test_throughput_benchmark_runs_both_sides_under_one_allocator_setting(tmp_pa
     assert "allocator: glibc defaults" in capsys.readouterr().out
 
 
-def test_throughput_benchmark_ours_only_with_recipe_starts_and_profile(monkeypatch, capsys):
-    """dreamer_throughput.py --ours-only with the recipe's start fraction and no replay-value loss runs
-    and prints the profiler's matrix-multiply share; a start fraction for TorchRL's side is refused."""
+def test_throughput_benchmark_ours_only_with_recipe_starts_and_profile(tmp_path, monkeypatch, capsys):
+    """dreamer_throughput.py --ours-only with the recipe's start fraction, no replay-value loss and
+    LunarLander's observation / action sizes runs, prints the profiler's matrix-multiply share and writes
+    its JSON (the sizes and the share included); a start fraction for TorchRL's side is refused."""
     import importlib
     import sys
 
@@ -466,10 +467,22 @@ def test_throughput_benchmark_ours_only_with_recipe_starts_and_profile(monkeypat
     monkeypatch.setattr(bench, "tune_malloc", lambda: False)
     common = ["dreamer_throughput.py", "--rounds", "1", "--per-round", "1", "--warmup", "1", "--batch", "2",
               "--seq-len", "4", "--horizon", "2", "--start-fraction", "0.5"]
-    monkeypatch.setattr(sys, "argv", [*common, "--ours-only", "--replay-value", "0", "--profile", "1"])
+    out_file = tmp_path / "ours.json"
+    monkeypatch.setattr(sys, "argv", [*common, "--ours-only", "--replay-value", "0", "--profile", "1",
+                                      "--obs-dim", "8", "--action-dim", "4", "--out", str(out_file)])
     bench.main()
     out = capsys.readouterr().out
     assert "ours: " in out and "matrix multiplies (aten::mm, addmm, bmm): " in out
+    result = json.loads(out_file.read_text())
+    assert (result["obs_dim"], result["action_dim"], result["ours_only"]) == (8, 4, True)
+    assert result["ours_updates_per_s"] > 0 and "torchrl_updates_per_s" not in result
+    assert 0 < result["matmul_share"] < 1 and result["start_fraction"] == 0.5 and result["replay_value"] == 0
+    # the sizes reach the model: CartPole's default 4 floats / 2 actions give fewer parameters
+    cartpole_file = tmp_path / "cartpole.json"
+    monkeypatch.setattr(sys, "argv", [*common, "--ours-only", "--out", str(cartpole_file)])
+    bench.main()
+    cartpole = json.loads(cartpole_file.read_text())["ours_params"]
+    assert all(cartpole[k] < result["ours_params"][k] for k in ("world_model", "actor"))
     monkeypatch.setattr(sys, "argv", common)
     with pytest.raises(SystemExit):
         bench.main()
