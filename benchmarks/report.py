@@ -177,7 +177,11 @@ def rows_dreamer_throughput(record: Record) -> list[Row]:
     if ratio is None and isinstance(ours, (int, float)) and isinstance(theirs, (int, float)) and theirs:
         ratio = ours / theirs
     lo, hi = record.get("ratio_min"), record.get("ratio_max")
-    return [{"compile": record.get("compile"), "malloc tuned": record.get("malloc_tuned"), "ratio": ratio,
+    batch, seq = record.get("batch"), record.get("seq_len")
+    obs, act = record.get("obs_dim", 4), record.get("action_dim", 2)  # older files: CartPole's shapes
+    shape = f"{batch}x{seq}, obs {obs} / {act} actions" if batch is not None and seq is not None else None
+    return [{"size": record.get("size", "reference 137k"), "batch, shapes": shape,
+             "compile": record.get("compile"), "malloc tuned": record.get("malloc_tuned"), "ratio": ratio,
              "ratio min – max": f"{fmt(lo)} – {fmt(hi)}" if lo is not None and hi is not None else None,
              "ours updates/s": ours, "TorchRL updates/s": theirs}]
 

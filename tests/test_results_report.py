@@ -103,3 +103,16 @@ def test_write_json_makes_folders_replaces_whole_files_and_keeps_the_old_one_on_
         provenance.write_json(path, {"c": object()})
     assert json.loads(path.read_text()) == {"b": [1.5, None]}
     assert sorted(p.name for p in path.parent.iterdir()) == ["result.json"]
+
+
+def test_throughput_rows_name_the_size_and_shapes(report):
+    """An ``--ours-only`` row at another env's shapes does not read like the reference-size rows: the size
+    preset and the batch / observation / action shapes are columns (older files: the reference sizes at
+    CartPole's shapes)."""
+    ours = report.rows_dreamer_throughput({"size": "tiny", "batch": 32, "seq_len": 32, "obs_dim": 8, "action_dim": 4,
+                                           "ours_updates_per_s": 8.35, "compile": "full"})[0]
+    assert (ours["size"], ours["batch, shapes"]) == ("tiny", "32x32, obs 8 / 4 actions")
+    assert ours["ratio"] is None and ours["TorchRL updates/s"] is None
+    old = report.rows_dreamer_throughput({"batch": 8, "seq_len": 16, "ours_updates_per_s": 15.0,
+                                          "torchrl_updates_per_s": 7.5})[0]
+    assert (old["size"], old["batch, shapes"], old["ratio"]) == ("reference 137k", "8x16, obs 4 / 2 actions", 2.0)
