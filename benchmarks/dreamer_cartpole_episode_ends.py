@@ -33,9 +33,10 @@ from torchrl_dreamer.dreamer.functional import symexp
 X_LIMIT, THETA_LIMIT = 2.4, math.radians(12)  # CartPole-v1's termination bounds
 
 
-def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = (4,)):
+def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = (4,), sample: bool = False):
     """Checkpoint env steps, agent, and per episode ``(observations [L+1, *obs_shape]`` (terminal one
-    included), ``one-hot actions [L, A]``, ``rewards [L])``."""
+    included), ``one-hot actions [L, A]``, ``rewards [L])``. Mode actions (as the recipe evaluates), or
+    actions sampled from the actor (as in training) with ``sample``."""
     if not (run_dir / "config.yaml").is_file():
         raise SystemExit(f"{run_dir}: no config.yaml here; pass a Dreamer run directory (runs/dreamer/<env>/<stamp>)")
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig), OmegaConf.load(run_dir / "config.yaml")))
@@ -54,7 +55,7 @@ def play(run_dir: Path, episodes: int, max_steps: int = 500, obs_shape: tuple = 
     policy.random_actions = False
     td = env.reset()
     obs, acts, rews, lengths = [td["observation"].clone()], [], [], torch.full((episodes,), -1)
-    with torch.no_grad(), set_exploration_type(ExplorationType.DETERMINISTIC):
+    with torch.no_grad(), set_exploration_type(ExplorationType.RANDOM if sample else ExplorationType.DETERMINISTIC):
         for t in range(max_steps):
             td = policy(td)
             acts.append(td["action"].clone())
