@@ -264,6 +264,22 @@ def rows_episode_ends(record: Record) -> list[Row]:
             for end, r in sorted(record.get("summary", {}).items())]
 
 
+def rows_value_check(record: Record) -> list[Row]:
+    """``dreamer_value_check.py``: one row per (episode end, legs) group: what the critic and imagination
+    believe against what the env delivered."""
+    def pair(s: dict, a: str, b: str) -> str | None:
+        x, y = s.get(a), s.get(b)
+        return None if x is None or y is None else f"{fmt(x)} / {fmt(y)}"
+    return [{"run": Path(str(record.get("run_dir", ""))).name, "checkpoint env steps": record.get("env_steps"),
+             "actions": record.get("actions"), "end, legs": group, "rows": s.get("rows"),
+             "critic value": s.get("value"), "return that followed": s.get("return"),
+             "horizon reward: imagined / real": pair(s, "imagined_reward", "real_reward"),
+             "value after the horizon: imagined / open loop / real":
+                 None if s.get("open_loop_end_value") is None else
+                 f"{pair(s, 'imagined_end_value', 'open_loop_end_value')} / {fmt(s.get('real_end_value'))}"}
+            for group, s in sorted(record.get("summary", {}).items())]
+
+
 def rows_eval_actions(record: Record) -> list[Row]:
     """``eval_actions.py``: one row per checkpoint, scored with mode and with sampled actions."""
     return [{"run": Path(str(r.get("run_dir", ""))).name, "seed": r.get("seed"), "weights": r.get("weights"),
@@ -297,6 +313,7 @@ KINDS: dict[str, Callable[[Record], list[Row]]] = {
     "dreamer_ablation": rows_dreamer_ablation,
     "dreamer_lunarlander_episode_ends": rows_episode_ends,
     "eval_actions": rows_eval_actions,
+    "dreamer_value_check": rows_value_check,
     "scaling": rows_scaling,
 }
 PROVENANCE_COLUMNS = ["commit", "date (UTC)", "threads", "files"]

@@ -116,3 +116,21 @@ def test_throughput_rows_name_the_size_and_shapes(report):
     old = report.rows_dreamer_throughput({"batch": 8, "seq_len": 16, "ours_updates_per_s": 15.0,
                                           "torchrl_updates_per_s": 7.5})[0]
     assert (old["size"], old["batch, shapes"], old["ratio"]) == ("reference 137k", "8x16, obs 4 / 2 actions", 2.0)
+
+
+def test_value_check_rows_put_belief_beside_outcome(report):
+    """``dreamer_value_check.py``'s table: one row per (episode end, legs) group, each imagined figure beside
+    the env's, and a group without the open-loop figure shows a dash, not a crash."""
+    record = {"run_dir": "/x/runs/20261207-020911", "env_steps": 790016, "actions": "sample", "summary": {
+        "truncated, air": {"rows": 285, "value": 118.3, "return": 14.7, "imagined_reward": 2.08, "real_reward": 1.9,
+                           "imagined_end_value": 122.8, "open_loop_end_value": 121.9, "real_end_value": 116.0},
+        "landed, air": {"rows": 360, "value": 125.1, "return": 79.8, "imagined_reward": 5.02, "real_reward": 5.55}}}
+    rows = report.rows_value_check(record)
+    assert [r["end, legs"] for r in rows] == ["landed, air", "truncated, air"]
+    hover = rows[1]
+    assert (hover["run"], hover["critic value"], hover["return that followed"]) == ("20261207-020911", 118.3, 14.7)
+    assert hover["horizon reward: imagined / real"] == "2.08 / 1.9"
+    assert hover["value after the horizon: imagined / open loop / real"] == "122.8 / 121.9 / 116"
+    assert rows[0]["value after the horizon: imagined / open loop / real"] is None
+    assert report.kind_of(BENCHMARKS / "results" / "dreamer_value_check_seed0.json", record,
+                          report.known_prefixes(BENCHMARKS / "results")) == "dreamer_value_check"

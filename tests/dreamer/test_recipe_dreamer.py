@@ -487,3 +487,81 @@ def test_throughput_benchmark_ours_only_with_recipe_starts_and_profile(tmp_path,
     with pytest.raises(SystemExit):
         bench.main()
     assert "--start-fraction is ours-only" in capsys.readouterr().err
+
+
+def test_value_check_discounted_tail_and_rows(monkeypatch):
+    """benchmarks/dreamer_value_check.py: the return that followed each row is the discounted reward sum
+    (bootstrapped with the critic's value at the last row only for a truncated episode), the real reward
+    over the horizon stops at the episode's end, and only rows whose episode runs past the horizon report
+    the critic's value there."""
+    import importlib
+    import math
+    import sys
+
+    import torch.nn.functional as F
+
+    from torchrl_dreamer.dreamer import make_agent, preset
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dreamer_value_check", None)
+    vc = importlib.import_module("dreamer_value_check")
+    tail = vc.discounted_tail(torch.tensor([1.0, 2.0, 3.0]), 0.5, bootstrap=8.0)
+    assert tail.tolist() == [1 + 0.5 * 2 + 0.25 * 3 + 0.125 * 8, 2 + 0.5 * 3 + 0.25 * 8, 3 + 0.5 * 8, 8.0]
+
+    torch.manual_seed(0)
+    agent = make_agent({"observation": (8,)}, 4, True, preset("nano"))
+    with torch.no_grad():  # the critic's output layer starts at zero (value 0 everywhere): give it values
+        for p in agent.critic.parameters():
+            p.normal_(0.0, 0.3)
+    L, H, gamma = 12, 5, 0.9
+    obs, rew = torch.randn(L + 1, 8), torch.arange(1.0, L + 1)
+    act = F.one_hot(torch.randint(0, 4, (L,)), 4).float()
+    common = dict(gamma=gamma, horizon=H, samples=2, every=3, scale=1.0, cont_mode="prob")
+    ended = vc.check_episode(agent, obs, act, rew, truncated=False, **common)
+    cut = vc.check_episode(agent, obs, act, rew, truncated=True, **common)
+    assert [r["t"] for r in ended] == [0, 3, 6, 9]
+    for r in ended:
+        t = r["t"]
+        assert r["return"] == pytest.approx(sum(gamma ** k * float(rew[t + k]) for k in range(L - t)))
+        assert r["real_reward"] == pytest.approx(sum(gamma ** k * float(rew[t + k]) for k in range(min(H, L - t))))
+        assert r["real_alive"] == float(t + H < L)
+        assert math.isnan(r["real_end_value"]) == (t + H >= L) == math.isnan(r["open_loop_end_value"])
+        assert math.isfinite(r["imagined_reward"]) and 0.0 <= r["imagined_alive"] <= 1.0
+    # truncated: the same rewards plus gamma^(L - t) times one value, the critic's at the last row
+    boot = [(b["return"] - a["return"]) / gamma ** (L - a["t"]) for a, b in zip(ended, cut)]
+    assert max(boot) - min(boot) < 1e-6 * (1 + abs(boot[0])) and abs(boot[0]) > 1e-3
+    # a row exactly the horizon before the end: a terminated episode has stopped there, a truncated one not
+    common["every"] = 1
+    ended = vc.check_episode(agent, obs, act, rew, truncated=False, **common)
+    cut = vc.check_episode(agent, obs, act, rew, truncated=True, **common)
+    assert ended[L - H]["real_alive"] == 0.0 and math.isnan(ended[L - H]["real_end_value"])
+    assert cut[L - H]["real_alive"] == 1.0 and math.isfinite(cut[L - H]["real_end_value"])
+    assert ended[L - H - 1]["real_alive"] == cut[L - H - 1]["real_alive"] == 1.0
+
+
+@pytest.mark.smoke
+def test_value_check_reads_a_lunarlander_checkpoint(tmp_runs, monkeypatch, capsys):
+    """benchmarks/dreamer_value_check.py end to end on a tiny LunarLander run: rows grouped by how their
+    episode ended and whether the legs touch, every group with the critic's, imagination's and the env's
+    figures, and the JSON written."""
+    import importlib
+    import sys
+
+    pytest.importorskip("Box2D")
+    run_dir = dreamer.main(["--env", "lunarlander", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+                            "eval.every=0"])
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dreamer_value_check", None)
+    vc = importlib.import_module("dreamer_value_check")
+    out = vc.main([str(run_dir), "--episodes", "3", "--max-steps", "30", "--every", "5", "--samples", "2",
+                   "--out", str(tmp_runs / "value")])
+    assert out["env_steps"] == 64 and out["actions"] == "sample"
+    assert sum(len(e["rows"]) for e in out["per_episode_rows"]) == sum(s["rows"] for s in out["summary"].values())
+    for group, s in out["summary"].items():
+        end, legs = group.split(", ")
+        assert end in {"landed", "crashed", "truncated", "other"} and legs in {"air", "ground"}
+        assert {"value", "return", "imagined_reward", "real_reward", "imagined_alive", "open_loop_end_value"} <= set(s)
+    assert "critic value after it" in capsys.readouterr().out
+    assert (tmp_runs / "value.json").is_file()
+    with pytest.raises(SystemExit):
+        vc.main([str(run_dir), "--every", "0"])
