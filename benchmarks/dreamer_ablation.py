@@ -7,12 +7,18 @@ processes at once, each with ``threads=--threads`` (lanes x threads <= cores, or
 By default a run stops at the env's target (as ``dreamer_cartpole.py``); ``--no-stop`` runs the
 whole budget and reports whether the policy *stays* above ``--hold`` after first reaching the
 target. Every run ends by re-scoring its final weights and ``best.pt`` on ``eval.confirm_episodes``
-fresh episodes (``result.json``). Prints a markdown table, writes JSON and a PNG of the curves.
+fresh episodes (``result.json``). ``--keep-at 60`` copies each run's checkpoint, ``best.pt`` and
+config that many minutes after its process started (into ``<run dir>/kept_60min``; the checkpoint is the one
+last written, every ``run.checkpoint_every`` env steps) and scores both copies on the same number of fresh
+episodes after the runs end, so a 120-minute run also reports its state at 60 minutes. Prints a markdown
+table, writes JSON and a PNG of the curves.
 
     python benchmarks/dreamer_ablation.py --env lunarlander --minutes 60 --seeds 0 1 --lanes 2 \\
         --variant yaml= --variant tiny=model.size=tiny
     python benchmarks/dreamer_ablation.py --env cartpole --seeds 0 1 2 3 4 5 6 7 --lanes 2 --variant yaml=
     python benchmarks/dreamer_ablation.py --env cartpole --no-stop --hold 450 --seeds 0 1 2 --lanes 2 --variant yaml=
+    python benchmarks/dreamer_ablation.py --env lunarlander --minutes 120 --env-steps 2000000 --keep-at 60 \
+        --no-stop --seeds 0 1 --lanes 2 --variant yaml=
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,7 +39,8 @@ from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on s
 
 ROOT = Path(__file__).resolve().parents[1]
 DIAGNOSTICS = ("diag/continue_accuracy", "diag/continue_prob_at_terminal", "diag/imagined_cont_mean", "diag/actor_entropy", "diag/return_scale",
-               "loss/continue", "loss/reward", "time/updates_per_s", "time/env_steps_per_s")
+               "diag/value_mean", "loss/continue", "loss/reward", "time/updates_per_s", "time/env_steps_per_s")
+KEPT_FILES = ("checkpoint.pt", "best.pt", "config.yaml")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -50,8 +58,47 @@ def command(env: str, seed: int, overrides: list[str], args, threshold: float, m
             f"run.root={root}", "run.progress=false", *stop, *args.overrides, *overrides]
 
 
-def run_jobs(jobs: list[dict], lanes: int) -> None:
-    """Runs every job's command, ``lanes`` at a time; stdout+stderr to the job's log file."""
+def run_dir_of(log: Path) -> Path | None:
+    """The run directory a recipe's log names (``run directory: ...``), once it has printed it."""
+    m = re.search(r"run directory: (\S+)", log.read_text(errors="replace")) if log.exists() else None
+    return Path(m.group(1)) if m else None
+
+
+def keep(run_dir: Path, minutes: float) -> Path | None:
+    """Copies the run's checkpoint, ``best.pt`` and config (those that exist) to ``<run_dir>/kept_<minutes>min``;
+    ``None`` if there is no checkpoint yet. The recipe writes its checkpoints atomically, so a copy is
+    always one whole file."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return None
+    dest = run_dir / f"kept_{minutes:g}min"
+    dest.mkdir(exist_ok=True)
+    for name in KEPT_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, dest / name)
+    return dest
+
+
+def score_kept(env: str, dest: Path, episodes: int, threads: int) -> dict:
+    """``--evaluate`` on each kept file (fresh episodes, as the recipe's own evaluation of a checkpoint):
+    ``{"env_steps", "checkpoint", "best"}`` (episode reward sums; ``None`` where a file or its score is missing)."""
+    out = {"dir": str(dest), "env_steps": None, "checkpoint": None, "best": None}
+    for name, key, record in (("checkpoint.pt", "checkpoint", "eval.json"), ("best.pt", "best", "eval_best.json")):
+        if not (dest / name).is_file():
+            continue
+        subprocess.run([sys.executable, "-m", "recipes.dreamer", "--env", env, "--evaluate", str(dest / name),
+                        f"eval.episodes={episodes}", f"threads={threads}", "run.progress=false"], cwd=ROOT,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if (dest / record).is_file():
+            scored = json.loads((dest / record).read_text())
+            out[key] = scored.get("eval/episode_reward_sum")
+            if key == "checkpoint":
+                out["env_steps"] = scored.get("env_steps")
+    return out
+
+
+def run_jobs(jobs: list[dict], lanes: int, keep_at: tuple[float, ...] = ()) -> None:
+    """Runs every job's command, ``lanes`` at a time; stdout+stderr to the job's log file. ``keep_at``:
+    minutes after each job's start at which :func:`keep` copies its files (``job["kept"]``: minutes -> folder)."""
     pending, running = list(jobs), []
     while pending or running:
         while pending and len(running) < lanes:
@@ -62,6 +109,14 @@ def run_jobs(jobs: list[dict], lanes: int) -> None:
             print(f"start {job['variant']} seed {job['seed']}: {' '.join(job['cmd'][2:])}", flush=True)
             running.append((job, subprocess.Popen(job["cmd"], cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT), fh))
         time.sleep(2)
+        for job, _, _ in running:
+            for minutes in keep_at:
+                if minutes not in job.setdefault("kept", {}) and time.perf_counter() - job["t0"] >= minutes * 60:
+                    run_dir = run_dir_of(job["log"])
+                    dest = keep(run_dir, minutes) if run_dir is not None else None
+                    if dest is not None:
+                        job["kept"][minutes] = dest
+                        print(f"kept  {job['variant']} seed {job['seed']} at {minutes:g} min: {dest}", flush=True)
         for item in list(running):
             job, proc, fh = item
             if proc.poll() is not None:
@@ -74,12 +129,11 @@ def run_jobs(jobs: list[dict], lanes: int) -> None:
 
 def summarise(job: dict, threshold: float, hold: float) -> dict:
     text = job["log"].read_text(errors="replace")
-    m = re.search(r"run directory: (\S+)", text)
+    run_dir = run_dir_of(job["log"])
     out = {"variant": job["variant"], "seed": job["seed"], "overrides": job["overrides"],
            "returncode": job.get("returncode"), "log": str(job["log"])}
-    if not m or not (Path(m.group(1)) / "metrics.jsonl").exists():
+    if run_dir is None or not (run_dir / "metrics.jsonl").exists():
         return {**out, "error": text.strip().splitlines()[-1] if text.strip() else "no output"}
-    run_dir = Path(m.group(1))
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [(r["time/total_s"], r["train/env_steps"], r["eval/episode_reward_sum"]) for r in rows
              if isinstance(r.get("eval/episode_reward_sum"), (int, float))]
@@ -108,6 +162,7 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
             "confirm_final": result.get("final", {}).get("episode_reward_sum"),
             "confirm_best": result.get("best", {}).get("episode_reward_sum"),
             "confirm_episodes": result.get("episodes"), "diagnostics_last_quarter": diag,
+            **({"kept": job["scored"]} if job.get("scored") else {}),
             **({"evals_last": evals_last, "best_eval_last": max(v for _, _, v in evals_last),
                 "final_eval_last": evals_last[-1][2],
                 "confirm_final_last": result.get("final_last", {}).get("episode_reward_sum")} if evals_last else {})}
@@ -182,12 +237,18 @@ def main() -> None:
                                                                  "the first reach must keep (default: the target)")
     parser.add_argument("--root", type=Path, default=Path("runs/benchmarks/ablation"))
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep-at", type=float, nargs="+", default=[], metavar="MIN",
+                        help="copy each run's checkpoint and best.pt this many minutes after its start, and score "
+                             "them on --keep-episodes fresh episodes after the runs")
+    parser.add_argument("--keep-episodes", type=int, default=50)
     parser.add_argument("overrides", nargs="*", help="overrides for every variant")
     args = parser.parse_args()
     threshold, minutes, steps, eval_every = TARGETS[args.env]
     minutes, steps = args.minutes or minutes, args.env_steps or steps
     eval_every = args.eval_every or eval_every
     args.hold = threshold if args.hold is None else args.hold
+    if any(m <= 0 or m >= minutes for m in args.keep_at):
+        parser.error(f"--keep-at: minutes must lie inside the budget (0, {minutes:g})")
     if args.lanes * args.threads > (os.cpu_count() or 1):
         print(f"warning: {args.lanes} lanes x {args.threads} threads > {os.cpu_count()} cores: timings will lie",
               flush=True)
@@ -197,7 +258,10 @@ def main() -> None:
     jobs = [{"variant": name, "seed": seed, "overrides": ov, "log": root / "logs" / f"{name}_seed{seed}.log",
              "cmd": command(args.env, seed, ov, args, threshold, minutes, steps, eval_every, root / name)}
             for seed in args.seeds for name, ov in variants]
-    run_jobs(jobs, args.lanes)
+    run_jobs(jobs, args.lanes, tuple(args.keep_at))
+    for job in jobs:  # after every run has ended, so the scoring does not share the cores with a timed run
+        job["scored"] = {f"{m:g}": score_kept(args.env, dest, args.keep_episodes, args.threads)
+                         for m, dest in job.get("kept", {}).items()}
     results = [summarise(job, threshold, args.hold) for job in jobs]
     names = [n for n, _ in variants]
     for r in results:
@@ -209,11 +273,15 @@ def main() -> None:
             print(f"{r['variant']} seed {r['seed']} (last quarter of the log): {diag}")
     print()
     print(table(results, names, args, threshold, minutes))
+    for r in results:
+        for m, k in r.get("kept", {}).items():
+            print(f"{r['variant']} seed {r['seed']} kept at {m} min ({_fmt(k['env_steps'], ',.0f')} env steps), "
+                  f"{args.keep_episodes} fresh episodes: checkpoint {_fmt(k['checkpoint'])}, best.pt {_fmt(k['best'])}")
     out = args.out or Path(__file__).parent / "results" / f"dreamer_ablation_{args.env}"
     write_json(out.with_suffix(".json"), {
         "env": args.env, "threshold": threshold, "budget_min": minutes, "budget_env_steps": steps,
         "eval_every": eval_every, "no_stop": args.no_stop, "hold": args.hold, "common_overrides": args.overrides,
-        "variants": {n: ov for n, ov in variants}, "runs": results, **stamp}, announce=False)
+        "variants": {n: ov for n, ov in variants}, "keep_at": args.keep_at, "runs": results, **stamp}, announce=False)
     plot(out.with_suffix(".png"), results, names, threshold, args.env)
     print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 

@@ -42,3 +42,30 @@ def test_summary_without_a_weight_average_has_no_last_iterate_keys(tmp_path, mon
     ablation = importlib.import_module("dreamer_ablation")
     out = ablation.summarise(fake_run(tmp_path, average=False), threshold=200.0, hold=150.0)
     assert out["best_eval"] == 250.0 and "evals_last" not in out and "confirm_final_last" not in out
+
+
+def test_keep_at_copies_a_running_jobs_files_once(tmp_path, monkeypatch):
+    """``--keep-at``: while a job runs, its checkpoint, ``best.pt`` and config are copied once its start is
+    that many minutes past, into ``<run dir>/kept_<M>min``; the summary carries the scores under ``kept``."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert ablation.keep(run_dir, 1) is None  # nothing written yet: nothing kept
+    for name, data in (("checkpoint.pt", b"ckpt"), ("best.pt", b"best"), ("config.yaml", b"seed: 0\n")):
+        (run_dir / name).write_bytes(data)
+    # a stand-in for the recipe: prints its run directory, then runs for ~4 s
+    job = {"variant": "v", "seed": 0, "log": tmp_path / "logs" / "v_seed0.log",
+           "cmd": [sys.executable, "-c", f"print('run directory: {run_dir}', flush=True); import time; time.sleep(4)"]}
+    ablation.run_jobs([job], lanes=1, keep_at=(0.02, 5.0))  # 1.2 s (kept) and 5 min (the job ends first)
+    dest = run_dir / "kept_0.02min"
+    assert job["kept"] == {0.02: dest} and job["returncode"] == 0
+    assert sorted(p.name for p in dest.iterdir()) == ["best.pt", "checkpoint.pt", "config.yaml"]
+    assert (dest / "best.pt").read_bytes() == b"best"
+    (tmp_path / "s").mkdir()
+    summary = fake_run(tmp_path / "s", average=False)
+    summary["scored"] = {"0.02": {"dir": str(dest), "env_steps": 64, "checkpoint": 12.0, "best": 15.0}}
+    out = ablation.summarise(summary, threshold=200.0, hold=150.0)
+    assert out["kept"] == {"0.02": {"dir": str(dest), "env_steps": 64, "checkpoint": 12.0, "best": 15.0}}

@@ -565,3 +565,22 @@ def test_value_check_reads_a_lunarlander_checkpoint(tmp_runs, monkeypatch, capsy
     assert (tmp_runs / "value.json").is_file()
     with pytest.raises(SystemExit):
         vc.main([str(run_dir), "--every", "0"])
+
+
+@pytest.mark.smoke
+def test_ablation_scores_kept_files_with_the_recipe(tmp_runs, monkeypatch):
+    """``dreamer_ablation.py --keep-at``: the kept checkpoint and ``best.pt`` are scored by the recipe's own
+    ``--evaluate`` on fresh episodes, and the score carries the checkpoint's env steps."""
+    import importlib
+    import sys
+
+    run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
+                            "eval.every=32"])
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("dreamer_ablation", None)
+    ablation = importlib.import_module("dreamer_ablation")
+    dest = ablation.keep(run_dir, 30)
+    scored = ablation.score_kept("cartpole", dest, episodes=2, threads=1)
+    assert scored["env_steps"] == 64 and scored["dir"] == str(dest)
+    assert 1.0 <= scored["checkpoint"] <= 500.0 and 1.0 <= scored["best"] <= 500.0
+    assert (dest / "eval.json").is_file() and (dest / "eval_best.json").is_file()
