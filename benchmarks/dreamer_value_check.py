@@ -57,9 +57,10 @@ def discounted_tail(rew: torch.Tensor, gamma: float, bootstrap: float) -> torch.
 
 @torch.no_grad()
 def check_episode(agent, obs, act, rew, *, truncated: bool, gamma: float, horizon: int, samples: int,
-                  every: int, scale: float, cont_mode: str) -> list[dict]:
-    """One row per checked state ``t`` (every ``every``-th non-final row): value vs return, imagined vs real
-    reward over the horizon, imagined vs real continuation after it."""
+                  every: int, scale: float, cont_mode: str, start: int = 0) -> list[dict]:
+    """One row per checked state ``t`` (every ``every``-th non-final row from ``start`` on): value vs return,
+    imagined vs real reward over the horizon, imagined vs real continuation after it. ``[]`` if the episode
+    ends before ``start``."""
     wm, critic, actor = agent.world_model, agent.critic, agent.actor
     L = act.shape[0]
     a = torch.cat([act, torch.zeros(1, act.shape[-1])])[None]  # no action is taken at the final row
@@ -70,7 +71,9 @@ def check_episode(agent, obs, act, rew, *, truncated: bool, gamma: float, horizo
     r = rew.double()
     # a terminated episode's final row is worth 0; a truncated one's is worth what the critic says
     ret = discounted_tail(r, gamma, float(value[-1]) if truncated else 0.0)
-    starts = torch.arange(0, L, every)
+    starts = torch.arange(start, L, every)
+    if not len(starts):
+        return []
     n = len(starts) * samples
     deter = post["deter"][0, starts].repeat_interleave(samples, 0)
     stoch = post["stoch"][0, starts].repeat_interleave(samples, 0)
@@ -123,10 +126,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=int, default=10, help="check every N-th row of each episode")
     parser.add_argument("--samples", type=int, default=8, help="imagined trajectories per checked row")
     parser.add_argument("--actions", choices=("sample", "mode"), default="sample")
+    parser.add_argument("--from", dest="start", type=int, default=0, metavar="T",
+                        help="check rows from step T on only (e.g. 500: the late rows of hovering episodes, where "
+                             "early rows that look like any other episode's are left out)")
     parser.add_argument("--out", default="dreamer_value_check")
     args = parser.parse_args(argv)
-    if args.every < 1 or args.samples < 1 or args.episodes < 1:
-        parser.error("--episodes, --every and --samples must be >= 1")
+    if args.every < 1 or args.samples < 1 or args.episodes < 1 or args.start < 0:
+        parser.error("--episodes, --every and --samples must be >= 1, --from >= 0")
     stamp = provenance()
     torch.manual_seed(0)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
@@ -141,7 +147,8 @@ def main(argv=None) -> dict:
         L = act.shape[0]
         k = kind(float(rew[-1]), L, args.max_steps)
         rows = check_episode(agent, obs, act, rew, truncated=k == "truncated", gamma=gamma, horizon=horizon,
-                             samples=args.samples, every=args.every, scale=scale, cont_mode=cfg.ac.cont_mode.value)
+                             samples=args.samples, every=args.every, scale=scale, cont_mode=cfg.ac.cont_mode.value,
+                             start=args.start)
         per_episode.append({"end": k, "length": L, "return": float(rew.sum()), "rows": rows})
         for row in rows:
             groups.setdefault(f"{k}, {'ground' if row['ground'] else 'air'}", []).append(row)
@@ -157,7 +164,8 @@ def main(argv=None) -> dict:
     for e in per_episode:
         ends.setdefault(e["end"], []).append(e)
     print(f"checkpoint at {env_steps} env steps; {args.episodes} episodes with {args.actions} actions; "
-          f"discount {gamma}, horizon {horizon}, {args.samples} imagined trajectories per row, every {args.every} rows")
+          f"discount {gamma}, horizon {horizon}, {args.samples} imagined trajectories per row, every {args.every} rows"
+          + (f" from step {args.start}" if args.start else ""))
     for k, es in sorted(ends.items()):
         print(f"  {k}: {len(es)} episodes, mean return {statistics.fmean(e['return'] for e in es):.1f}, "
               f"mean length {statistics.fmean(e['length'] for e in es):.0f}")
@@ -170,7 +178,7 @@ def main(argv=None) -> dict:
               f"{s['imagined_reward']:.2f} / {s['real_reward']:.2f} | {s['imagined_alive']:.3f} / {s['real_alive']:.3f} | "
               f"{s['imagined_end_value']:.1f} / {s['open_loop_end_value']:.1f} / {s['real_end_value']:.1f} |")
     result = {"run_dir": str(args.run_dir), "env_steps": env_steps, "episodes": args.episodes,
-              "actions": args.actions, "every": args.every, "samples": args.samples, "discount": gamma,
+              "actions": args.actions, "every": args.every, "from": args.start, "samples": args.samples, "discount": gamma,
               "horizon": horizon, "summary": summary,
               "episodes_detail": [{k: v for k, v in e.items() if k != "rows"} for e in per_episode],
               "per_episode_rows": per_episode, **stamp}

@@ -537,6 +537,10 @@ def test_value_check_discounted_tail_and_rows(monkeypatch):
     assert ended[L - H]["real_alive"] == 0.0 and math.isnan(ended[L - H]["real_end_value"])
     assert cut[L - H]["real_alive"] == 1.0 and math.isfinite(cut[L - H]["real_end_value"])
     assert ended[L - H - 1]["real_alive"] == cut[L - H - 1]["real_alive"] == 1.0
+    # --from: only the rows from that step on; an episode that ends before it gives none
+    late = vc.check_episode(agent, obs, act, rew, truncated=False, **{**common, "every": 3}, start=7)
+    assert [r["t"] for r in late] == [7, 10]
+    assert vc.check_episode(agent, obs, act, rew, truncated=False, **common, start=L) == []
 
 
 @pytest.mark.smoke
