@@ -71,9 +71,9 @@ def check_episode(agent, obs, act, rew, *, truncated: bool, gamma: float, horizo
     r = rew.double()
     # a terminated episode's final row is worth 0; a truncated one's is worth what the critic says
     ret = discounted_tail(r, gamma, float(value[-1]) if truncated else 0.0)
-    starts = torch.arange(start, L, every)
-    if not len(starts):
+    if start >= L:
         return []
+    starts = torch.arange(start, L, every)
     n = len(starts) * samples
     deter = post["deter"][0, starts].repeat_interleave(samples, 0)
     stoch = post["stoch"][0, starts].repeat_interleave(samples, 0)

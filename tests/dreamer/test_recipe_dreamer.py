@@ -541,6 +541,7 @@ def test_value_check_discounted_tail_and_rows(monkeypatch):
     late = vc.check_episode(agent, obs, act, rew, truncated=False, **{**common, "every": 3}, start=7)
     assert [r["t"] for r in late] == [7, 10]
     assert vc.check_episode(agent, obs, act, rew, truncated=False, **common, start=L) == []
+    assert vc.check_episode(agent, obs, act, rew, truncated=False, **common, start=L + 5) == []
 
 
 @pytest.mark.smoke
