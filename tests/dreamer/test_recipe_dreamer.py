@@ -13,6 +13,16 @@ from torchrl_dreamer.guards import NonFiniteError
 from helpers import BENCHMARKS, DREAMER_TINY, REPO, last_json, read_metrics
 
 
+def benchmark_module(monkeypatch, name: str):
+    """A fresh import of ``benchmarks/<name>.py`` (benchmarks/ on sys.path for this test only)."""
+    import importlib
+    import sys
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
 @pytest.mark.smoke
 @pytest.mark.parametrize("env_name", ["cartpole", "cartpole_pixels", "lunarlander", "pendulum"])
 def test_smoke_every_env_yaml(env_name, tmp_runs, device_args):
@@ -317,13 +327,9 @@ def test_config_errors_before_any_work(override, message, tmp_runs):
 def test_cartpole_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkeypatch, capsys):
     """benchmarks/dreamer_cartpole_episode_ends.py: plays mode-action episodes from a run's checkpoint
     and names why each ended; the ends it reports agree with the episode lengths it prints."""
-    import importlib
-    import sys
 
     run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64", "eval.every=0"])
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_cartpole_episode_ends", None)
-    diag = importlib.import_module("dreamer_cartpole_episode_ends")
+    diag = benchmark_module(monkeypatch, "dreamer_cartpole_episode_ends")
     out = diag.main([str(run_dir), "--episodes", "3", "--max-steps", "40", "--last", "2"])
     assert out["env_steps"] == 64
     assert sum(out["ends"].values()) == 3 and set(out["ends"]) <= {"x-out", "angle-out", "truncated"}
@@ -341,15 +347,11 @@ def test_lunarlander_episode_ends_diagnostic_reads_a_checkpoint(tmp_runs, monkey
     """benchmarks/dreamer_lunarlander_episode_ends.py end to end on a tiny LunarLander run: every
     episode is sorted into one kind of ending, and each kind carries the heads' figures, the ground
     table and the reward before the end."""
-    import importlib
-    import sys
 
     pytest.importorskip("Box2D")
     run_dir = dreamer.main(["--env", "lunarlander", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "eval.every=0"])
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_lunarlander_episode_ends", None)
-    diag = importlib.import_module("dreamer_lunarlander_episode_ends")
+    diag = benchmark_module(monkeypatch, "dreamer_lunarlander_episode_ends")
     out = diag.main([str(run_dir), "--episodes", "3", "--max-steps", "30", "--out", str(tmp_runs / "ends")])
     assert out["env_steps"] == 64
     assert sum(v["episodes"] for v in out["summary"].values()) == 3
@@ -365,17 +367,13 @@ def test_lunarlander_episode_ends_counts_engine_use_on_the_ground(monkeypatch):
     """benchmarks/dreamer_lunarlander_episode_ends.py's ground table: the rows after which both leg
     contacts are set, the share of the actions taken from them that fire an engine, and the actor's
     probabilities there (a distribution); an episode that never touches down gives NaN, not a crash."""
-    import importlib
     import math
-    import sys
 
     import torch.nn.functional as F
 
     from torchrl_dreamer.dreamer import make_agent, preset
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_lunarlander_episode_ends", None)
-    diag = importlib.import_module("dreamer_lunarlander_episode_ends")
+    diag = benchmark_module(monkeypatch, "dreamer_lunarlander_episode_ends")
     torch.manual_seed(0)
     agent = make_agent({"observation": (8,)}, 4, True, preset("nano"))
     L = 10
@@ -431,12 +429,9 @@ def test_throughput_benchmark_runs_both_sides_under_one_allocator_setting(tmp_pa
     """benchmarks/dreamer_throughput.py at toy sizes (eager): both updates run, the ratio, the phase
     breakdown and each side's page faults per update are stored, and the allocator setting (the
     recipes' tune_malloc unless --default-malloc) is recorded."""
-    import importlib
     import sys
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_throughput", None)
-    bench = importlib.import_module("dreamer_throughput")
+    bench = benchmark_module(monkeypatch, "dreamer_throughput")
     tuned = []
     monkeypatch.setattr(bench, "tune_malloc", lambda: tuned.append(True) or True)
     for flags, expect_tuned in (([], True), (["--default-malloc"], False)):
@@ -458,12 +453,9 @@ def test_throughput_benchmark_ours_only_with_recipe_starts_and_profile(tmp_path,
     """dreamer_throughput.py --ours-only with the recipe's start fraction, no replay-value loss and
     LunarLander's observation / action sizes runs, prints the profiler's matrix-multiply share and writes
     its JSON (the sizes and the share included); a start fraction for TorchRL's side is refused."""
-    import importlib
     import sys
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_throughput", None)
-    bench = importlib.import_module("dreamer_throughput")
+    bench = benchmark_module(monkeypatch, "dreamer_throughput")
     monkeypatch.setattr(bench, "tune_malloc", lambda: False)
     common = ["dreamer_throughput.py", "--rounds", "1", "--per-round", "1", "--warmup", "1", "--batch", "2",
               "--seq-len", "4", "--horizon", "2", "--start-fraction", "0.5"]
@@ -494,17 +486,13 @@ def test_value_check_discounted_tail_and_rows(monkeypatch):
     (bootstrapped with the critic's value at the last row only for a truncated episode), the real reward
     over the horizon stops at the episode's end, and only rows whose episode runs past the horizon report
     the critic's value there."""
-    import importlib
     import math
-    import sys
 
     import torch.nn.functional as F
 
     from torchrl_dreamer.dreamer import make_agent, preset
 
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_value_check", None)
-    vc = importlib.import_module("dreamer_value_check")
+    vc = benchmark_module(monkeypatch, "dreamer_value_check")
     tail = vc.discounted_tail(torch.tensor([1.0, 2.0, 3.0]), 0.5, bootstrap=8.0)
     assert tail.tolist() == [1 + 0.5 * 2 + 0.25 * 3 + 0.125 * 8, 2 + 0.5 * 3 + 0.25 * 8, 3 + 0.5 * 8, 8.0]
 
@@ -549,15 +537,11 @@ def test_value_check_reads_a_lunarlander_checkpoint(tmp_runs, monkeypatch, capsy
     """benchmarks/dreamer_value_check.py end to end on a tiny LunarLander run: rows grouped by how their
     episode ended and whether the legs touch, every group with the critic's, imagination's and the env's
     figures, and the JSON written."""
-    import importlib
-    import sys
 
     pytest.importorskip("Box2D")
     run_dir = dreamer.main(["--env", "lunarlander", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "eval.every=0"])
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_value_check", None)
-    vc = importlib.import_module("dreamer_value_check")
+    vc = benchmark_module(monkeypatch, "dreamer_value_check")
     out = vc.main([str(run_dir), "--episodes", "3", "--max-steps", "30", "--every", "5", "--samples", "2",
                    "--out", str(tmp_runs / "value")])
     assert out["env_steps"] == 64 and out["actions"] == "sample"
@@ -576,14 +560,10 @@ def test_value_check_reads_a_lunarlander_checkpoint(tmp_runs, monkeypatch, capsy
 def test_ablation_scores_kept_files_with_the_recipe(tmp_runs, monkeypatch):
     """``dreamer_ablation.py --keep-at``: the kept checkpoint and ``best.pt`` are scored by the recipe's own
     ``--evaluate`` on fresh episodes, and the score carries the checkpoint's env steps."""
-    import importlib
-    import sys
 
     run_dir = dreamer.main(["--env", "cartpole", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
                             "eval.every=32"])
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    sys.modules.pop("dreamer_ablation", None)
-    ablation = importlib.import_module("dreamer_ablation")
+    ablation = benchmark_module(monkeypatch, "dreamer_ablation")
     dest = ablation.keep(run_dir, 30)
     scored = ablation.score_kept("cartpole", dest, episodes=2, threads=1)
     assert scored["env_steps"] == 64 and scored["dir"] == str(dest)
