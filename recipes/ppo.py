@@ -167,7 +167,8 @@ def make_env_from_config(cfg: PPOConfig, *, num_envs: int, seed: int, check: boo
     return make_dreamer_env(env_id=cfg.env.name, factory=cfg.env.factory, num_envs=num_envs, pixels=cfg.env.pixels,
                             seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
                             mask_key=cfg.env.mask_key, check_as="ppo" if check else "",
-                            obs_keys=tuple(obs_keys(cfg)), still_tol=cfg.env.still_tol)
+                            obs_keys=tuple(obs_keys(cfg)), still_tol=cfg.env.still_tol,
+                            time_feature=cfg.env.time_feature)
 
 
 class ObservationEncoder(nn.Module):

@@ -14,6 +14,8 @@
 * :class:`WorkerTag` marks every step with the index of the collector worker that ran it.
 * :class:`StillSteps` appends to a vector observation how many consecutive steps it has stayed
   (nearly) unchanged, for envs whose episode ends after a hidden period at rest.
+* :class:`TimeFeature` appends the elapsed fraction of the episode's step limit and makes the
+  limit a termination, so a time-limited env is Markov for the learner.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from torchrl.data import Binary, Categorical, Composite, OneHot
 from torchrl.envs import EnvBase, RewardSum, Transform
 
 __all__ = ["reward_keys", "DoneToAgents", "EpisodeRewardSum", "group_name", "CategoricalToOneHot", "WorkerTag",
-           "StillSteps"]
+           "StillSteps", "TimeFeature"]
 
 DONE_FLAGS = ("done", "terminated", "truncated")
 
@@ -282,6 +284,63 @@ class StillSteps(Transform):
         spec = observation_spec[self.key]
         if len(spec.shape) == len(observation_spec.shape):
             raise ValueError(f"StillSteps needs a vector observation at {self.key!r}, got shape {tuple(spec.shape)}")
+        observation_spec[self.key] = Unbounded(shape=(*spec.shape[:-1], spec.shape[-1] + 1), dtype=spec.dtype,
+                                               device=spec.device)
+        return observation_spec
+
+
+class TimeFeature(Transform):
+    """Appends one entry to the vector observation ``key``: the fraction of the episode's step
+    limit used so far (``t / limit``, 0 after a reset, 1 at the limit), and ends the episode at the
+    limit as a termination (``terminated`` and ``done`` set on the step that reaches it).
+
+    A time limit the agent cannot see makes the state non-Markov: the same observation is worth
+    more at step 10 than at step 990. The usual fix is to bootstrap at truncation, which keeps the
+    learner blind to the limit; an agent that hovers until the limit is then valued as if it could
+    still land later. With the elapsed time in the observation the limit is part of the state, so
+    the episode's end there is a real termination the world model can predict (Pardo et al., 2018,
+    "Time Limits in Reinforcement Learning"). The observation spec gains one entry
+    (``[..., n] -> [..., n + 1]``).
+    """
+
+    def __init__(self, limit: int, key: NestedKey = "observation") -> None:
+        if int(limit) < 1:
+            raise ValueError(f"TimeFeature limit must be >= 1 step, got {limit}")
+        super().__init__(in_keys=[key], out_keys=[key])
+        self.limit, self.key = int(limit), key
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        previous = tensordict.get(self.key)  # already carries the fraction as its last entry
+        steps = torch.round(previous[..., -1:] * self.limit) + 1
+        raw = next_tensordict.get(self.key)
+        next_tensordict.set(self.key, torch.cat([raw, (steps / self.limit).to(raw.dtype)], -1))
+        at_limit = steps >= self.limit
+        for flag in ("terminated", "done"):
+            value = next_tensordict.get(flag, None)
+            if value is not None:
+                next_tensordict.set(flag, value | at_limit.reshape(value.shape))
+        return next_tensordict
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        raw = tensordict_reset.get(self.key)
+        fraction = torch.zeros_like(raw[..., :1])
+        reset = tensordict.get("_reset", None) if tensordict is not None else None
+        previous = tensordict.get(self.key, None) if tensordict is not None else None
+        if reset is not None and previous is not None and previous.shape[-1] == raw.shape[-1] + 1:
+            # a partial reset: the rows that go on keep their fraction
+            fraction = torch.where(reset.reshape(fraction.shape), fraction, previous[..., -1:])
+        tensordict_reset.set(self.key, torch.cat([raw, fraction], -1))
+        return tensordict_reset
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        from torchrl.data import Unbounded
+
+        if self.key not in observation_spec.keys(True):
+            raise KeyError(f"TimeFeature appends to the observation {self.key!r}, which this env does not have "
+                           f"(observations: {sorted(map(str, observation_spec.keys(True, True)))})")
+        spec = observation_spec[self.key]
+        if len(spec.shape) == len(observation_spec.shape):
+            raise ValueError(f"TimeFeature needs a vector observation at {self.key!r}, got shape {tuple(spec.shape)}")
         observation_spec[self.key] = Unbounded(shape=(*spec.shape[:-1], spec.shape[-1] + 1), dtype=spec.dtype,
                                                device=spec.device)
         return observation_spec

@@ -83,7 +83,8 @@ def make_gym_env(env_id: str, *, num_envs: int = 1, pixels: bool = False, seed: 
 def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, pixels: bool = False, seed: int = 0,
                      device: str = "cpu", max_episode_steps: int = 0, kwargs: Mapping[str, Any] | None = None,
                      pixel_size: int = 64, mask_key: str = "action_mask", check_as: str = "",
-                     obs_keys: tuple[str, ...] = (), still_tol: float = 0.0) -> TransformedEnv:
+                     obs_keys: tuple[str, ...] = (), still_tol: float = 0.0,
+                     time_feature: bool = False) -> TransformedEnv:
     """A single-agent env as both single-agent recipes (Dreamer and PPO) train on it: the base env
     (Gymnasium id or ``package.module:function`` factory) with ``is_first``, episode reward sums
     and, for pixels, the uint8 resize. A ``Categorical`` action spec becomes ``OneHot``
@@ -94,15 +95,23 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     ``check_as="dreamer"|"ppo"`` runs the env contract (:mod:`torchrl_dreamer.check_env`) on a
     factory env first and raises :class:`EnvContractError` naming every problem. ``still_tol > 0``
     appends the steps-at-rest count to the vector ``observation``
-    (:class:`~torchrl_dreamer.transforms.StillSteps`)."""
+    (:class:`~torchrl_dreamer.transforms.StillSteps`); ``time_feature`` appends the elapsed fraction
+    of the step limit (``max_episode_steps``, else the Gymnasium id's own) and makes the limit a
+    termination (:class:`~torchrl_dreamer.transforms.TimeFeature`)."""
     from torchrl.data import Categorical, OneHot
     from torchrl.envs import ActionMask
 
-    from ..transforms import CategoricalToOneHot, StillSteps
+    from ..transforms import CategoricalToOneHot, StillSteps, TimeFeature
 
     if still_tol > 0 and pixels:  # before any env is built
         raise ConfigError("env.still_tol counts steps at rest of the vector observation; it does not apply "
                           "with env.pixels=true")
+    limit = time_limit(env_id, factory, max_episode_steps) if time_feature else 0
+    if time_feature and pixels:
+        raise ConfigError("env.time_feature appends to the vector observation; it does not apply with "
+                          "env.pixels=true")
+    if time_feature and still_tol > 0:
+        raise ConfigError("env.time_feature and env.still_tol both append to the vector observation; set one")
     if factory:
         base = call_factory(factory, num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed,
                             **dict(kwargs or {}))
@@ -120,6 +129,8 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     transforms = [InitTracker(init_key="is_first")]
     if still_tol > 0:
         transforms.append(StillSteps(still_tol, "observation"))
+    if limit:
+        transforms.append(TimeFeature(limit, "observation"))
     if isinstance(base.full_action_spec.get("action", None), Categorical):
         transforms.append(CategoricalToOneHot("action"))
     if pixels:
@@ -129,6 +140,21 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
         env.append_transform(ActionMask(action_key="action", mask_key=mask_key))
     env.append_transform(EpisodeRewardSum(env))
     return env
+
+
+def time_limit(env_id: str, factory: str, max_episode_steps: int) -> int:
+    """The episode step limit ``env.time_feature`` measures time against: ``max_episode_steps``
+    when set, else the Gymnasium id's registered limit; a clear error when there is none."""
+    if max_episode_steps > 0:
+        return int(max_episode_steps)
+    if not factory:
+        import gymnasium
+
+        registered = gymnasium.spec(env_id).max_episode_steps if env_id in gym_env_ids() else None
+        if registered:
+            return int(registered)
+    raise ConfigError(f"env.time_feature needs a step limit: set env.max_episode_steps "
+                      f"({'the factory env' if factory else repr(env_id)} registers none)")
 
 
 class EnvContractError(ConfigError):

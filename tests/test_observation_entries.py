@@ -1,4 +1,5 @@
-"""StillSteps: the steps-at-rest count appended to a vector observation."""
+"""Entries appended to a vector observation: StillSteps (the steps-at-rest count) and TimeFeature
+(the elapsed fraction of the step limit, which also makes the limit a termination)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from torchrl.envs.utils import check_env_specs
 
 from torchrl_dreamer.config import ConfigError
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
-from torchrl_dreamer.transforms import StillSteps
+from torchrl_dreamer.transforms import StillSteps, TimeFeature
 
 
 class EchoEnv(EnvBase):
@@ -85,3 +86,51 @@ def test_lunarlander_env_gets_the_count():
     assert env.observation_spec["observation"].shape == (2, 9)
     td = env.rollout(5, break_when_any_done=False)
     assert td["next", "observation"].shape == (2, 5, 9)
+
+
+def test_fraction_counts_steps_and_the_limit_terminates():
+    # env 0 ends on its own after 2 steps (terminated); env 1 would run 9 but the limit is 4
+    env = TransformedEnv(EchoEnv(lengths=(2, 9)), TimeFeature(limit=4))
+    assert env.observation_spec["observation"].shape == (2, 3)
+    check_env_specs(env)
+    td = env.reset()
+    assert td["observation"][:, -1].tolist() == [0.0, 0.0]
+    fractions, terminated = [], []
+    for _ in range(6):
+        td["action"] = torch.ones(2, 2)
+        td_step, td = env.step_and_maybe_reset(td)
+        fractions.append(td_step["next", "observation"][:, -1].tolist())
+        terminated.append(td_step["next", "terminated"].reshape(-1).tolist())
+    # env 0: 1/4, 2/4 (its own end), reset, 1/4, 2/4 (end), reset, 1/4, 2/4
+    assert [f[0] for f in fractions] == [0.25, 0.5, 0.25, 0.5, 0.25, 0.5]
+    assert [t[0] for t in terminated] == [False, True, False, True, False, True]
+    # env 1: 1/4 .. 4/4, where the limit ends it as a termination; the partial reset starts it at 0 again
+    assert [f[1] for f in fractions] == [0.25, 0.5, 0.75, 1.0, 0.25, 0.5]
+    assert [t[1] for t in terminated] == [False, False, False, True, False, False]
+    assert td_step["next", "done"].reshape(-1).tolist() == [True, False]
+    # the raw observation is unchanged in front of the fraction
+    assert td_step["next", "observation"][:, :2].tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+def test_time_feature_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        TimeFeature(limit=0)
+    with pytest.raises(ConfigError, match="env.time_feature .* env.pixels=true"):
+        make_dreamer_env(env_id="CartPole-v1", pixels=True, time_feature=True)
+    with pytest.raises(ConfigError, match="env.time_feature and env.still_tol"):
+        make_dreamer_env(env_id="CartPole-v1", still_tol=0.01, time_feature=True)
+    with pytest.raises(ConfigError, match="env.time_feature needs a step limit: set env.max_episode_steps"):
+        make_dreamer_env(factory="my_package.envs:make", time_feature=True)
+
+
+def test_gym_env_uses_its_registered_limit_or_the_configured_one():
+    env = make_dreamer_env(env_id="LunarLander-v3", num_envs=2, seed=0, time_feature=True)
+    assert env.observation_spec["observation"].shape == (2, 9)
+    td = env.rollout(3, break_when_any_done=False)
+    expected = torch.tensor([[0.001, 0.002, 0.003]] * 2)  # LunarLander's limit: 1,000 steps
+    torch.testing.assert_close(td["next", "observation"][..., -1], expected)
+    env = make_dreamer_env(env_id="LunarLander-v3", num_envs=1, seed=0, time_feature=True, max_episode_steps=5)
+    td = env.rollout(10, break_when_any_done=True)  # no lander lands or crashes within 5 steps
+    assert td.shape[-1] == 5
+    torch.testing.assert_close(td["next", "observation"][:, -1], torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0]))
+    assert td["next", "terminated"].reshape(-1).tolist() == [False] * 4 + [True]  # the limit, as a termination
