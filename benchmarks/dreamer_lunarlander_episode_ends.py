@@ -78,8 +78,10 @@ def main(argv=None) -> dict:
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
                                               OmegaConf.load(args.run_dir / "config.yaml")))
     scale = cfg.env.reward_scale
-    still = cfg.env.still_tol > 0  # env.still_tol appends the steps-at-rest count to the 8 state entries
-    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + still,))
+    # env.still_tol and env.time_feature each append one entry to the 8 state entries (the count first)
+    still = cfg.env.still_tol > 0
+    extra = int(still) + int(cfg.env.time_feature)
+    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + extra,))
     rows: dict[str, list[dict]] = {}
     for obs, act, rew in episodes:
         L = act.shape[0]

@@ -8,7 +8,8 @@ training, which is the policy the critic is trained to value; ``mode`` as the ev
 
 * **critic**: the critic's value of the posterior state, against the discounted return that followed in
   the episode (``ac.discount``; a truncated episode's tail is bootstrapped with the critic's value at its last
-  row, so truncations do not count as failures of the critic);
+  row, so truncations do not count as failures of the critic; with ``env.time_feature`` the limit is a
+  termination and its tail is 0);
 * **imagination over the horizon**: from the same posterior state, ``--samples`` trajectories imagined
   with the actor for ``ac.horizon`` steps, as the actor-critic update does. Their discounted reward sum
   (the continue head's probabilities discounting, as in the update) against the episode's own rewards over
@@ -42,6 +43,7 @@ from dreamer_cartpole_episode_ends import play  # noqa: E402
 from dreamer_lunarlander_episode_ends import kind  # noqa: E402
 from provenance import provenance, write_result  # noqa: E402
 from recipes import dreamer as D  # noqa: E402
+from torchrl_dreamer.dreamer.envs import time_limit  # noqa: E402
 from torchrl_dreamer.dreamer.imagination import imagine  # noqa: E402
 
 
@@ -138,15 +140,19 @@ def main(argv=None) -> dict:
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
                                               OmegaConf.load(args.run_dir / "config.yaml")))
     scale, gamma, horizon = cfg.env.reward_scale, cfg.ac.discount, cfg.ac.horizon
-    still = cfg.env.still_tol > 0
-    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + still,),
+    extra = int(cfg.env.still_tol > 0) + int(cfg.env.time_feature)  # entries appended to the 8 state entries
+    env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + extra,),
                                       sample=args.actions == "sample")
+    limit = time_limit(cfg.env.name, cfg.env.factory, cfg.env.max_episode_steps) if cfg.env.time_feature else 0
     groups: dict[str, list[dict]] = {}
     per_episode = []
     for obs, act, rew in episodes:
         L = act.shape[0]
         k = kind(float(rew[-1]), L, args.max_steps)
-        rows = check_episode(agent, obs, act, rew, truncated=k == "truncated", gamma=gamma, horizon=horizon,
+        # with env.time_feature the env's step limit is a termination the agent sees coming: no bootstrap
+        # there (an episode cut short by --max-steps still gets one)
+        bootstrap = k == "truncated" and not (cfg.env.time_feature and L >= limit)
+        rows = check_episode(agent, obs, act, rew, truncated=bootstrap, gamma=gamma, horizon=horizon,
                              samples=args.samples, every=args.every, scale=scale, cont_mode=cfg.ac.cont_mode.value,
                              start=args.start)
         per_episode.append({"end": k, "length": L, "return": float(rew.sum()), "rows": rows})

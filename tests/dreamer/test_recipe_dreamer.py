@@ -533,14 +533,15 @@ def test_value_check_discounted_tail_and_rows(monkeypatch):
 
 
 @pytest.mark.smoke
-def test_value_check_reads_a_lunarlander_checkpoint(tmp_runs, monkeypatch, capsys):
+@pytest.mark.parametrize("extra", [[], ["env.time_feature=true"]], ids=["plain", "time_feature"])
+def test_value_check_reads_a_lunarlander_checkpoint(extra, tmp_runs, monkeypatch, capsys):
     """benchmarks/dreamer_value_check.py end to end on a tiny LunarLander run: rows grouped by how their
     episode ended and whether the legs touch, every group with the critic's, imagination's and the env's
-    figures, and the JSON written."""
+    figures, and the JSON written; also for a run whose observation carries the time feature."""
 
     pytest.importorskip("Box2D")
     run_dir = dreamer.main(["--env", "lunarlander", *DREAMER_TINY, f"run.root={tmp_runs}", "train.env_steps=64",
-                            "eval.every=0"])
+                            "eval.every=0", *extra])
     vc = benchmark_module(monkeypatch, "dreamer_value_check")
     out = vc.main([str(run_dir), "--episodes", "3", "--max-steps", "30", "--every", "5", "--samples", "2",
                    "--out", str(tmp_runs / "value")])
