@@ -117,8 +117,6 @@ def test_time_feature_bad_settings_are_clear_errors():
         TimeFeature(limit=0)
     with pytest.raises(ConfigError, match="env.time_feature .* env.pixels=true"):
         make_dreamer_env(env_id="CartPole-v1", pixels=True, time_feature=True)
-    with pytest.raises(ConfigError, match="env.time_feature and env.still_tol"):
-        make_dreamer_env(env_id="CartPole-v1", still_tol=0.01, time_feature=True)
     with pytest.raises(ConfigError, match="env.time_feature needs a step limit: set env.max_episode_steps"):
         make_dreamer_env(factory="my_package.envs:make", time_feature=True)
 
@@ -134,3 +132,32 @@ def test_gym_env_uses_its_registered_limit_or_the_configured_one():
     assert td.shape[-1] == 5
     torch.testing.assert_close(td["next", "observation"][:, -1], torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0]))
     assert td["next", "terminated"].reshape(-1).tolist() == [False] * 4 + [True]  # the limit, as a termination
+
+
+def test_still_count_and_time_feature_together():
+    """Both entries, in that order: the count compares only the entries before it (the time always moves)."""
+    from torchrl.envs import Compose
+
+    env = TransformedEnv(EchoEnv(lengths=(3, 9)), Compose(StillSteps(tol=0.1), TimeFeature(limit=5)))
+    assert env.observation_spec["observation"].shape == (2, 4)
+    check_env_specs(env)
+    td = env.reset()
+    seen = []
+    for a in [5.0, 5.0, 5.0, 6.0, 6.0, 6.0]:  # both envs hold still (5.0 = the reset observation), then move once
+        td["action"] = torch.full((2, 2), a)
+        td_step, td = env.step_and_maybe_reset(td)
+        seen.append(td_step["next", "observation"][:, 2:].tolist())
+    # env 0 ends after 3 steps on its own and restarts: count 1, 2, 3 | 0 (moved to 6), 1, 2; time 1/5.. 3/5 | 1/5..
+    assert [[round(x, 4) for x in s[0]] for s in seen] == [[1, 0.2], [2, 0.4], [3, 0.6], [0, 0.2], [1, 0.4], [2, 0.6]]
+    # env 1 runs into the limit after 5 steps (terminated) and restarts (moved from the reset 5.0 to 6.0: 0)
+    assert [[round(x, 4) for x in s[1]] for s in seen] == [[1, 0.2], [2, 0.4], [3, 0.6], [0, 0.8], [1, 1.0], [0, 0.2]]
+    assert td_step["next", "terminated"].reshape(-1).tolist() == [True, False]  # env 0: its own end again
+
+
+def test_lunarlander_env_gets_both_entries():
+    env = make_dreamer_env(env_id="LunarLander-v3", num_envs=1, seed=0, still_tol=1e-3, time_feature=True,
+                           max_episode_steps=4)
+    td = env.rollout(10, break_when_any_done=True)
+    assert td["next", "observation"].shape == (4, 10)
+    torch.testing.assert_close(td["next", "observation"][:, -1], torch.tensor([0.25, 0.5, 0.75, 1.0]))
+

@@ -257,10 +257,11 @@ class StillSteps(Transform):
         self.tol, self.key = float(tol), key
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
-        previous = tensordict.get(self.key)  # already carries the count as its last entry
         raw = next_tensordict.get(self.key)
-        still = (raw - previous[..., :-1]).abs().amax(-1, keepdim=True) < self.tol
-        count = torch.where(still, previous[..., -1:] + 1, torch.zeros_like(previous[..., -1:]))
+        n = raw.shape[-1]  # entries before this transform's; the previous observation has the count at n
+        previous = tensordict.get(self.key)  # (and whatever later transforms append after it)
+        still = (raw - previous[..., :n]).abs().amax(-1, keepdim=True) < self.tol
+        count = torch.where(still, previous[..., n:n + 1] + 1, torch.zeros_like(previous[..., n:n + 1]))
         next_tensordict.set(self.key, torch.cat([raw, count.to(raw.dtype)], -1))
         return next_tensordict
 
@@ -269,9 +270,10 @@ class StillSteps(Transform):
         count = torch.zeros_like(raw[..., :1])
         reset = tensordict.get("_reset", None) if tensordict is not None else None
         previous = tensordict.get(self.key, None) if tensordict is not None else None
-        if reset is not None and previous is not None and previous.shape[-1] == raw.shape[-1] + 1:
+        n = raw.shape[-1]
+        if reset is not None and previous is not None and previous.shape[-1] > n:
             # a partial reset: the rows that go on keep their count
-            count = torch.where(reset.reshape(count.shape), count, previous[..., -1:])
+            count = torch.where(reset.reshape(count.shape), count, previous[..., n:n + 1])
         tensordict_reset.set(self.key, torch.cat([raw, count], -1))
         return tensordict_reset
 
@@ -310,9 +312,9 @@ class TimeFeature(Transform):
         self.limit, self.key = int(limit), key
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
-        previous = tensordict.get(self.key)  # already carries the fraction as its last entry
-        steps = torch.round(previous[..., -1:] * self.limit) + 1
         raw = next_tensordict.get(self.key)
+        n = raw.shape[-1]  # entries before this transform's; the previous observation has the fraction at n
+        steps = torch.round(tensordict.get(self.key)[..., n:n + 1] * self.limit) + 1
         next_tensordict.set(self.key, torch.cat([raw, (steps / self.limit).to(raw.dtype)], -1))
         at_limit = steps >= self.limit
         for flag in ("terminated", "done"):
@@ -326,9 +328,10 @@ class TimeFeature(Transform):
         fraction = torch.zeros_like(raw[..., :1])
         reset = tensordict.get("_reset", None) if tensordict is not None else None
         previous = tensordict.get(self.key, None) if tensordict is not None else None
-        if reset is not None and previous is not None and previous.shape[-1] == raw.shape[-1] + 1:
+        n = raw.shape[-1]
+        if reset is not None and previous is not None and previous.shape[-1] > n:
             # a partial reset: the rows that go on keep their fraction
-            fraction = torch.where(reset.reshape(fraction.shape), fraction, previous[..., -1:])
+            fraction = torch.where(reset.reshape(fraction.shape), fraction, previous[..., n:n + 1])
         tensordict_reset.set(self.key, torch.cat([raw, fraction], -1))
         return tensordict_reset
 

@@ -31,7 +31,6 @@ ROWS = [
     ("dreamer", ["ac.lmbda=-0.1"], r"ac\.lmbda must be in \[0, 1\]"),
     ("dreamer", ["env.still_tol=-1"], r"env\.still_tol must be >= 0, got -1"),
     ("dreamer", ["env.pixels=true", "env.still_tol=0.01"], r"env\.still_tol counts steps at rest .* env\.pixels=true"),
-    ("dreamer", ["env.still_tol=0.01", "env.time_feature=true"], r"env\.time_feature and env\.still_tol both append"),
     ("dreamer", ["env.pixels=true", "env.time_feature=true"], r"env\.time_feature appends to the vector observation"),
     ("dreamer", ["loss.terminal_reward_weight=-1"], r"loss\.terminal_reward_weight must be > 0, got -1"),
     ("dreamer", ["ac.group_size=0"], r"ac\.group_size must be >= 1, got 0"),

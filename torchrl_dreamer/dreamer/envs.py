@@ -110,8 +110,6 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     if time_feature and pixels:
         raise ConfigError("env.time_feature appends to the vector observation; it does not apply with "
                           "env.pixels=true")
-    if time_feature and still_tol > 0:
-        raise ConfigError("env.time_feature and env.still_tol both append to the vector observation; set one")
     if factory:
         base = call_factory(factory, num_envs=num_envs, max_steps=max_episode_steps, device=device, seed=seed,
                             **dict(kwargs or {}))
@@ -129,7 +127,7 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     transforms = [InitTracker(init_key="is_first")]
     if still_tol > 0:
         transforms.append(StillSteps(still_tol, "observation"))
-    if limit:
+    if limit:  # after StillSteps, whose count compares the entries before it (a changing time would never rest)
         transforms.append(TimeFeature(limit, "observation"))
     if isinstance(base.full_action_spec.get("action", None), Categorical):
         transforms.append(CategoricalToOneHot("action"))
