@@ -237,7 +237,42 @@ class WorkerTag(Transform):
         return observation_spec
 
 
-class StillSteps(Transform):
+class _AppendedEntry(Transform):
+    """One float entry appended to the vector observation ``key`` (0 after a reset; the rows that go on
+    keep theirs at a partial reset). A subclass computes it in ``_step``; it reads its own previous value
+    at the observation's width where it appends, so several such entries stack in order."""
+
+    def __init__(self, key: NestedKey) -> None:
+        super().__init__(in_keys=[key], out_keys=[key])
+        self.key = key
+
+    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
+        raw = tensordict_reset.get(self.key)
+        entry = torch.zeros_like(raw[..., :1])
+        reset = tensordict.get("_reset", None) if tensordict is not None else None
+        previous = tensordict.get(self.key, None) if tensordict is not None else None
+        n = raw.shape[-1]
+        if reset is not None and previous is not None and previous.shape[-1] > n:
+            entry = torch.where(reset.reshape(entry.shape), entry, previous[..., n:n + 1])
+        tensordict_reset.set(self.key, torch.cat([raw, entry], -1))
+        return tensordict_reset
+
+    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
+        from torchrl.data import Unbounded
+
+        name = type(self).__name__
+        if self.key not in observation_spec.keys(True):
+            raise KeyError(f"{name} appends to the observation {self.key!r}, which this env does not have "
+                           f"(observations: {sorted(map(str, observation_spec.keys(True, True)))})")
+        spec = observation_spec[self.key]
+        if len(spec.shape) == len(observation_spec.shape):
+            raise ValueError(f"{name} needs a vector observation at {self.key!r}, got shape {tuple(spec.shape)}")
+        observation_spec[self.key] = Unbounded(shape=(*spec.shape[:-1], spec.shape[-1] + 1), dtype=spec.dtype,
+                                               device=spec.device)
+        return observation_spec
+
+
+class StillSteps(_AppendedEntry):
     """Appends one entry to the vector observation ``key``: the number of consecutive steps over
     which every entry of the (raw) observation changed by less than ``tol``, 0 after a reset.
 
@@ -253,8 +288,8 @@ class StillSteps(Transform):
     def __init__(self, tol: float, key: NestedKey = "observation") -> None:
         if not tol > 0:
             raise ValueError(f"StillSteps tol must be > 0, got {tol}")
-        super().__init__(in_keys=[key], out_keys=[key])
-        self.tol, self.key = float(tol), key
+        super().__init__(key)
+        self.tol = float(tol)
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         raw = next_tensordict.get(self.key)
@@ -265,33 +300,9 @@ class StillSteps(Transform):
         next_tensordict.set(self.key, torch.cat([raw, count.to(raw.dtype)], -1))
         return next_tensordict
 
-    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
-        raw = tensordict_reset.get(self.key)
-        count = torch.zeros_like(raw[..., :1])
-        reset = tensordict.get("_reset", None) if tensordict is not None else None
-        previous = tensordict.get(self.key, None) if tensordict is not None else None
-        n = raw.shape[-1]
-        if reset is not None and previous is not None and previous.shape[-1] > n:
-            # a partial reset: the rows that go on keep their count
-            count = torch.where(reset.reshape(count.shape), count, previous[..., n:n + 1])
-        tensordict_reset.set(self.key, torch.cat([raw, count], -1))
-        return tensordict_reset
-
-    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
-        from torchrl.data import Unbounded
-
-        if self.key not in observation_spec.keys(True):
-            raise KeyError(f"StillSteps counts steps at rest of the observation {self.key!r}, which this env does not "
-                           f"have (observations: {sorted(map(str, observation_spec.keys(True, True)))})")
-        spec = observation_spec[self.key]
-        if len(spec.shape) == len(observation_spec.shape):
-            raise ValueError(f"StillSteps needs a vector observation at {self.key!r}, got shape {tuple(spec.shape)}")
-        observation_spec[self.key] = Unbounded(shape=(*spec.shape[:-1], spec.shape[-1] + 1), dtype=spec.dtype,
-                                               device=spec.device)
-        return observation_spec
 
 
-class TimeFeature(Transform):
+class TimeFeature(_AppendedEntry):
     """Appends one entry to the vector observation ``key``: the fraction of the episode's step
     limit used so far (``t / limit``, 0 after a reset, 1 at the limit), and ends the episode at the
     limit as a termination (``terminated`` and ``done`` set on the step that reaches it).
@@ -308,8 +319,8 @@ class TimeFeature(Transform):
     def __init__(self, limit: int, key: NestedKey = "observation") -> None:
         if int(limit) < 1:
             raise ValueError(f"TimeFeature limit must be >= 1 step, got {limit}")
-        super().__init__(in_keys=[key], out_keys=[key])
-        self.limit, self.key = int(limit), key
+        super().__init__(key)
+        self.limit = int(limit)
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         raw = next_tensordict.get(self.key)
@@ -322,28 +333,3 @@ class TimeFeature(Transform):
             if value is not None:
                 next_tensordict.set(flag, value | at_limit.reshape(value.shape))
         return next_tensordict
-
-    def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
-        raw = tensordict_reset.get(self.key)
-        fraction = torch.zeros_like(raw[..., :1])
-        reset = tensordict.get("_reset", None) if tensordict is not None else None
-        previous = tensordict.get(self.key, None) if tensordict is not None else None
-        n = raw.shape[-1]
-        if reset is not None and previous is not None and previous.shape[-1] > n:
-            # a partial reset: the rows that go on keep their fraction
-            fraction = torch.where(reset.reshape(fraction.shape), fraction, previous[..., n:n + 1])
-        tensordict_reset.set(self.key, torch.cat([raw, fraction], -1))
-        return tensordict_reset
-
-    def transform_observation_spec(self, observation_spec: Composite) -> Composite:
-        from torchrl.data import Unbounded
-
-        if self.key not in observation_spec.keys(True):
-            raise KeyError(f"TimeFeature appends to the observation {self.key!r}, which this env does not have "
-                           f"(observations: {sorted(map(str, observation_spec.keys(True, True)))})")
-        spec = observation_spec[self.key]
-        if len(spec.shape) == len(observation_spec.shape):
-            raise ValueError(f"TimeFeature needs a vector observation at {self.key!r}, got shape {tuple(spec.shape)}")
-        observation_spec[self.key] = Unbounded(shape=(*spec.shape[:-1], spec.shape[-1] + 1), dtype=spec.dtype,
-                                               device=spec.device)
-        return observation_spec
