@@ -1,6 +1,8 @@
 """Entries appended to a vector observation: StillSteps (the steps-at-rest count) and TimeFeature
-(the elapsed fraction of the step limit, which also makes the limit a termination)."""
+(log(1 + steps left) before the step limit, which also makes the limit a termination)."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -88,33 +90,54 @@ def test_lunarlander_env_gets_the_count():
     assert td["next", "observation"].shape == (2, 5, 9)
 
 
-def test_fraction_counts_steps_and_the_limit_terminates():
+def _left(entries):
+    """Steps left, read back from TimeFeature's log(1 + steps left) entries."""
+    return [round(math.expm1(x)) for x in entries]
+
+
+def test_steps_left_count_down_and_the_limit_terminates():
     # env 0 ends on its own after 2 steps (terminated); env 1 would run 9 but the limit is 4
     env = TransformedEnv(EchoEnv(lengths=(2, 9)), TimeFeature(limit=4))
     assert env.observation_spec["observation"].shape == (2, 3)
     check_env_specs(env)
     td = env.reset()
-    assert td["observation"][:, -1].tolist() == [0.0, 0.0]
-    fractions, terminated = [], []
+    assert td["observation"][:, -1].tolist() == pytest.approx([math.log(5)] * 2)
+    left, terminated = [], []
     for _ in range(6):
         td["action"] = torch.ones(2, 2)
         td_step, td = env.step_and_maybe_reset(td)
-        fractions.append(td_step["next", "observation"][:, -1].tolist())
+        left.append(_left(td_step["next", "observation"][:, -1].tolist()))
         terminated.append(td_step["next", "terminated"].reshape(-1).tolist())
-    # env 0: 1/4, 2/4 (its own end), reset, 1/4, 2/4 (end), reset, 1/4, 2/4
-    assert [f[0] for f in fractions] == [0.25, 0.5, 0.25, 0.5, 0.25, 0.5]
+    # env 0: 3, 2 left (its own end), reset, 3, 2 (end), reset, 3, 2
+    assert [x[0] for x in left] == [3, 2, 3, 2, 3, 2]
     assert [t[0] for t in terminated] == [False, True, False, True, False, True]
-    # env 1: 1/4 .. 4/4, where the limit ends it as a termination; the partial reset starts it at 0 again
-    assert [f[1] for f in fractions] == [0.25, 0.5, 0.75, 1.0, 0.25, 0.5]
+    # env 1: 3, 2, 1, 0 left, where the limit ends it as a termination; the partial reset starts it at 4 again
+    assert [x[1] for x in left] == [3, 2, 1, 0, 3, 2]
     assert [t[1] for t in terminated] == [False, False, False, True, False, False]
     assert td_step["next", "done"].reshape(-1).tolist() == [True, False]
-    # the raw observation is unchanged in front of the fraction
+    # the raw observation is unchanged in front of the entry
     assert td_step["next", "observation"][:, :2].tolist() == [[1.0, 1.0], [1.0, 1.0]]
 
 
+def test_last_steps_stand_apart_for_the_world_model():
+    """The world model's encoder symlogs vector observations: the final row's entry must differ from the
+    row before it by far more than an elapsed fraction's 1 / limit, or no continue head can find the end."""
+    from torchrl_dreamer.dreamer.functional import symlog
+
+    env = TransformedEnv(EchoEnv(lengths=(10_000, 10_000)), TimeFeature(limit=1000))
+    td = env.rollout(1000, break_when_any_done=False)
+    entry = symlog(td["next", "observation"][0, :, -1])
+    assert entry[-1].item() == 0.0
+    assert (entry[-2] - entry[-1]).item() > 0.5  # log 2, symlogged
+    assert td["next", "terminated"][0, :, 0].tolist() == [False] * 999 + [True]
+    assert _left(td["next", "observation"][0, :, -1].tolist()) == list(range(999, -1, -1))  # exact to the step
+
+
 def test_time_feature_bad_settings_are_clear_errors():
-    with pytest.raises(ValueError, match="limit must be >= 1"):
+    with pytest.raises(ValueError, match="limit must be 1 to 100,000 steps"):
         TimeFeature(limit=0)
+    with pytest.raises(ValueError, match="limit must be 1 to 100,000 steps"):
+        TimeFeature(limit=1_000_000)
     with pytest.raises(ConfigError, match="env.time_feature .* env.pixels=true"):
         make_dreamer_env(env_id="CartPole-v1", pixels=True, time_feature=True)
     with pytest.raises(ConfigError, match="env.time_feature needs a step limit: set env.max_episode_steps"):
@@ -125,12 +148,11 @@ def test_gym_env_uses_its_registered_limit_or_the_configured_one():
     env = make_dreamer_env(env_id="LunarLander-v3", num_envs=2, seed=0, time_feature=True)
     assert env.observation_spec["observation"].shape == (2, 9)
     td = env.rollout(3, break_when_any_done=False)
-    expected = torch.tensor([[0.001, 0.002, 0.003]] * 2)  # LunarLander's limit: 1,000 steps
-    torch.testing.assert_close(td["next", "observation"][..., -1], expected)
+    assert _left(td["next", "observation"][..., -1].reshape(-1).tolist()) == [999, 998, 997] * 2  # limit 1,000
     env = make_dreamer_env(env_id="LunarLander-v3", num_envs=1, seed=0, time_feature=True, max_episode_steps=5)
     td = env.rollout(10, break_when_any_done=True)  # no lander lands or crashes within 5 steps
     assert td.shape[-1] == 5
-    torch.testing.assert_close(td["next", "observation"][:, -1], torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0]))
+    assert _left(td["next", "observation"][:, -1].tolist()) == [4, 3, 2, 1, 0]
     assert td["next", "terminated"].reshape(-1).tolist() == [False] * 4 + [True]  # the limit, as a termination
 
 
@@ -146,11 +168,12 @@ def test_still_count_and_time_feature_together():
     for a in [5.0, 5.0, 5.0, 6.0, 6.0, 6.0]:  # both envs hold still (5.0 = the reset observation), then move once
         td["action"] = torch.full((2, 2), a)
         td_step, td = env.step_and_maybe_reset(td)
-        seen.append(td_step["next", "observation"][:, 2:].tolist())
-    # env 0 ends after 3 steps on its own and restarts: count 1, 2, 3 | 0 (moved to 6), 1, 2; time 1/5.. 3/5 | 1/5..
-    assert [[round(x, 4) for x in s[0]] for s in seen] == [[1, 0.2], [2, 0.4], [3, 0.6], [0, 0.2], [1, 0.4], [2, 0.6]]
+        entries = td_step["next", "observation"][:, 2:]
+        seen.append([[round(c), left] for c, left in zip(entries[:, 0].tolist(), _left(entries[:, 1].tolist()))])
+    # env 0 ends after 3 steps on its own and restarts: count 1, 2, 3 | 0 (moved to 6), 1, 2; steps left 4, 3, 2 | 4..
+    assert [s[0] for s in seen] == [[1, 4], [2, 3], [3, 2], [0, 4], [1, 3], [2, 2]]
     # env 1 runs into the limit after 5 steps (terminated) and restarts (moved from the reset 5.0 to 6.0: 0)
-    assert [[round(x, 4) for x in s[1]] for s in seen] == [[1, 0.2], [2, 0.4], [3, 0.6], [0, 0.8], [1, 1.0], [0, 0.2]]
+    assert [s[1] for s in seen] == [[1, 4], [2, 3], [3, 2], [0, 1], [1, 0], [0, 4]]
     assert td_step["next", "terminated"].reshape(-1).tolist() == [True, False]  # env 0: its own end again
 
 
@@ -159,5 +182,5 @@ def test_lunarlander_env_gets_both_entries():
                            max_episode_steps=4)
     td = env.rollout(10, break_when_any_done=True)
     assert td["next", "observation"].shape == (4, 10)
-    torch.testing.assert_close(td["next", "observation"][:, -1], torch.tensor([0.25, 0.5, 0.75, 1.0]))
+    assert _left(td["next", "observation"][:, -1].tolist()) == [3, 2, 1, 0]
 

@@ -14,11 +14,12 @@
 * :class:`WorkerTag` marks every step with the index of the collector worker that ran it.
 * :class:`StillSteps` appends to a vector observation how many consecutive steps it has stayed
   (nearly) unchanged, for envs whose episode ends after a hidden period at rest.
-* :class:`TimeFeature` appends the elapsed fraction of the episode's step limit and makes the
-  limit a termination, so a time-limited env is Markov for the learner.
+* :class:`TimeFeature` appends the steps left before the episode's step limit (log scale) and
+  makes the limit a termination, so a time-limited env is Markov for the learner.
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -238,7 +239,7 @@ class WorkerTag(Transform):
 
 
 class _AppendedEntry(Transform):
-    """One float entry appended to the vector observation ``key`` (0 after a reset; the rows that go on
+    """One float entry appended to the vector observation ``key`` (``initial`` after a reset; the rows that go on
     keep theirs at a partial reset). A subclass computes it in ``_step``; it reads its own previous value
     at the observation's width where it appends, so several such entries stack in order."""
 
@@ -246,9 +247,11 @@ class _AppendedEntry(Transform):
         super().__init__(in_keys=[key], out_keys=[key])
         self.key = key
 
+    initial: float = 0.0  # the entry after a reset
+
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
         raw = tensordict_reset.get(self.key)
-        entry = torch.zeros_like(raw[..., :1])
+        entry = torch.full_like(raw[..., :1], self.initial)
         reset = tensordict.get("_reset", None) if tensordict is not None else None
         previous = tensordict.get(self.key, None) if tensordict is not None else None
         n = raw.shape[-1]
@@ -303,31 +306,36 @@ class StillSteps(_AppendedEntry):
 
 
 class TimeFeature(_AppendedEntry):
-    """Appends one entry to the vector observation ``key``: the fraction of the episode's step
-    limit used so far (``t / limit``, 0 after a reset, 1 at the limit), and ends the episode at the
-    limit as a termination (``terminated`` and ``done`` set on the step that reaches it).
+    """Appends one entry to the vector observation ``key``: ``log(1 + steps left)`` before the
+    episode's step limit (``log(1 + limit)`` after a reset, ``log 2`` one step before the limit, 0 at
+    it), and ends the episode at the limit as a termination (``terminated`` and ``done`` set on the
+    step that reaches it).
 
     A time limit the agent cannot see makes the state non-Markov: the same observation is worth
     more at step 10 than at step 990. The usual fix is to bootstrap at truncation, which keeps the
     learner blind to the limit; an agent that hovers until the limit is then valued as if it could
-    still land later. With the elapsed time in the observation the limit is part of the state, so
-    the episode's end there is a real termination the world model can predict (Pardo et al., 2018,
-    "Time Limits in Reinforcement Learning"). The observation spec gains one entry
-    (``[..., n] -> [..., n + 1]``).
+    still land later. With the time in the observation the limit is part of the state, so the
+    episode's end there is a real termination the world model can predict (Pardo et al., 2018,
+    "Time Limits in Reinforcement Learning"). The entry is logarithmic so that the last steps stand
+    apart: a world model's continue head has to tell the final row from the one before it, which an
+    elapsed fraction (0.999 against 1.0 at a limit of 1,000) does not let it do. The observation
+    spec gains one entry (``[..., n] -> [..., n + 1]``).
     """
 
     def __init__(self, limit: int, key: NestedKey = "observation") -> None:
-        if int(limit) < 1:
-            raise ValueError(f"TimeFeature limit must be >= 1 step, got {limit}")
+        if not 1 <= int(limit) <= 100_000:
+            # the count is read back from the float32 entry: exact to the step up to 100,000
+            raise ValueError(f"TimeFeature limit must be 1 to 100,000 steps, got {limit}")
         super().__init__(key)
         self.limit = int(limit)
+        self.initial = math.log1p(self.limit)
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         raw = next_tensordict.get(self.key)
-        n = raw.shape[-1]  # entries before this transform's; the previous observation has the fraction at n
-        steps = torch.round(tensordict.get(self.key)[..., n:n + 1] * self.limit) + 1
-        next_tensordict.set(self.key, torch.cat([raw, (steps / self.limit).to(raw.dtype)], -1))
-        at_limit = steps >= self.limit
+        n = raw.shape[-1]  # entries before this transform's; the previous observation has its entry at n
+        left = torch.round(torch.expm1(tensordict.get(self.key)[..., n:n + 1].double())) - 1
+        next_tensordict.set(self.key, torch.cat([raw, torch.log1p(left.clamp_min(0)).to(raw.dtype)], -1))
+        at_limit = left <= 0
         for flag in ("terminated", "done"):
             value = next_tensordict.get(flag, None)
             if value is not None:

@@ -98,7 +98,7 @@ class SingleAgentEnvConfig:
     still_tol: float = doc(0.0, "> 0: append to the vector observation the number of consecutive steps over which no "
                                 "entry changed by this much (torchrl_dreamer.transforms.StillSteps; for envs that end "
                                 "an episode after a hidden period at rest, like LunarLander's landing). 0 = off.")
-    time_feature: bool = doc(False, "Append the elapsed fraction of the episode's step limit to the vector observation "
+    time_feature: bool = doc(False, "Append log(1 + steps left before the episode's step limit) to the vector observation "
                                     "and end episodes at the limit as terminations, not truncations "
                                     "(torchrl_dreamer.transforms.TimeFeature; the limit is env.max_episode_steps or "
                                     "the Gymnasium id's own).")

@@ -95,8 +95,8 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     ``check_as="dreamer"|"ppo"`` runs the env contract (:mod:`torchrl_dreamer.check_env`) on a
     factory env first and raises :class:`EnvContractError` naming every problem. ``still_tol > 0``
     appends the steps-at-rest count to the vector ``observation``
-    (:class:`~torchrl_dreamer.transforms.StillSteps`); ``time_feature`` appends the elapsed fraction
-    of the step limit (``max_episode_steps``, else the Gymnasium id's own) and makes the limit a
+    (:class:`~torchrl_dreamer.transforms.StillSteps`); ``time_feature`` appends log(1 + steps left)
+    before the step limit (``max_episode_steps``, else the Gymnasium id's own) and makes the limit a
     termination (:class:`~torchrl_dreamer.transforms.TimeFeature`)."""
     from torchrl.data import Categorical, OneHot
     from torchrl.envs import ActionMask
