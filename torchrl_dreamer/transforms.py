@@ -243,11 +243,25 @@ class _AppendedEntry(Transform):
     keep theirs at a partial reset). A subclass computes it in ``_step``; it reads its own previous value
     at the observation's width where it appends, so several such entries stack in order."""
 
+    initial: float = 0.0  # the entry after a reset
+
     def __init__(self, key: NestedKey) -> None:
         super().__init__(in_keys=[key], out_keys=[key])
         self.key = key
 
-    initial: float = 0.0  # the entry after a reset
+    def _next_entry(self, raw: torch.Tensor, previous_raw: torch.Tensor, previous_entry: torch.Tensor,
+                    next_tensordict: TensorDictBase) -> torch.Tensor:
+        """The entry for the step's new observation ``raw`` (``[..., 1]``), from the previous observation's
+        own entries and this transform's entry; may also set flags in ``next_tensordict``."""
+        raise NotImplementedError
+
+    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
+        raw = next_tensordict.get(self.key)
+        n = raw.shape[-1]  # entries before this transform's; the previous observation has this entry at n
+        previous = tensordict.get(self.key)  # (and whatever later transforms append after it)
+        entry = self._next_entry(raw, previous[..., :n], previous[..., n:n + 1], next_tensordict)
+        next_tensordict.set(self.key, torch.cat([raw, entry.to(raw.dtype)], -1))
+        return next_tensordict
 
     def _reset(self, tensordict: TensorDictBase, tensordict_reset: TensorDictBase) -> TensorDictBase:
         raw = tensordict_reset.get(self.key)
@@ -294,15 +308,9 @@ class StillSteps(_AppendedEntry):
         super().__init__(key)
         self.tol = float(tol)
 
-    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
-        raw = next_tensordict.get(self.key)
-        n = raw.shape[-1]  # entries before this transform's; the previous observation has the count at n
-        previous = tensordict.get(self.key)  # (and whatever later transforms append after it)
-        still = (raw - previous[..., :n]).abs().amax(-1, keepdim=True) < self.tol
-        count = torch.where(still, previous[..., n:n + 1] + 1, torch.zeros_like(previous[..., n:n + 1]))
-        next_tensordict.set(self.key, torch.cat([raw, count.to(raw.dtype)], -1))
-        return next_tensordict
-
+    def _next_entry(self, raw, previous_raw, previous_entry, next_tensordict):
+        still = (raw - previous_raw).abs().amax(-1, keepdim=True) < self.tol
+        return torch.where(still, previous_entry + 1, torch.zeros_like(previous_entry))
 
 
 class TimeFeature(_AppendedEntry):
@@ -330,14 +338,11 @@ class TimeFeature(_AppendedEntry):
         self.limit = int(limit)
         self.initial = math.log1p(self.limit)
 
-    def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
-        raw = next_tensordict.get(self.key)
-        n = raw.shape[-1]  # entries before this transform's; the previous observation has its entry at n
-        left = torch.round(torch.expm1(tensordict.get(self.key)[..., n:n + 1].double())) - 1
-        next_tensordict.set(self.key, torch.cat([raw, torch.log1p(left.clamp_min(0)).to(raw.dtype)], -1))
+    def _next_entry(self, raw, previous_raw, previous_entry, next_tensordict):
+        left = torch.round(torch.expm1(previous_entry.double())) - 1
         at_limit = left <= 0
         for flag in ("terminated", "done"):
             value = next_tensordict.get(flag, None)
             if value is not None:
                 next_tensordict.set(flag, value | at_limit.reshape(value.shape))
-        return next_tensordict
+        return torch.log1p(left.clamp_min(0))
