@@ -20,7 +20,7 @@ actor's mean probabilities there. Few ground steps in truncated episodes mean th
 reward received over the 100 steps before the final row against the reward head's predictions there
 (a bonus the head cannot time is spread over the rows before it).
 
-Writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
+Writes ``benchmarks/results/<--out>.json`` (or to ``--out`` itself when it is a path) with the provenance stamp.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--max-steps", type=int, default=1000)
-    parser.add_argument("--out", default="dreamer_lunarlander_episode_ends")
+    parser.add_argument("--out", default="dreamer_lunarlander_episode_ends", help="a name (benchmarks/results/<name>.json) or a path (with a folder, or ending in .json)")
     args = parser.parse_args(argv)
     stamp = provenance()
     torch.manual_seed(0)

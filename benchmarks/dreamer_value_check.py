@@ -26,7 +26,7 @@ observation entries 6 and 7). If the critic's value exceeds what followed mainly
 truncated (hovering) episodes, and the imagined reward over the horizon does too, the world model's
 short-term predictions are what the actor farms; if the imagined horizon matches the env and only the
 value is high, the critic's bootstrap is. Figures are in env reward units (the run's
-``env.reward_scale`` undone). Writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
+``env.reward_scale`` undone). Writes ``benchmarks/results/<--out>.json`` (or to ``--out`` itself when it is a path) with the provenance stamp.
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--from", dest="start", type=int, default=0, metavar="T",
                         help="check rows from step T on only (e.g. 500: the late rows of hovering episodes, where "
                              "early rows that look like any other episode's are left out)")
-    parser.add_argument("--out", default="dreamer_value_check")
+    parser.add_argument("--out", default="dreamer_value_check", help="a name (benchmarks/results/<name>.json) or a path (with a folder, or ending in .json)")
     args = parser.parse_args(argv)
     if args.every < 1 or args.samples < 1 or args.episodes < 1 or args.start < 0:
         parser.error("--episodes, --every and --samples must be >= 1, --from >= 0")

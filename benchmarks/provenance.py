@@ -61,6 +61,15 @@ def write_json(path: Path | str, record: Any, *, announce: bool = True) -> Path:
     return path
 
 
-def write_result(name: str, record: dict[str, Any]) -> Path:
-    """Writes ``record`` as ``benchmarks/results/<name>.json`` and prints where; returns the path."""
-    return write_json(RESULTS / f"{name}.json", record)
+def result_path(out: str | Path) -> Path:
+    """Where a script's ``--out`` goes: a bare name is ``benchmarks/results/<name>.json``; a path
+    (with a folder, absolute, or ending in ``.json``) is taken as it is, ``.json`` added if missing."""
+    path = Path(out)
+    if path.suffix != ".json":
+        path = path.with_name(path.name + ".json")
+    return path if (path.is_absolute() or len(path.parts) > 1 or str(out).endswith(".json")) else RESULTS / path
+
+
+def write_result(out: str | Path, record: dict[str, Any]) -> Path:
+    """Writes ``record`` to :func:`result_path` of ``out`` and prints where; returns the path."""
+    return write_json(result_path(out), record)

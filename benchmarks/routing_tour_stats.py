@@ -14,7 +14,7 @@ tour with the dev set's reference solution:
 * **grouping loss**: what is left of the gap after that: which customers share a route (and how many
   routes there are).
 
-Prints one table and writes ``benchmarks/results/<--out>.json`` with the provenance stamp.
+Prints one table and writes ``benchmarks/results/<--out>.json`` (or to ``--out`` itself when it is a path) with the provenance stamp.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a routing Dreamer run directory (config.yaml, checkpoint.pt)")
     parser.add_argument("--checkpoint", default="checkpoint.pt", help="file in the run directory (or best.pt)")
-    parser.add_argument("--out", default="routing_tour_stats")
+    parser.add_argument("--out", default="routing_tour_stats", help="a name (benchmarks/results/<name>.json) or a path (with a folder, or ending in .json)")
     args = parser.parse_args(argv)
     stamp = provenance()
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(R.DreamerRoutingConfig),

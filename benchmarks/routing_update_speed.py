@@ -9,7 +9,7 @@ without one the weights are random), decodes ``--episodes`` instances into a rep
 and times ``--updates`` updates per variant after ``--warmup`` (one thread, the recipe's batch and
 trimming). The variants run in alternating rounds so that they share the machine's drift. Prints the
 median milliseconds per update and per phase (world model, imagination, actor + critic) and writes
-``benchmarks/results/<out>.json``.
+``benchmarks/results/<out>.json`` (or ``--out`` itself when it is a path).
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="results/<out>.json (default: not written)")
+    parser.add_argument("--out", default=None, help="a name (benchmarks/results/<name>.json) or a path (with a folder, or ending in .json); default: not written")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stamp = provenance(torch_threads_runs=1)

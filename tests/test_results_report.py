@@ -4,6 +4,7 @@ import importlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,14 @@ def test_value_check_rows_put_belief_beside_outcome(report):
     assert rows[0]["value after the horizon: imagined / open loop / real"] is None
     assert report.kind_of(BENCHMARKS / "results" / "dreamer_value_check_seed0.json", record,
                           report.known_prefixes(BENCHMARKS / "results")) == "dreamer_value_check"
+
+
+def test_result_path_takes_a_bare_name_into_results_and_a_path_as_given(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("provenance", None)
+    provenance = importlib.import_module("provenance")
+    assert provenance.result_path("episode_ends_seed1") == provenance.RESULTS / "episode_ends_seed1.json"
+    assert provenance.result_path(tmp_path / "x") == tmp_path / "x.json"
+    assert provenance.result_path(str(tmp_path / "x.json")) == tmp_path / "x.json"
+    assert provenance.result_path("sub/y") == Path("sub/y.json")
+    assert provenance.result_path("y.json") == Path("y.json")
