@@ -11,7 +11,9 @@ fresh episodes (``result.json``). ``--keep-at 60`` copies each run's checkpoint,
 config that many minutes after its process started (into ``<run dir>/kept_60min``; the checkpoint is the one
 last written, every ``run.checkpoint_every`` env steps) and scores both copies on the same number of fresh
 episodes after the runs end, so a 120-minute run also reports its state at 60 minutes. Prints a markdown
-table, writes JSON and a PNG of the curves.
+table, writes JSON and a PNG of the curves. Stopped early (Ctrl-C, or ``kill`` of this process), it stops
+its runs and still writes both, with the stopped runs marked ``interrupted`` (killing one run's recipe
+process instead stops that run only).
 
     python benchmarks/dreamer_ablation.py --env lunarlander --minutes 60 --seeds 0 1 --lanes 2 \\
         --variant yaml= --variant tiny=model.size=tiny
@@ -28,6 +30,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -98,8 +101,30 @@ def score_kept(env: str, dest: Path, episodes: int, threads: int) -> dict:
 
 def run_jobs(jobs: list[dict], lanes: int, keep_at: tuple[float, ...] = ()) -> None:
     """Runs every job's command, ``lanes`` at a time; stdout+stderr to the job's log file. ``keep_at``:
-    minutes after each job's start at which :func:`keep` copies its files (``job["kept"]``: minutes -> folder)."""
+    minutes after each job's start at which :func:`keep` copies its files (``job["kept"]``: minutes -> folder).
+
+    Interrupted (Ctrl-C, or SIGTERM with :func:`main`'s handler), it stops the running jobs, marks them
+    ``interrupted`` and the ones not started ``skipped``, and returns: the caller still writes what ran."""
     pending, running = list(jobs), []
+    try:
+        _run_jobs(pending, running, lanes, keep_at)
+    except KeyboardInterrupt:
+        print("interrupted: stopping the running jobs; the results so far are written", flush=True)
+        for job, proc, fh in running:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            fh.close()
+            job["returncode"], job["wall_s"] = proc.returncode, time.perf_counter() - job["t0"]
+            job["interrupted"] = True
+        for job in pending:
+            job["skipped"] = True
+
+
+def _run_jobs(pending: list[dict], running: list, lanes: int, keep_at: tuple[float, ...]) -> None:
     while pending or running:
         while pending and len(running) < lanes:
             job = pending.pop(0)
@@ -131,7 +156,8 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
     text = job["log"].read_text(errors="replace")
     run_dir = run_dir_of(job["log"])
     out = {"variant": job["variant"], "seed": job["seed"], "overrides": job["overrides"],
-           "returncode": job.get("returncode"), "log": str(job["log"])}
+           "returncode": job.get("returncode"), "log": str(job["log"]),
+           **({"interrupted": True} if job.get("interrupted") else {})}
     if run_dir is None or not (run_dir / "metrics.jsonl").exists():
         return {**out, "error": text.strip().splitlines()[-1] if text.strip() else "no output"}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -221,6 +247,10 @@ def plot(path: Path, results: list[dict], variants: list[str], threshold: float,
     plt.close(fig)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="cartpole", choices=sorted(TARGETS))
@@ -258,11 +288,16 @@ def main() -> None:
     jobs = [{"variant": name, "seed": seed, "overrides": ov, "log": root / "logs" / f"{name}_seed{seed}.log",
              "cmd": command(args.env, seed, ov, args, threshold, minutes, steps, eval_every, root / name)}
             for seed in args.seeds for name, ov in variants]
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill <harness>` stops the runs and still writes the JSON
     run_jobs(jobs, args.lanes, tuple(args.keep_at))
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for job in jobs:  # after every run has ended, so the scoring does not share the cores with a timed run
         job["scored"] = {f"{m:g}": score_kept(args.env, dest, args.keep_episodes, args.threads)
                          for m, dest in job.get("kept", {}).items()}
-    results = [summarise(job, threshold, args.hold) for job in jobs]
+    results = [summarise(job, threshold, args.hold) for job in jobs if not job.get("skipped")]
+    skipped = [f"{job['variant']} seed {job['seed']}" for job in jobs if job.get("skipped")]
+    if skipped:
+        print(f"not run (interrupted before they started): {', '.join(skipped)}")
     names = [n for n, _ in variants]
     for r in results:
         if "error" in r:
@@ -273,6 +308,10 @@ def main() -> None:
             print(f"{r['variant']} seed {r['seed']} (last quarter of the log): {diag}")
     print()
     print(table(results, names, args, threshold, minutes))
+    for r in results:
+        if r.get("interrupted"):
+            print(f"{r['variant']} seed {r['seed']}: interrupted after {_fmt((r.get('total_s') or 0) / 60)} min "
+                  f"(its figures are those of the run so far)")
     for r in results:
         for m, k in r.get("kept", {}).items():
             print(f"{r['variant']} seed {r['seed']} kept at {m} min ({_fmt(k['env_steps'], ',.0f')} env steps), "

@@ -69,3 +69,52 @@ def test_keep_at_copies_a_running_jobs_files_once(tmp_path, monkeypatch):
     summary["scored"] = {"0.02": {"dir": str(dest), "env_steps": 64, "checkpoint": 12.0, "best": 15.0}}
     out = ablation.summarise(summary, threshold=200.0, hold=150.0)
     assert out["kept"] == {"0.02": {"dir": str(dest), "env_steps": 64, "checkpoint": 12.0, "best": 15.0}}
+
+
+def test_an_interrupted_harness_stops_its_runs_and_keeps_what_ran(tmp_path, monkeypatch):
+    """Ctrl-C (or SIGTERM, which ``main`` turns into the same) while a job runs: the job's process is
+    stopped and marked ``interrupted``, the job not started yet ``skipped``; ``run_jobs`` returns."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    jobs = [{"variant": "v", "seed": s, "log": tmp_path / f"v_seed{s}.log",
+             "cmd": [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]}
+            for s in (0, 1)]
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        ablation.run_jobs(jobs, lanes=1)
+    finally:
+        timer.cancel()
+    first, second = jobs
+    assert first["interrupted"] and first["returncode"] not in (None, 0) and first["wall_s"] < 30
+    assert "started" in first["log"].read_text()
+    assert second.get("skipped") and "t0" not in second
+    first["overrides"] = []
+    out = ablation.summarise(first, threshold=200.0, hold=150.0)  # no run directory: an error row, marked
+    assert out["interrupted"] and "error" in out
+
+
+def test_table_counts_reached_and_held_and_dashes_what_is_missing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    base = {"variant": "v", "diagnostics_last_quarter": {"time/updates_per_s": 10.0}, "env_steps": 1000,
+            "updates": 100, "final_eval": 150.0, "confirm_episodes": 50}
+    results = [{**base, "seed": 0, "reached": True, "reached_s": 600.0, "held": True, "best_eval": 210.0,
+                "confirm_final": 205.0, "confirm_best": 201.0},
+               {**base, "seed": 1, "reached": False, "reached_s": None, "held": False, "best_eval": 190.0,
+                "confirm_final": None, "confirm_best": None},
+               {"variant": "v", "seed": 2, "error": "boom"}]
+    args = SimpleNamespace(hold=150.0, no_stop=True, threads=1)
+    lines = ablation.table(results, ["v"], args, 200.0, 60.0).splitlines()
+    assert lines[0].startswith("| variant |") and "50-episode re-score" in lines[0]
+    row = lines[2]
+    assert row.startswith("| v | 0, 1 | 60 min | 1 | 1/2; held >= 150: 1/2 | 10.0, - | 200.0 | 150.0 | ")
+    assert "| 205.0 / 201.0 |" in row  # the mean over the runs that have the figure
+    assert len(lines) == 3  # the failed run has no row of its own
