@@ -252,8 +252,9 @@ class _AppendedEntry(Transform):
     def _next_entry(self, raw: torch.Tensor, previous_raw: torch.Tensor, previous_entry: torch.Tensor,
                     next_tensordict: TensorDictBase) -> torch.Tensor:
         """The entry for the step's new observation ``raw`` (``[..., 1]``), from the previous observation's
-        own entries and this transform's entry; may also set flags in ``next_tensordict``."""
-        raise NotImplementedError
+        own entries and this transform's entry; may also set flags in ``next_tensordict``. The base class
+        appends nothing of its own: a subclass defines this."""
+        raise NotImplementedError(f"{type(self).__name__} subclasses _AppendedEntry without defining _next_entry")
 
     def _step(self, tensordict: TensorDictBase, next_tensordict: TensorDictBase) -> TensorDictBase:
         raw = next_tensordict.get(self.key)
