@@ -44,8 +44,8 @@ from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_di
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, set_learning_rates, terminal_calibration
 from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, report_evaluation,
-                                        run_episodes)
+from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, pool_episodes,
+                                        recheck_rounds, report_evaluation, run_episodes)
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_progress
 
@@ -148,6 +148,12 @@ class DreamerEvalConfig(EvalConfig):
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
     keep_best: bool = doc(True, "After each evaluation that beats every earlier one, write the weights to "
                                 "<run>/best.pt (score it with --evaluate <run>/best.pt).")
+    recheck_episodes: int = doc(0, "With keep_best: an evaluation that beats the best so far plays this many more "
+                                   "episodes with the same weights (rounds of eval.episodes), and best.pt is replaced "
+                                   "only if the mean over all of them (eval/recheck_episode_reward_sum) beats the best's "
+                                   "pooled score, which eval/best_episode_reward_sum then reports. The best of many "
+                                   "short evaluations flatters its policy; this picks best.pt on more episodes "
+                                   "(0 = off: best.pt follows the eval.episodes score).")
     confirm_episodes: int = doc(50, "At the end of a run, score the final weights and best.pt on this many fresh "
                                     "episodes each and write <run>/result.json naming the better one (0 = skip).")
 
@@ -201,7 +207,7 @@ def validate(cfg: DreamerConfig) -> None:
         "replay.capacity": ">= 1", "replay.batch_size": ">= 1", "replay.seq_len": ">= 2",
         "replay.train_ratio": "> 0", "replay.prefill": ">= 0", "replay.terminal_fraction": "[0, 1]",
         "train.env_steps": ">= 1", "train.steps_per_collect": ">= 1",
-        "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0",
+        "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0", "eval.recheck_episodes": ">= 0",
         "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
     })
     if cfg.ac.group_size > 1 and cfg.ac.actor_grad != ActorGrad.reinforce:
@@ -707,7 +713,9 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
     """Evaluation (after the non-finite guard); with ``eval.keep_best`` a new best score writes
     ``best.pt`` (the weights behind it: the policy at the end of a run is not always its best one).
     With ``averaged`` (:class:`WeightAverage`; ``optim.ema_decay``) the last
-    iterate plays first (``eval/*_last``), then the average, whose score is the evaluation's."""
+    iterate plays first (``eval/*_last``), then the average, whose score is the evaluation's. With
+    ``eval.recheck_episodes`` a score above the best plays that many more episodes with the same
+    weights first (``eval/recheck_*``: all episodes pooled), and the pooled score decides."""
     # sampled actions draw from generators of their own (seeded per evaluation), so the training's random
     # stream does not depend on how long the evaluation episodes were; mode evaluations draw from the
     # training's stream (the latent samples) as they always have, so earlier seeded runs repeat to the digit
@@ -724,10 +732,22 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
         keys, kept = (*keys, *last), averaged.model.module
     metrics = run.evaluated(result, keys, iteration=p.updates)
     score = metrics["eval/episode_reward_sum"]
+    if cfg.eval.keep_best and cfg.eval.recheck_episodes and math.isfinite(score) and score > p.best_return:
+        # a new best on eval.episodes episodes: more episodes with the same weights decide whether it is one
+        play = (averaged.policy, averaged.env) if averaged is not None else (policy, eval_env)
+        rounds = recheck_rounds(cfg.eval.recheck_episodes, cfg.eval.episodes)
+        pooled = pool_episodes([result] + [
+            evaluate(*play, actions=cfg.eval.actions, seed=cfg.seed + 50_000 + p.updates + i if sampled else None)
+            for i in range(rounds)])
+        pooled = run.evaluated({f"eval/recheck_{k[len('eval/'):]}": v for k, v in pooled.items()},
+                               iteration=p.updates)
+        metrics.update(pooled)
+        score = pooled["eval/recheck_episode_reward_sum"]
     if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
         p.best_return = score
         run.save({"agent": kept.state_dict(), "env_steps": p.env_steps, "updates": p.updates,
-                  "eval/episode_reward_sum": score}, name=BEST_NAME)
+                  "eval/episode_reward_sum": score,
+                  "eval/episodes": metrics.get("eval/recheck_episodes", metrics.get("eval/episodes"))}, name=BEST_NAME)
     if cfg.eval.keep_best and math.isfinite(p.best_return):  # no -inf in metrics.jsonl before a finite score
         metrics["eval/best_episode_reward_sum"] = p.best_return
     return metrics

@@ -37,8 +37,8 @@ from torchrl_dreamer.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_we
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
 from torchrl_dreamer.dreamer.config import SingleAgentEnvConfig
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
-from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, report_evaluation,
-                                        run_episodes)
+from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, pool_episodes,
+                                        recheck_rounds, report_evaluation, run_episodes)
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite, check_tensordict_finite
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
@@ -101,6 +101,9 @@ class PPOEvalConfig(EvalConfig):
                                                  "actor as in training.")
     stop_at_return: Optional[float] = doc(None, "Stop training once the eval mean reaches this (null = never).")
     keep_best: bool = doc(True, "Write the weights behind the best evaluation to <run>/best.pt.")
+    recheck_episodes: int = doc(0, "With keep_best: an evaluation that beats the best so far plays this many more "
+                                   "episodes with the same weights, and the mean over all of them decides best.pt "
+                                   "(as the Dreamer recipe's eval.recheck_episodes; 0 = off).")
     confirm_episodes: int = doc(50, "At the end of a run, score the final weights and best.pt on this many fresh "
                                     "episodes each and write <run>/result.json naming the better (0 = skip).")
 
@@ -133,7 +136,7 @@ def validate(cfg: PPOConfig) -> None:
         "ppo.lr": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.clip_epsilon": "> 0",
         "ppo.entropy_coef": ">= 0", "ppo.critic_coef": ">= 0", "ppo.epochs": ">= 1", "ppo.minibatch_size": ">= 1",
         "ppo.max_grad_norm": "> 0", "train.env_steps": ">= 1", "train.steps_per_env": ">= 1",
-        "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0",
+        "eval.every": ">= 0", "eval.episodes": ">= 1", "eval.confirm_episodes": ">= 0", "eval.recheck_episodes": ">= 0",
         "run.log_every": ">= 1", "run.checkpoint_every": ">= 1", "run.time_budget_s": ">= 0",
     })
     if cfg.env.reward_scale <= 0 or not math.isfinite(cfg.env.reward_scale):
@@ -415,13 +418,24 @@ def train(cfg: PPOConfig, run_dir: Path, resume_state: Optional[dict] = None,
                                                         seed=cfg.seed + 10_000 + p.iterations if sampled else None),
                                            ("eval/episode_reward_sum", "eval/episode_length"), iteration=p.iterations)
                 score = evaluation["eval/episode_reward_sum"]
+                if cfg.eval.keep_best and cfg.eval.recheck_episodes and math.isfinite(score) and score > p.best_return:
+                    pooled = pool_episodes([evaluation] + [
+                        run_episodes(actor, eval_env, actions=cfg.eval.actions,
+                                     seed=cfg.seed + 50_000 + p.iterations + i if sampled else None)
+                        for i in range(recheck_rounds(cfg.eval.recheck_episodes, cfg.eval.episodes))])
+                    evaluation.update(run.evaluated({f"eval/recheck_{k[len('eval/'):]}": v for k, v in pooled.items()},
+                                                    iteration=p.iterations))
+                    score = evaluation["eval/recheck_episode_reward_sum"]
                 if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
                     p.best_return = score
                     run.save({"networks": nets.state_dict(), "env_steps": p.env_steps, "iterations": p.iterations,
-                              "eval/episode_reward_sum": score}, name=BEST_NAME)
+                              "eval/episode_reward_sum": score,
+                              "eval/episodes": evaluation.get("eval/recheck_episodes", evaluation.get("eval/episodes"))},
+                             name=BEST_NAME)
                 if cfg.eval.keep_best and math.isfinite(p.best_return):
                     evaluation["eval/best_episode_reward_sum"] = p.best_return
                 stop_at = cfg.eval.stop_at_return
+                score = evaluation["eval/episode_reward_sum"]  # the eval.episodes score, as in the Dreamer recipe
                 if stop_at is not None and score >= stop_at:
                     stop_reason, finished = f"eval return {score:.1f} >= {stop_at}", True
             if p.env_steps >= p.next_log or evaluation is not None or finished:

@@ -15,12 +15,12 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .config import Choice
 
 __all__ = ["EVAL_NAME", "RESULT_NAME", "EvalActions", "evaluation_paths", "write_json_atomic", "report_evaluation",
-           "draw_picture", "note", "run_episodes", "confirm_final_and_best"]
+           "draw_picture", "note", "run_episodes", "pool_episodes", "recheck_rounds", "confirm_final_and_best"]
 
 EVAL_NAME = "eval.json"
 RESULT_NAME = "result.json"  # the end-of-run re-score of the final weights and best.pt, naming the better
@@ -167,6 +167,24 @@ def _run_episodes(policy, env, max_steps: int, actions: EvalActions) -> dict[str
         policy.random_actions = was_random
     return {"eval/episode_reward_sum": returns[finished].mean().item(), "eval/episode_length": lengths.mean().item(),
             "eval/episodes": float(finished.sum())}
+
+
+def pool_episodes(results: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One result from several :func:`run_episodes` results: the mean episode reward sum and length
+    over all their finished episodes together (each weighted by its ``eval/episodes``); NaN when
+    none finished."""
+    n = sum(float(r["eval/episodes"]) for r in results)
+    if n == 0:
+        return {"eval/episode_reward_sum": math.nan, "eval/episode_length": math.nan, "eval/episodes": 0.0}
+    mean = lambda key: sum(float(r[key]) * float(r["eval/episodes"]) for r in results if r["eval/episodes"]) / n
+    return {"eval/episode_reward_sum": mean("eval/episode_reward_sum"),
+            "eval/episode_length": mean("eval/episode_length"), "eval/episodes": n}
+
+
+def recheck_rounds(recheck_episodes: int, episodes_per_round: int) -> int:
+    """How many more evaluations of ``episodes_per_round`` episodes (one per env of the evaluation
+    env) play at least ``recheck_episodes`` more episodes (``eval.recheck_episodes``)."""
+    return -(-max(recheck_episodes, 0) // max(episodes_per_round, 1))
 
 
 def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: int, make_env: Callable[[], Any],
