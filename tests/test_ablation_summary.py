@@ -84,12 +84,16 @@ def test_an_interrupted_harness_stops_its_runs_and_keeps_what_ran(tmp_path, monk
     jobs = [{"variant": "v", "seed": s, "log": tmp_path / f"v_seed{s}.log",
              "cmd": [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]}
             for s in (0, 1)]
+    # a test process started in the background by a non-interactive shell (nohup ... &) inherits SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: install it for this test
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
         ablation.run_jobs(jobs, lanes=1)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, before)
     first, second = jobs
     assert first["interrupted"] and first["returncode"] not in (None, 0) and first["wall_s"] < 30
     assert "started" in first["log"].read_text()
