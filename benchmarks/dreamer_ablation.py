@@ -7,7 +7,8 @@ processes at once, each with ``threads=--threads`` (lanes x threads <= cores, or
 By default a run stops at the env's target (as ``dreamer_cartpole.py``); ``--no-stop`` runs the
 whole budget and reports whether the policy *stays* above ``--hold`` after first reaching the
 target. Every run ends by re-scoring its final weights and ``best.pt`` on ``eval.confirm_episodes``
-fresh episodes (``result.json``). ``--keep-at 60`` copies each run's checkpoint, ``best.pt`` and
+fresh episodes (``result.json``); with ``eval.recheck_episodes`` the JSON also lists each
+rechecked evaluation with its pooled score (``rechecks``, ``best_recheck``). ``--keep-at 60`` copies each run's checkpoint, ``best.pt`` and
 config that many minutes after its process started (into ``<run dir>/kept_60min``; the checkpoint is the one
 last written, every ``run.checkpoint_every`` env steps) and scores both copies on the same number of fresh
 episodes after the runs end, so a 120-minute run also reports its state at 60 minutes. Prints a markdown
@@ -166,6 +167,10 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
     # optim.ema_decay: the evaluations above are the weight average's, these the last iterate's
     evals_last = [(r["time/total_s"], r["train/env_steps"], r["eval/episode_reward_sum_last"]) for r in rows
                   if isinstance(r.get("eval/episode_reward_sum_last"), (int, float))]
+    # eval.recheck_episodes: the evaluations that were rechecked, with the pooled score over all their episodes
+    rechecks = [(r["train/env_steps"], r["eval/episode_reward_sum"], r["eval/recheck_episode_reward_sum"],
+                 r.get("eval/recheck_episodes")) for r in rows
+                if isinstance(r.get("eval/recheck_episode_reward_sum"), (int, float))]
     first = next((i for i, (_, _, v) in enumerate(evals) if v >= threshold), None)
     after = [v for _, _, v in evals[first + 1:]] if first is not None else []
     tail = rows[len(rows) * 3 // 4:]
@@ -189,6 +194,7 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
             "confirm_best": result.get("best", {}).get("episode_reward_sum"),
             "confirm_episodes": result.get("episodes"), "diagnostics_last_quarter": diag,
             **({"kept": job["scored"]} if job.get("scored") else {}),
+            **({"rechecks": rechecks, "best_recheck": max(v for _, _, v, _ in rechecks)} if rechecks else {}),
             **({"evals_last": evals_last, "best_eval_last": max(v for _, _, v in evals_last),
                 "final_eval_last": evals_last[-1][2],
                 "confirm_final_last": result.get("final_last", {}).get("episode_reward_sum")} if evals_last else {})}

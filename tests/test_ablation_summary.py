@@ -6,7 +6,7 @@ import json
 from helpers import BENCHMARKS
 
 
-def fake_run(tmp_path, *, average: bool):
+def fake_run(tmp_path, *, average: bool, recheck: bool = False):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     rows = []
@@ -15,6 +15,8 @@ def fake_run(tmp_path, *, average: bool):
                "eval/episode_reward_sum": avg}
         if average:
             row["eval/episode_reward_sum_last"] = last
+        if recheck and i < 2:  # eval.recheck_episodes: the first two evaluations were new bests
+            row.update({"eval/recheck_episode_reward_sum": avg - 20.0, "eval/recheck_episodes": 50.0})
         rows.append(row)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = {"episodes": 50, "final": {"episode_reward_sum": 170.0}, "best": {"episode_reward_sum": 205.0}}
@@ -42,6 +44,15 @@ def test_summary_without_a_weight_average_has_no_last_iterate_keys(tmp_path, mon
     ablation = importlib.import_module("dreamer_ablation")
     out = ablation.summarise(fake_run(tmp_path, average=False), threshold=200.0, hold=150.0)
     assert out["best_eval"] == 250.0 and "evals_last" not in out and "confirm_final_last" not in out
+    assert "rechecks" not in out and "best_recheck" not in out
+
+
+def test_summary_lists_the_rechecked_evaluations(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    out = ablation.summarise(fake_run(tmp_path, average=False, recheck=True), threshold=200.0, hold=150.0)
+    assert out["rechecks"] == [(1000, 10.0, -10.0, 50.0), (2000, 250.0, 230.0, 50.0)]
+    assert out["best_recheck"] == 230.0 and out["best_eval"] == 250.0
 
 
 def test_keep_at_copies_a_running_jobs_files_once(tmp_path, monkeypatch):
