@@ -44,8 +44,8 @@ from torchrl_dreamer.dreamer.replay import (SequenceWriter, load_replay_state_di
                                            replay_state_dict)
 from torchrl_dreamer.dreamer.update import DreamerUpdate, make_optimizer, set_learning_rates, terminal_calibration
 from torchrl_dreamer.guards import check_tensordict_finite
-from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, pool_episodes,
-                                        recheck_rounds, report_evaluation, run_episodes)
+from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, recheck,
+                                        report_evaluation, run_episodes)
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points, run_progress
 
@@ -735,14 +735,11 @@ def evaluate_and_keep_best(cfg: DreamerConfig, policy: DreamerPolicy, eval_env: 
     if cfg.eval.keep_best and cfg.eval.recheck_episodes and math.isfinite(score) and score > p.best_return:
         # a new best on eval.episodes episodes: more episodes with the same weights decide whether it is one
         play = (averaged.policy, averaged.env) if averaged is not None else (policy, eval_env)
-        rounds = recheck_rounds(cfg.eval.recheck_episodes, cfg.eval.episodes)
-        pooled = pool_episodes([result] + [
-            evaluate(*play, actions=cfg.eval.actions, seed=cfg.seed + 50_000 + p.updates + i if sampled else None)
-            for i in range(rounds)])
-        pooled = run.evaluated({f"eval/recheck_{k[len('eval/'):]}": v for k, v in pooled.items()},
-                               iteration=p.updates)
-        metrics.update(pooled)
-        score = pooled["eval/recheck_episode_reward_sum"]
+        pooled = recheck(result, lambda i: evaluate(*play, actions=cfg.eval.actions,
+                                                    seed=cfg.seed + 50_000 + p.updates + i if sampled else None),
+                         episodes=cfg.eval.recheck_episodes, per_round=cfg.eval.episodes)
+        metrics.update(run.evaluated(pooled, iteration=p.updates))
+        score = metrics["eval/recheck_episode_reward_sum"]
     if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
         p.best_return = score
         run.save({"agent": kept.state_dict(), "env_steps": p.env_steps, "updates": p.updates,

@@ -37,8 +37,8 @@ from torchrl_dreamer.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_we
 from torchrl_dreamer.config import Choice, ConfigError, check_ranges, doc
 from torchrl_dreamer.dreamer.config import SingleAgentEnvConfig
 from torchrl_dreamer.dreamer.envs import make_dreamer_env
-from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, pool_episodes,
-                                        recheck_rounds, report_evaluation, run_episodes)
+from torchrl_dreamer.evaluation import (EvalActions, confirm_final_and_best, evaluation_paths, recheck,
+                                        report_evaluation, run_episodes)
 from torchrl_dreamer.guards import NonFiniteError, check_parameters_finite, check_tensordict_finite
 from torchrl_dreamer.runtime import check_device
 from torchrl_dreamer.trainer import EvalConfig, Recipe, RunConfig, TrainingRun, entry_points
@@ -419,12 +419,11 @@ def train(cfg: PPOConfig, run_dir: Path, resume_state: Optional[dict] = None,
                                            ("eval/episode_reward_sum", "eval/episode_length"), iteration=p.iterations)
                 score = evaluation["eval/episode_reward_sum"]
                 if cfg.eval.keep_best and cfg.eval.recheck_episodes and math.isfinite(score) and score > p.best_return:
-                    pooled = pool_episodes([evaluation] + [
-                        run_episodes(actor, eval_env, actions=cfg.eval.actions,
-                                     seed=cfg.seed + 50_000 + p.iterations + i if sampled else None)
-                        for i in range(recheck_rounds(cfg.eval.recheck_episodes, cfg.eval.episodes))])
-                    evaluation.update(run.evaluated({f"eval/recheck_{k[len('eval/'):]}": v for k, v in pooled.items()},
-                                                    iteration=p.iterations))
+                    pooled = recheck(evaluation, lambda i: run_episodes(
+                        actor, eval_env, actions=cfg.eval.actions,
+                        seed=cfg.seed + 50_000 + p.iterations + i if sampled else None),
+                        episodes=cfg.eval.recheck_episodes, per_round=cfg.eval.episodes)
+                    evaluation.update(run.evaluated(pooled, iteration=p.iterations))
                     score = evaluation["eval/recheck_episode_reward_sum"]
                 if cfg.eval.keep_best and math.isfinite(score) and score > p.best_return:
                     p.best_return = score

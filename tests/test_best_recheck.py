@@ -7,7 +7,7 @@ import pytest
 from recipes import dreamer, ppo
 from torchrl_dreamer.checkpoint import load_checkpoint
 from torchrl_dreamer.config import ConfigError
-from torchrl_dreamer.evaluation import pool_episodes, recheck_rounds
+from torchrl_dreamer.evaluation import pool_episodes, recheck, recheck_rounds
 
 from helpers import DREAMER_TINY, PPO_TINY, read_metrics
 
@@ -22,6 +22,17 @@ def test_pool_episodes_weights_each_result_by_its_finished_episodes():
     none = pool_episodes([{"eval/episode_reward_sum": math.nan, "eval/episode_length": 3.0, "eval/episodes": 0.0}])
     assert math.isnan(none["eval/episode_reward_sum"]) and none["eval/episodes"] == 0.0
     assert [recheck_rounds(40, 10), recheck_rounds(41, 10), recheck_rounds(3, 2), recheck_rounds(0, 10)] == [4, 5, 2, 0]
+
+
+def test_recheck_plays_enough_rounds_and_names_the_pool():
+    played = []
+    first = {"eval/episode_reward_sum": 10.0, "eval/episode_length": 4.0, "eval/episodes": 10.0}
+    out = recheck(first, lambda i: played.append(i) or {"eval/episode_reward_sum": 20.0 + i,
+                                                        "eval/episode_length": 4.0, "eval/episodes": 10.0},
+                  episodes=25, per_round=10)
+    assert played == [0, 1, 2]
+    assert out == {"eval/recheck_episode_reward_sum": (10.0 + 20.0 + 21.0 + 22.0) / 4,
+                   "eval/recheck_episode_length": 4.0, "eval/recheck_episodes": 40.0}
 
 
 # scores the fake evaluation gives, in call order: each periodic evaluation, then its recheck rounds

@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from .config import Choice
 
 __all__ = ["EVAL_NAME", "RESULT_NAME", "EvalActions", "evaluation_paths", "write_json_atomic", "report_evaluation",
-           "draw_picture", "note", "run_episodes", "pool_episodes", "recheck_rounds", "confirm_final_and_best"]
+           "draw_picture", "note", "run_episodes", "pool_episodes", "recheck_rounds", "recheck", "confirm_final_and_best"]
 
 EVAL_NAME = "eval.json"
 RESULT_NAME = "result.json"  # the end-of-run re-score of the final weights and best.pt, naming the better
@@ -185,6 +185,16 @@ def recheck_rounds(recheck_episodes: int, episodes_per_round: int) -> int:
     """How many more evaluations of ``episodes_per_round`` episodes (one per env of the evaluation
     env) play at least ``recheck_episodes`` more episodes (``eval.recheck_episodes``)."""
     return -(-max(recheck_episodes, 0) // max(episodes_per_round, 1))
+
+
+def recheck(first: Mapping[str, float], play: Callable[[int], Mapping[str, float]], *, episodes: int,
+            per_round: int) -> dict[str, float]:
+    """``eval.recheck_episodes``: plays ``play(0)``, ``play(1)``, ... (each one evaluation of ``per_round``
+    episodes with the weights behind ``first``) until at least ``episodes`` more have been played, and
+    returns the pool of ``first`` and those as ``eval/recheck_episode_reward_sum``,
+    ``eval/recheck_episode_length`` and ``eval/recheck_episodes``."""
+    pooled = pool_episodes([first, *(play(i) for i in range(recheck_rounds(episodes, per_round)))])
+    return {f"eval/recheck_{key[len('eval/'):]}": value for key, value in pooled.items()}
 
 
 def confirm_final_and_best(run_dir: str | os.PathLike, *, episodes: int, seed: int, make_env: Callable[[], Any],
