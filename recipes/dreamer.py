@@ -192,6 +192,7 @@ def validate(cfg: DreamerConfig) -> None:
     fields are enums: load_config already rejected values outside them)."""
     check_ranges(cfg, {
         "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "env.still_tol": ">= 0", "threads": ">= 0",
+        "env.action_repeat": ">= 1",
         "model.deter": ">= 0", "model.hidden": ">= 0", "model.units": ">= 0", "model.layers": ">= 0",
         "model.stoch": ">= 0", "model.classes": ">= 0", "model.blocks": ">= 0", "model.cnn_depth": ">= 0",
         "model.unimix": "[0, 1)",
@@ -271,7 +272,7 @@ def make_env_from_config(cfg: DreamerConfig, *, num_envs: int, seed: int, check:
                             seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
                             mask_key=cfg.env.mask_key, check_as="dreamer" if check else "",
                             obs_keys=tuple(obs_keys(cfg)), still_tol=cfg.env.still_tol,
-                            time_feature=cfg.env.time_feature)
+                            time_feature=cfg.env.time_feature, action_repeat=cfg.env.action_repeat)
 
 
 def total_envs(cfg: DreamerConfig) -> int:

@@ -132,6 +132,7 @@ class PPOConfig:
 def validate(cfg: PPOConfig) -> None:
     check_ranges(cfg, {
         "env.num_envs": ">= 1", "env.max_episode_steps": ">= 0", "env.still_tol": ">= 0", "threads": ">= 0",
+        "env.action_repeat": ">= 1",
         "model.hidden": ">= 1", "model.layers": ">= 1", "model.cnn_depth": ">= 1",
         "ppo.lr": "> 0", "ppo.gamma": "(0, 1]", "ppo.lmbda": "[0, 1]", "ppo.clip_epsilon": "> 0",
         "ppo.entropy_coef": ">= 0", "ppo.critic_coef": ">= 0", "ppo.epochs": ">= 1", "ppo.minibatch_size": ">= 1",
@@ -171,7 +172,7 @@ def make_env_from_config(cfg: PPOConfig, *, num_envs: int, seed: int, check: boo
                             seed=seed, max_episode_steps=cfg.env.max_episode_steps, kwargs=cfg.env.kwargs,
                             mask_key=cfg.env.mask_key, check_as="ppo" if check else "",
                             obs_keys=tuple(obs_keys(cfg)), still_tol=cfg.env.still_tol,
-                            time_feature=cfg.env.time_feature)
+                            time_feature=cfg.env.time_feature, action_repeat=cfg.env.action_repeat)
 
 
 class ObservationEncoder(nn.Module):

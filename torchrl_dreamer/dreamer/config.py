@@ -103,6 +103,10 @@ class SingleAgentEnvConfig:
                                     "(torchrl_dreamer.transforms.TimeFeature; the limit is env.max_episode_steps or "
                                     "the Gymnasium id's own).")
     max_episode_steps: int = doc(0, "Episode step limit (0 = the env's own).")
+    action_repeat: int = doc(1, "Gymnasium ids: each action is applied for this many env frames (rewards summed, "
+                                "stopping at the episode's end; TorchRL GymEnv(frame_skip=...)). Steps counted by "
+                                "the recipe (train.env_steps, eval.every, replay rows) are then agent steps of this "
+                                "many frames; env.max_episode_steps stays in frames. 1 = off.")
     mask_key: str = doc("action_mask", "Observation holding the env's bool action mask (True = allowed), used when the "
                                        "env has it (discrete actions): acting, prefill and evaluation pick allowed "
                                        "actions only, imagination predicts the mask ('' = ignore any mask).")

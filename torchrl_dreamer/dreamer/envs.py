@@ -59,8 +59,14 @@ def gym_env_ids() -> list[str]:
 
 
 def make_gym_env(env_id: str, *, num_envs: int = 1, pixels: bool = False, seed: int = 0, device: str = "cpu",
-                 max_episode_steps: int = 0, kwargs: Mapping[str, Any] | None = None) -> EnvBase:
-    """``SerialEnv`` of ``num_envs`` ``GymEnv(env_id)`` (one-hot actions for discrete spaces)."""
+                 max_episode_steps: int = 0, kwargs: Mapping[str, Any] | None = None,
+                 action_repeat: int = 1) -> EnvBase:
+    """``SerialEnv`` of ``num_envs`` ``GymEnv(env_id)`` (one-hot actions for discrete spaces).
+
+    ``action_repeat > 1`` is TorchRL's ``GymEnv(frame_skip=...)``: the action is applied for that
+    many frames, the rewards are summed and the repeat stops at the frame that ends the episode.
+    (TorchRL's ``FrameSkipTransform`` is not used: in 0.14 it keeps stepping after the episode
+    ended.)"""
     from torchrl.envs import GymEnv
 
     if env_id not in gym_env_ids():
@@ -72,8 +78,9 @@ def make_gym_env(env_id: str, *, num_envs: int = 1, pixels: bool = False, seed: 
 
     def one() -> EnvBase:
         if pixels:
-            return GymEnv(env_id, from_pixels=True, pixels_only=True, device=device, **gym_kwargs)
-        return GymEnv(env_id, device=device, **gym_kwargs)
+            return GymEnv(env_id, from_pixels=True, pixels_only=True, device=device, frame_skip=action_repeat,
+                          **gym_kwargs)
+        return GymEnv(env_id, device=device, frame_skip=action_repeat, **gym_kwargs)
 
     env = SerialEnv(num_envs, one, device=device) if num_envs > 1 else one()
     env.set_seed(seed)
@@ -84,7 +91,7 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
                      device: str = "cpu", max_episode_steps: int = 0, kwargs: Mapping[str, Any] | None = None,
                      pixel_size: int = 64, mask_key: str = "action_mask", check_as: str = "",
                      obs_keys: tuple[str, ...] = (), still_tol: float = 0.0,
-                     time_feature: bool = False) -> TransformedEnv:
+                     time_feature: bool = False, action_repeat: int = 1) -> TransformedEnv:
     """A single-agent env as both single-agent recipes (Dreamer and PPO) train on it: the base env
     (Gymnasium id or ``package.module:function`` factory) with ``is_first``, episode reward sums
     and, for pixels, the uint8 resize. A ``Categorical`` action spec becomes ``OneHot``
@@ -97,7 +104,9 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     appends the steps-at-rest count to the vector ``observation``
     (:class:`~torchrl_dreamer.transforms.StillSteps`); ``time_feature`` appends log(1 + steps left)
     before the step limit (``max_episode_steps``, else the Gymnasium id's own) and makes the limit a
-    termination (:class:`~torchrl_dreamer.transforms.TimeFeature`)."""
+    termination (:class:`~torchrl_dreamer.transforms.TimeFeature`). ``action_repeat > 1`` (Gymnasium
+    ids only) applies each action for that many frames (:func:`make_gym_env`); the time feature then
+    counts agent steps, ``ceil(limit / action_repeat)`` of them."""
     from torchrl.data import Categorical, OneHot
     from torchrl.envs import ActionMask
 
@@ -106,7 +115,13 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     if still_tol > 0 and pixels:  # before any env is built
         raise ConfigError("env.still_tol counts steps at rest of the vector observation; it does not apply "
                           "with env.pixels=true")
+    if action_repeat < 1:
+        raise ConfigError(f"env.action_repeat must be >= 1, got {action_repeat}")
+    if action_repeat > 1 and factory:
+        raise ConfigError("env.action_repeat applies to Gymnasium ids; repeat actions inside the factory env "
+                          "(a TorchRL env's own step) instead")
     limit = time_limit(env_id, factory, max_episode_steps) if time_feature else 0
+    limit = -(-limit // action_repeat)  # agent steps: the last one may end the episode part-way through its frames
     if time_feature and pixels:
         raise ConfigError("env.time_feature appends to the vector observation; it does not apply with "
                           "env.pixels=true")
@@ -123,7 +138,7 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
                 raise EnvContractError(factory, check_as, problems)
     else:
         base = make_gym_env(env_id, num_envs=num_envs, pixels=pixels, seed=seed, device=device,
-                            max_episode_steps=max_episode_steps, kwargs=kwargs)
+                            max_episode_steps=max_episode_steps, kwargs=kwargs, action_repeat=action_repeat)
     transforms = [InitTracker(init_key="is_first")]
     if still_tol > 0:
         transforms.append(StillSteps(still_tol, "observation"))
