@@ -178,6 +178,10 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
     for key in DIAGNOSTICS:
         vals = [r[key] for r in tail if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
         diag[key] = statistics.fmean(vals) if vals else None
+    repeat = 1  # env.action_repeat: env steps here are agent steps of this many frames
+    if (run_dir / "config.yaml").exists():
+        match = re.search(r"^\s+action_repeat:\s*(\d+)", (run_dir / "config.yaml").read_text(), re.M)
+        repeat = int(match.group(1)) if match else 1
     result = {}
     if (run_dir / "result.json").exists():
         result = json.loads((run_dir / "result.json").read_text())
@@ -189,7 +193,8 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
             "best_eval": max(v for _, _, v in evals) if evals else None,
             "final_eval": evals[-1][2] if evals else None,
             "total_s": rows[-1].get("time/total_s"), "env_steps": rows[-1].get("train/env_steps"),
-            "updates": rows[-1].get("train/updates"),
+            "updates": rows[-1].get("train/updates"), "action_repeat": repeat,
+            "frames": rows[-1].get("train/env_steps") * repeat if rows[-1].get("train/env_steps") else None,
             "confirm_final": result.get("final", {}).get("episode_reward_sum"),
             "confirm_best": result.get("best", {}).get("episode_reward_sum"),
             "confirm_episodes": result.get("episodes"), "diagnostics_last_quarter": diag,

@@ -70,13 +70,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--max-steps", type=int, default=1000)
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="agent steps per episode at most (default: 1,000 frames in agent steps of env.action_repeat)")
     parser.add_argument("--out", default="dreamer_lunarlander_episode_ends", help="a name (benchmarks/results/<name>.json) or a path (with a folder, or ending in .json)")
     args = parser.parse_args(argv)
     stamp = provenance()
     torch.manual_seed(0)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
                                               OmegaConf.load(args.run_dir / "config.yaml")))
+    args.max_steps = args.max_steps or -(-1000 // cfg.env.action_repeat)  # LunarLander: 1,000 frames
     scale = cfg.env.reward_scale
     # env.still_tol and env.time_feature each append one entry to the 8 state entries (the count first)
     still = cfg.env.still_tol > 0

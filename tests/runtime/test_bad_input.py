@@ -31,6 +31,8 @@ ROWS = [
     ("dreamer", ["ac.lmbda=-0.1"], r"ac\.lmbda must be in \[0, 1\]"),
     ("dreamer", ["env.still_tol=-1"], r"env\.still_tol must be >= 0, got -1"),
     ("dreamer", ["env.pixels=true", "env.still_tol=0.01"], r"env\.still_tol counts steps at rest .* env\.pixels=true"),
+    ("dreamer", ["env.action_repeat=0"], r"env\.action_repeat must be >= 1, got 0"),
+    ("dreamer", ["--env", "custom", "env.action_repeat=2"], r"env\.action_repeat applies to Gymnasium ids"),
     ("dreamer", ["env.pixels=true", "env.time_feature=true"], r"env\.time_feature appends to the vector observation"),
     ("dreamer", ["loss.terminal_reward_weight=-1"], r"loss\.terminal_reward_weight must be > 0, got -1"),
     ("dreamer", ["ac.group_size=0"], r"ac\.group_size must be >= 1, got 0"),
