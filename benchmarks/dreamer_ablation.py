@@ -38,6 +38,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 from dreamer_cartpole import TARGETS  # noqa: E402 (env yaml: threshold, minutes, env steps, eval every)
 from provenance import provenance, write_json  # noqa: E402 (benchmarks/ is on sys.path when run)
 
@@ -180,8 +182,8 @@ def summarise(job: dict, threshold: float, hold: float) -> dict:
         diag[key] = statistics.fmean(vals) if vals else None
     repeat = 1  # env.action_repeat: env steps here are agent steps of this many frames
     if (run_dir / "config.yaml").exists():
-        match = re.search(r"^\s+action_repeat:\s*(\d+)", (run_dir / "config.yaml").read_text(), re.M)
-        repeat = int(match.group(1)) if match else 1
+        env_cfg = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("env") or {}
+        repeat = int(env_cfg.get("action_repeat", 1))
     result = {}
     if (run_dir / "result.json").exists():
         result = json.loads((run_dir / "result.json").read_text())

@@ -6,9 +6,11 @@ import json
 from helpers import BENCHMARKS
 
 
-def fake_run(tmp_path, *, average: bool, recheck: bool = False):
+def fake_run(tmp_path, *, average: bool, recheck: bool = False, action_repeat: int = 0):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    if action_repeat:  # the run's stored config (only what the summary reads)
+        (run_dir / "config.yaml").write_text(f"seed: 0\nenv:\n  name: LunarLander-v3\n  action_repeat: {action_repeat}\n")
     rows = []
     for i, (avg, last) in enumerate([(10.0, 30.0), (250.0, 190.0), (180.0, 220.0)]):
         row = {"time/total_s": 60.0 * (i + 1), "train/env_steps": 1000 * (i + 1), "train/updates": 10 * (i + 1),
@@ -54,6 +56,16 @@ def test_summary_lists_the_rechecked_evaluations(tmp_path, monkeypatch):
     assert out["rechecks"] == [(1000, 10.0, -10.0, 50.0), (2000, 250.0, 230.0, 50.0)]
     assert out["best_recheck"] == 230.0 and out["best_eval"] == 250.0
 
+
+
+def test_summary_counts_frames_of_repeated_actions(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    ablation = importlib.import_module("dreamer_ablation")
+    out = ablation.summarise(fake_run(tmp_path, average=False, action_repeat=2), threshold=200.0, hold=150.0)
+    assert (out["env_steps"], out["action_repeat"], out["frames"]) == (3000, 2, 6000)
+    (tmp_path / "plain").mkdir()
+    plain = ablation.summarise(fake_run(tmp_path / "plain", average=False), threshold=200.0, hold=150.0)
+    assert (plain["action_repeat"], plain["frames"]) == (1, 3000)
 
 def test_keep_at_copies_a_running_jobs_files_once(tmp_path, monkeypatch):
     """``--keep-at``: while a job runs, its checkpoint, ``best.pt`` and config are copied once its start is
