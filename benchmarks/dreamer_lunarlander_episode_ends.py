@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dreamer_cartpole_episode_ends import inspect, play  # noqa: E402
 from provenance import provenance, write_result  # noqa: E402
 from recipes import dreamer as D  # noqa: E402
+from torchrl_dreamer.dreamer.envs import time_limit  # noqa: E402
 
 
 
@@ -71,14 +72,14 @@ def main(argv=None) -> dict:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--max-steps", type=int, default=0,
-                        help="agent steps per episode at most (default: 1,000 frames in agent steps of env.action_repeat)")
+                        help="agent steps per episode at most (default: the episode limit, 1,000 frames, in agent steps)")
     parser.add_argument("--out", default="dreamer_lunarlander_episode_ends", help="a name (benchmarks/results/<name>.json) or a path (with a folder, or ending in .json)")
     args = parser.parse_args(argv)
     stamp = provenance()
     torch.manual_seed(0)
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
                                               OmegaConf.load(args.run_dir / "config.yaml")))
-    args.max_steps = args.max_steps or -(-1000 // cfg.env.action_repeat)  # LunarLander: 1,000 frames
+    args.max_steps = args.max_steps or time_limit(cfg.env.name, "", cfg.env.max_episode_steps, cfg.env.action_repeat)
     scale = cfg.env.reward_scale
     # env.still_tol and env.time_feature each append one entry to the 8 state entries (the count first)
     still = cfg.env.still_tol > 0

@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--max-steps", type=int, default=0,
-                        help="agent steps per episode at most (default: 1,000 frames in agent steps of env.action_repeat)")
+                        help="agent steps per episode at most (default: the episode limit, 1,000 frames, in agent steps)")
     parser.add_argument("--every", type=int, default=10, help="check every N-th row of each episode")
     parser.add_argument("--samples", type=int, default=8, help="imagined trajectories per checked row")
     parser.add_argument("--actions", choices=("sample", "mode"), default="sample")
@@ -141,12 +141,12 @@ def main(argv=None) -> dict:
     cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D.DreamerConfig),
                                               OmegaConf.load(args.run_dir / "config.yaml")))
     scale, gamma, horizon = cfg.env.reward_scale, cfg.ac.discount, cfg.ac.horizon
-    args.max_steps = args.max_steps or -(-1000 // cfg.env.action_repeat)  # LunarLander: 1,000 frames
+    args.max_steps = args.max_steps or time_limit(cfg.env.name, "", cfg.env.max_episode_steps, cfg.env.action_repeat)
     extra = int(cfg.env.still_tol > 0) + int(cfg.env.time_feature)  # entries appended to the 8 state entries
     env_steps, agent, episodes = play(args.run_dir, args.episodes, args.max_steps, obs_shape=(8 + extra,),
                                       sample=args.actions == "sample")
-    limit = time_limit(cfg.env.name, cfg.env.factory, cfg.env.max_episode_steps) if cfg.env.time_feature else 0
-    limit = -(-limit // cfg.env.action_repeat)  # in agent steps
+    limit = time_limit(cfg.env.name, cfg.env.factory, cfg.env.max_episode_steps, cfg.env.action_repeat) \
+        if cfg.env.time_feature else 0
     groups: dict[str, list[dict]] = {}
     per_episode = []
     for obs, act, rew in episodes:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from torchrl_dreamer.config import ConfigError
-from torchrl_dreamer.dreamer.envs import make_dreamer_env
+from torchrl_dreamer.dreamer.envs import make_dreamer_env, time_limit
 
 
 def _one_hot(i: int, n: int = 2) -> torch.Tensor:
@@ -64,6 +64,8 @@ def test_time_feature_counts_agent_steps():
         td = td["next"]
     env.close()
     assert steps == 4
+    assert time_limit("CartPole-v1", "", 10, 3) == 4 and time_limit("LunarLander-v3", "", 0, 2) == 500
+    assert time_limit("LunarLander-v3", "", 0) == 1000
     assert bool(td["next", "terminated"])  # the limit is a termination the time feature announced
     assert float(td["next", "observation"][-1]) == pytest.approx(0.0)
 

@@ -120,8 +120,7 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     if action_repeat > 1 and factory:
         raise ConfigError("env.action_repeat applies to Gymnasium ids; repeat actions inside the factory env "
                           "(a TorchRL env's own step) instead")
-    limit = time_limit(env_id, factory, max_episode_steps) if time_feature else 0
-    limit = -(-limit // action_repeat)  # agent steps: the last one may end the episode part-way through its frames
+    limit = time_limit(env_id, factory, max_episode_steps, action_repeat) if time_feature else 0
     if time_feature and pixels:
         raise ConfigError("env.time_feature appends to the vector observation; it does not apply with "
                           "env.pixels=true")
@@ -155,17 +154,19 @@ def make_dreamer_env(*, env_id: str = "", factory: str = "", num_envs: int = 1, 
     return env
 
 
-def time_limit(env_id: str, factory: str, max_episode_steps: int) -> int:
-    """The episode step limit ``env.time_feature`` measures time against: ``max_episode_steps``
-    when set, else the Gymnasium id's registered limit; a clear error when there is none."""
-    if max_episode_steps > 0:
-        return int(max_episode_steps)
-    if not factory:
+def time_limit(env_id: str, factory: str, max_episode_steps: int, action_repeat: int = 1) -> int:
+    """The episode step limit ``env.time_feature`` measures time against, in agent steps:
+    ``max_episode_steps`` when set, else the Gymnasium id's registered limit (both in frames), over
+    ``action_repeat`` rounded up (the last agent step may end the episode part-way through its
+    frames); a clear error when there is none."""
+    frames = int(max_episode_steps) if max_episode_steps > 0 else 0
+    if not frames and not factory:
         import gymnasium
 
         registered = gymnasium.spec(env_id).max_episode_steps if env_id in gym_env_ids() else None
-        if registered:
-            return int(registered)
+        frames = int(registered or 0)
+    if frames:
+        return -(-frames // action_repeat)
     raise ConfigError(f"env.time_feature needs a step limit: set env.max_episode_steps "
                       f"({'the factory env' if factory else repr(env_id)} registers none)")
 
