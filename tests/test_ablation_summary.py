@@ -57,7 +57,6 @@ def test_summary_lists_the_rechecked_evaluations(tmp_path, monkeypatch):
     assert out["best_recheck"] == 230.0 and out["best_eval"] == 250.0
 
 
-
 def test_summary_counts_frames_of_repeated_actions(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     ablation = importlib.import_module("dreamer_ablation")
@@ -66,6 +65,7 @@ def test_summary_counts_frames_of_repeated_actions(tmp_path, monkeypatch):
     (tmp_path / "plain").mkdir()
     plain = ablation.summarise(fake_run(tmp_path / "plain", average=False), threshold=200.0, hold=150.0)
     assert (plain["action_repeat"], plain["frames"]) == (1, 3000)
+
 
 def test_keep_at_copies_a_running_jobs_files_once(tmp_path, monkeypatch):
     """``--keep-at``: while a job runs, its checkpoint, ``best.pt`` and config are copied once its start is

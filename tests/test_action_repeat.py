@@ -64,10 +64,18 @@ def test_time_feature_counts_agent_steps():
         td = td["next"]
     env.close()
     assert steps == 4
-    assert time_limit("CartPole-v1", "", 10, 3) == 4 and time_limit("LunarLander-v3", "", 0, 2) == 500
-    assert time_limit("LunarLander-v3", "", 0) == 1000
     assert bool(td["next", "terminated"])  # the limit is a termination the time feature announced
     assert float(td["next", "observation"][-1]) == pytest.approx(0.0)
+
+
+def test_time_limit_is_counted_in_agent_steps():
+    """The limit in frames (set, or the Gymnasium id's own) over the repeat, rounded up: the last agent step
+    may end the episode part-way through its frames."""
+    assert time_limit("CartPole-v1", "", 10, 3) == 4
+    assert time_limit("LunarLander-v3", "", 0, 2) == 500 and time_limit("LunarLander-v3", "", 0, 3) == 334
+    assert time_limit("LunarLander-v3", "", 0) == 1000
+    with pytest.raises(ConfigError, match="needs a step limit"):
+        time_limit("", "envs.masked_grid:make_env", 0, 2)
 
 
 def test_lunarlander_repeat_keeps_the_episode_return():
